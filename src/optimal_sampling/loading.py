@@ -1,0 +1,107 @@
+"""Resolve model references to loaded models and tokenizers, and check the pair is compatible.
+
+A model reference is a local Hugging Face directory, a hub id (where a hub is reachable), or a
+`.gguf` file (converted once to a safetensors cache). The pair must share a vocabulary: the same
+string maps to the same id for every id both tokenizers have; the sampler uses the common
+prefix of the two logit widths and of the tokenizers' sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    path: str  # the directory or hub id the weights were loaded from
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU and bfloat16 on CUDA unless the user says otherwise."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_model_path(reference: str | os.PathLike) -> str:
+    """A directory or hub id that transformers can load; GGUF files go through the cache."""
+    if not isinstance(reference, (str, os.PathLike)):
+        raise TypeError(f"a model must be given as a path or hub id string, got {type(reference).__name__}")
+    text = str(reference)
+    if not text:
+        raise ValueError("a model path or hub id must not be empty")
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {text}")
+        from .gguf import cached_hf_dir_for_gguf
+
+        return str(cached_hf_dir_for_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ValueError(f"model path not found: {text}")
+    return text  # a hub id
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {path}: {str(err).splitlines()[0]}") from err
+
+
+def load_model(reference: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = resolve_model_path(reference)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a causal LM from {path}: {str(err).splitlines()[0]}") from err
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(reference), path=path)
+
+
+def logit_width(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def shared_vocab_size(base: LoadedModel, teacher: LoadedModel) -> int:
+    """Width of the vocabulary both models and both tokenizers have; checks the id mapping."""
+    check_tokenizers_compatible(base.tokenizer, teacher.tokenizer)
+    return min(len(base.tokenizer), len(teacher.tokenizer), logit_width(base.model), logit_width(teacher.model))
+
+
+def check_tokenizers_compatible(base: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """ValueError naming the first id whose token differs between the two tokenizers."""
+    base_tokens = {i: t for t, i in base.get_vocab().items()}
+    teacher_tokens = {i: t for t, i in teacher.get_vocab().items()}
+    shared = min(len(base), len(teacher))
+    for i in range(shared):
+        if base_tokens.get(i) != teacher_tokens.get(i):
+            raise ValueError(
+                f"the tokenizers are not compatible: id {i} is {base_tokens.get(i)!r} for the base "
+                f"and {teacher_tokens.get(i)!r} for the teacher"
+            )

@@ -1,0 +1,265 @@
+"""OptimalSampler: the loop engine -> mixing -> sampling, with stopping and outputs.
+
+The loop, per iteration:
+1. admit waiting requests into free slots (prefill) and draw their first token;
+2. decode one token for every active slot;
+3. retire finished requests, yielding their samples at once (callers may stream them to disk).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .config import EngineConfig, MixConfig, SamplingParams
+from .engines.base import Engine, SlotRequest
+from .loading import LoadedModel, load_model, resolve_device, resolve_dtype, shared_vocab_size
+from .outputs import Sample, SamplingOutput
+from .requests import Request, RequestState, StopChecker, to_sample
+from .sampling import request_seed
+from .step import sample_step
+
+
+def eos_ids_of(loaded: LoadedModel) -> set[int]:
+    """Every end-of-sequence id the tokenizer and the generation config name."""
+    ids: set[int] = set()
+    candidates = [loaded.tokenizer.eos_token_id]
+    gen = getattr(loaded.model, "generation_config", None)
+    if gen is not None:
+        candidates.append(gen.eos_token_id)
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _as_prompt_list(name: str, prompts: object) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a list of strings")
+    return list(prompts)
+
+
+class OptimalSampler:
+    """Sample from q proportional to pi_base^(1-alpha) pi_teacher^alpha, token by token, exactly."""
+
+    def __init__(
+        self,
+        model_base: str | None = None,
+        model_teacher: str | None = None,
+        alpha_method: str = "kl_symmetry",
+        fixed_alpha: float = 0.5,
+        alpha_min: float = 0.5,
+        alpha_max: float = 1.0,
+        constraint_to_target: bool = False,
+        target_top_k: int = -1,
+        target_top_p: float = 1.0,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int | None = None,
+        engine: str = "auto",
+        max_batch_size: int = 64,
+        mem_fraction_static: float = 0.85,
+        enable_torch_compile: bool = False,
+    ):
+        self.mix = MixConfig(
+            alpha_method=alpha_method, fixed_alpha=fixed_alpha, alpha_min=alpha_min, alpha_max=alpha_max,
+            constraint_to_target=constraint_to_target, target_top_k=target_top_k, target_top_p=target_top_p,
+        )  # fmt: skip
+        self.engine_config = EngineConfig(
+            engine=engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
+            mem_fraction_static=mem_fraction_static, enable_torch_compile=enable_torch_compile,
+        )  # fmt: skip
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError("seed must be an integer or None")
+        self.seed = seed
+        if (model_base is None) != (model_teacher is None):
+            raise ValueError("give both model_base and model_teacher, or neither for the demo pair")
+        if model_base is None:
+            from .demo import resolve_demo_pair
+
+            model_base, model_teacher = (str(p) for p in resolve_demo_pair())
+        self.device = resolve_device(self.engine_config.device)
+        torch_dtype = resolve_dtype(self.engine_config.dtype, self.device)
+        self.base = load_model(model_base, torch_dtype, self.device)
+        self.teacher = load_model(model_teacher, torch_dtype, self.device)
+        self.vocab_size = shared_vocab_size(self.base, self.teacher)
+        self.eos_ids = eos_ids_of(self.base)
+        self.engine = self._build_engine()
+
+    def _build_engine(self) -> Engine:
+        from .engines.reference import ReferenceEngine
+
+        choice = self.engine_config.engine
+        if choice == "fast" or (choice == "auto" and self.device.type == "cuda"):
+            from .engines.fast import build_fast_engine, supports
+
+            if supports(self.base.model, self.teacher.model):
+                return build_fast_engine(self.base, self.teacher, self.vocab_size, self.engine_config)
+            if choice == "fast":
+                raise ValueError("engine='fast' supports Llama, Mistral, Qwen2 and Qwen3 models only")
+        return ReferenceEngine(
+            self.base.model, self.teacher.model, self.vocab_size, self.engine_config.max_batch_size
+        )
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: str | list[str],
+        max_tokens: int = 100,
+        temperature: float = 1.0,
+        collect_diagnostics: bool = False,
+        teacher_prompts: list[str] | None = None,
+        n: int = 1,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> SamplingOutput:
+        """Generate n samples per prompt; results in prompt-major order."""
+        samples = list(
+            self.generate_iter(
+                prompts, max_tokens=max_tokens, temperature=temperature, collect_diagnostics=collect_diagnostics,
+                teacher_prompts=teacher_prompts, n=n, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop, seed=seed,
+            )
+        )  # fmt: skip
+        samples.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        return SamplingOutput(samples)
+
+    def generate_iter(
+        self,
+        prompts: str | list[str],
+        max_tokens: int = 100,
+        temperature: float = 1.0,
+        collect_diagnostics: bool = False,
+        teacher_prompts: list[str] | None = None,
+        n: int = 1,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        prompt_indices: list[int] | None = None,
+        skip: Callable[[int, int], bool] | None = None,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> Iterator[Sample]:
+        """Yield each sample as soon as it finishes (completion order, not prompt order).
+
+        prompt_indices: the index each prompt carries in the outputs and in its random seed
+        (default 0..len-1), so a prompt gets the same samples wherever it sits in a run.
+        skip(prompt_index, sample_index): requests to leave out (already done, on resume).
+        on_tokens(k): called after each step with the number of tokens produced.
+        """
+        stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, n=n, top_k=top_k, top_p=top_p, min_p=min_p,
+            stop=stop_strings, seed=seed, collect_diagnostics=collect_diagnostics,
+        )  # fmt: skip
+        requests = self.build_requests(prompts, teacher_prompts, params, prompt_indices)
+        if skip is not None:
+            requests = [r for r in requests if not skip(r.prompt_index, r.sample_index)]
+        checker = StopChecker(self.base.tokenizer, self.eos_ids, params.stop)
+        yield from self._run(requests, params, checker, on_tokens)
+
+    # ------------------------------------------------------------------ internals
+    def build_requests(
+        self,
+        prompts: str | list[str],
+        teacher_prompts: list[str] | None,
+        params: SamplingParams,
+        prompt_indices: list[int] | None = None,
+    ) -> list[Request]:
+        """Validate and tokenize prompts into requests, prompt-major (n per prompt)."""
+        prompts = _as_prompt_list("prompts", prompts)
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        teacher = prompts if teacher_prompts is None else _as_prompt_list("teacher_prompts", teacher_prompts)
+        if len(teacher) != len(prompts):
+            raise ValueError(f"teacher_prompts has {len(teacher)} entries but prompts has {len(prompts)}")
+        indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+        if len(indices) != len(prompts):
+            raise ValueError("prompt_indices must have one entry per prompt")
+        base_seed = params.seed if params.seed is not None else self.seed
+        if base_seed is None:
+            base_seed = random.SystemRandom().randrange(1 << 62)
+        context = self.engine.max_context()
+        requests = []
+        for index, prompt, teacher_prompt in zip(indices, prompts, teacher):
+            base_ids = self._tokenize(self.base, prompt, index, "prompt")
+            teacher_ids = self._tokenize(self.teacher, teacher_prompt, index, "teacher prompt")
+            longest = max(len(base_ids), len(teacher_ids))
+            if longest >= context:
+                raise ValueError(f"prompt {index} has {longest} tokens; the models' context is {context}")
+            budget = min(params.max_tokens, context - longest)
+            for k in range(params.n):
+                seed_k = request_seed(base_seed, index, k)
+                requests.append(Request(index, k, prompt, teacher_prompt, base_ids, teacher_ids, seed_k, budget))
+        return requests
+
+    @staticmethod
+    def _tokenize(loaded: LoadedModel, text: str, index: int, what: str) -> tuple[int, ...]:
+        ids = tuple(loaded.tokenizer(text)["input_ids"])
+        if not ids:
+            raise ValueError(f"{what} {index} is empty after tokenization")
+        return ids
+
+    def _run(
+        self,
+        requests: list[Request],
+        params: SamplingParams,
+        checker: StopChecker,
+        on_tokens: Callable[[int], None] | None,
+    ) -> Iterator[Sample]:
+        engine = self.engine
+        waiting = deque(requests)
+        free = list(range(engine.max_slots - 1, -1, -1))
+        active: dict[int, RequestState] = {}  # slot -> state, in the engine's row order
+        while waiting or active:
+            # 1. admit waiting requests into free slots and draw their first tokens
+            if waiting and free and (engine.supports_refill or not active):
+                admitted = {}
+                while waiting and free:
+                    admitted[free.pop()] = RequestState(waiting.popleft())
+                logits_b, logits_t = engine.add(
+                    [SlotRequest(s, st.request.base_ids, st.request.teacher_ids) for s, st in admitted.items()]
+                )
+                self._advance(admitted, logits_b, logits_t, params)
+                active.update(admitted)
+                yield from self._retire(active, free, checker, params)
+                if on_tokens:
+                    on_tokens(len(admitted))
+            if not active:
+                continue
+            # 2. one decode step for every active slot
+            slots = torch.tensor(list(active), dtype=torch.long, device=engine.device)
+            last = torch.tensor([st.tokens[-1] for st in active.values()], dtype=torch.long, device=engine.device)
+            logits_b, logits_t = engine.decode(slots, last)
+            self._advance(active, logits_b, logits_t, params)
+            # 3. retire finished requests
+            yield from self._retire(active, free, checker, params)
+            if on_tokens:
+                on_tokens(len(slots))
+
+    def _advance(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> None:
+        device = logits_b.device
+        seeds = torch.tensor([st.request.seed for st in states.values()], dtype=torch.long, device=device)
+        steps = torch.tensor([len(st.tokens) for st in states.values()], dtype=torch.long, device=device)
+        result = sample_step(logits_b, logits_t.to(device), seeds, steps, self.mix, params).to_host()
+        for row, state in enumerate(states.values()):
+            state.append(result, row)
+
+    def _retire(self, active, free, checker: StopChecker, params: SamplingParams) -> Iterator[Sample]:
+        done = [slot for slot, state in active.items() if checker.check(state)]
+        if not done:
+            return
+        self.engine.release(done)
+        for slot in done:
+            free.append(slot)
+            yield to_sample(active.pop(slot), params.collect_diagnostics)
