@@ -39,7 +39,7 @@ class MixConfig:
     constraint_to_target: bool = False
     target_top_k: int = -1
     target_top_p: float = 1.0
-    solver_iterations: int = 24
+    solver_iterations: int = 12
 
     def __post_init__(self) -> None:
         if not isinstance(self.alpha_method, str) or self.alpha_method not in ALPHA_METHODS:

@@ -74,7 +74,7 @@ def solve_increasing_root(fn: Objective, lo: torch.Tensor, hi: torch.Tensor, ite
         left = torch.where(f <= 0, a, left)
         right = torch.where(f >= 0, a, right)
         step = a - f / df
-        inside = torch.isfinite(step) & (step > left) & (step < right)
+        inside = torch.isfinite(step) & (step >= left) & (step <= right)
         a = torch.where(inside, step, (left + right) / 2)
     return torch.where(below, lo, torch.where(above, hi, a))
 
