@@ -168,6 +168,34 @@ class OptimalSampler:
         checker = StopChecker(self.base.tokenizer, self.eos_ids, params.stop)
         yield from self._run(requests, params, checker, on_tokens)
 
+    def score(
+        self,
+        prompts: str | list[str],
+        completions: list[str] | list[list[int]],
+        teacher_prompts: list[str] | None = None,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        collect_diagnostics: bool = True,
+    ) -> SamplingOutput:
+        """Teacher-forced alpha, log pi_base, log pi_teacher and log q of given completions.
+
+        Completions given as token ids are scored exactly; text is re-tokenized with the base
+        tokenizer (which may differ from how a sampler split it). Use the same mixing and
+        sampling settings as the run that produced the samples.
+        """
+        from .scoring import score_iter
+
+        params = SamplingParams(
+            max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            collect_diagnostics=collect_diagnostics,
+        )  # fmt: skip
+        prompts = _as_prompt_list("prompts", prompts)
+        if not isinstance(completions, Sequence) or isinstance(completions, str):
+            raise TypeError("completions must be a list of strings or of token-id lists")
+        return SamplingOutput(list(score_iter(self, prompts, list(completions), teacher_prompts, params)))
+
     # ------------------------------------------------------------------ internals
     def build_requests(
         self,
