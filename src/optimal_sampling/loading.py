@@ -88,10 +88,22 @@ def logit_width(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def real_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """len(tokenizer) without trailing filler entries "[PAD<id>]" that GGUF converters append
+    to match a padded embedding width; they are not real tokens and must never be sampled."""
+    size = len(tokenizer)
+    while size > 0 and tokenizer.convert_ids_to_tokens(size - 1) == f"[PAD{size - 1}]":
+        size -= 1
+    return size
+
+
 def shared_vocab_size(base: LoadedModel, teacher: LoadedModel) -> int:
     """Width of the vocabulary both models and both tokenizers have; checks the id mapping."""
     check_tokenizers_compatible(base.tokenizer, teacher.tokenizer)
-    return min(len(base.tokenizer), len(teacher.tokenizer), logit_width(base.model), logit_width(teacher.model))
+    return min(
+        real_vocab_size(base.tokenizer), real_vocab_size(teacher.tokenizer),
+        logit_width(base.model), logit_width(teacher.model),
+    )  # fmt: skip
 
 
 def check_tokenizers_compatible(base: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
