@@ -8,12 +8,16 @@ prefix of the two logit widths and of the tokenizers' sizes.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import logging as hf_logging
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +79,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def load_model(reference: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     path = resolve_model_path(reference)
+    hf_logging.disable_progress_bar()  # one bar per tensor is noise in a CLI log
+    logger.info("loading %s (%s, %s)", path, dtype, device)
     tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
