@@ -47,8 +47,11 @@ def adversarial_rows():
 
 
 def check_against_reference(zb, zt, method, lo, hi, dtype, tol):
-    lp_b, lp_t = tempered_logprobs(zb.to(dtype), 1.0), tempered_logprobs(zt.to(dtype), 1.0)
-    got = solve_alpha(lp_b, lp_t, MixConfig(alpha_method=method, alpha_min=lo, alpha_max=hi, fixed_alpha=0.3))
+    config = MixConfig(alpha_method=method, alpha_min=lo, alpha_max=hi, fixed_alpha=0.3)
+    got = solve_alpha(zb.to(dtype), zt.to(dtype), config)  # raw logits, as mix_step passes them
+    if dtype == torch.float64:  # any per-row shift of the inputs gives the same alpha
+        lp_b, lp_t = tempered_logprobs(zb, 1.0), tempered_logprobs(zt, 1.0)
+        torch.testing.assert_close(solve_alpha(lp_b + 3.0, lp_t - 1.5, config), got, atol=1e-9, rtol=0)
     for i in range(zb.shape[0]):
         want = alpha_reference(
             log_softmax(zb[i].numpy()), log_softmax(zt[i].numpy()), method, lo, hi, fixed=0.3

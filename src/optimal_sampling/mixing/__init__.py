@@ -13,7 +13,7 @@ import torch
 from ..config import MixConfig
 from .alpha import solve_alpha
 from .diagnostics import StepDiagnostics, step_diagnostics
-from .logprobs import mix_logprobs, tempered_logprobs
+from .logprobs import mix_logprobs, stable_logsumexp, tempered_logprobs, tempered_scores
 from .support import constrain_to_teacher, truncate
 
 __all__ = [
@@ -46,9 +46,10 @@ def mix_step(
     min_p: float = 0.0,
 ) -> MixedStep:
     """From raw logits ([B, V] each) to alpha and the final q of one decoding step."""
-    lp_base = tempered_logprobs(logits_base, temperature)
-    lp_teacher = tempered_logprobs(logits_teacher, temperature)
-    alpha = solve_alpha(lp_base, lp_teacher, mix)
+    scores_base, scores_teacher = tempered_scores(logits_base, temperature), tempered_scores(logits_teacher, temperature)
+    alpha = solve_alpha(scores_base, scores_teacher, mix)  # on scores: more precise than on lp
+    lp_base = scores_base - stable_logsumexp(scores_base)
+    lp_teacher = scores_teacher - stable_logsumexp(scores_teacher)
     lp_q = mix_logprobs(lp_base, lp_teacher, alpha)
     lp_q = constrain_to_teacher(lp_q, lp_teacher, mix)
     lp_q = truncate(lp_q, top_k, top_p, min_p)

@@ -25,6 +25,11 @@ from collections.abc import Callable
 import torch
 
 from ..config import MixConfig
+from .logprobs import stable_logsumexp
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    return scores - stable_logsumexp(scores)
 
 # Jeffreys divergence below which two rows count as the same distribution.
 IDENTICAL_JEFFREYS = 1e-9
@@ -36,17 +41,21 @@ class TiltedFamily:
     def __init__(self, lp_base: torch.Tensor, lp_teacher: torch.Tensor):  # [B, V] each
         joint = torch.isfinite(lp_base) & torch.isfinite(lp_teacher)
         self.lp_base = lp_base.masked_fill(~joint, float("-inf"))  # [B, V]
-        self.r = torch.where(joint, lp_teacher - lp_base, torch.zeros_like(lp_base))  # [B, V]
+        # Rounding the normalisers to float32 shifts every lp of a row by the same ~1e-7, which
+        # biases E_q[r] directly; measure each row's residual normaliser in float64 and remove it.
+        shift = stable_logsumexp(lp_teacher, True) - stable_logsumexp(lp_base, True)  # [B, 1]
+        shift = shift.to(lp_base.dtype)  # rounded once, as a difference: no 1e-7 offset
+        self.r = torch.where(joint, lp_teacher - lp_base - shift, torch.zeros_like(lp_base))  # [B, V]
         self.empty = ~joint.any(dim=-1)  # [B]
 
     def moments(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """M(s), M'(s), M''(s) for s: [B]."""
         w = self.lp_base + s.unsqueeze(-1) * self.r  # [B, V]
-        m0 = torch.logsumexp(w, dim=-1)  # [B]
-        p = torch.exp(w - m0.unsqueeze(-1))
-        m1 = (p * self.r).sum(-1)
+        m0 = stable_logsumexp(w)  # [B, 1]
+        p = torch.exp(w - m0)
+        m1 = (p * self.r).sum(-1, dtype=torch.float64).to(w.dtype)
         m2 = (p * (self.r - m1.unsqueeze(-1)).square()).sum(-1)
-        return m0, m1, m2
+        return m0.squeeze(-1), m1, m2
 
     def jeffreys(self) -> torch.Tensor:
         """KL(b~||t~) + KL(t~||b~) of the two policies renormalised on S: M'(1) - M'(0)."""
@@ -120,7 +129,12 @@ def entropy(lp: torch.Tensor) -> torch.Tensor:
 
 
 def solve_alpha(lp_base: torch.Tensor, lp_teacher: torch.Tensor, config: MixConfig) -> torch.Tensor:
-    """alpha per row ([B], dtype of the inputs) for the configured method."""  # [B, V] x2 -> [B]
+    """alpha per row ([B], dtype of the inputs) for the configured method.
+
+    The inputs may be log-probabilities or any per-row shift of them, e.g. the tempered logits
+    z / T; passing those is more precise in float32, since normalised log-probs near -10 carry
+    ~1e-6 absolute rounding that swamps the tiny differences of two near-identical policies.
+    """  # [B, V] x2 -> [B]
     batch, dtype, device = lp_base.shape[0], lp_base.dtype, lp_base.device
     if config.alpha_method == "fixed":
         return torch.full((batch,), config.fixed_alpha, dtype=dtype, device=device)
@@ -129,7 +143,7 @@ def solve_alpha(lp_base: torch.Tensor, lp_teacher: torch.Tensor, config: MixConf
     mid = (lo + hi) / 2
     family = TiltedFamily(lp_base, lp_teacher)
     if config.alpha_method == "entropy":
-        h_b, h_t = entropy(lp_base), entropy(lp_teacher)
+        h_b, h_t = entropy(normalise(lp_base)), entropy(normalise(lp_teacher))
         alpha = torch.where((h_b + h_t) > 0, _clamp(h_b / (h_b + h_t), lo, hi), mid)
     elif config.alpha_method == "kl_symmetry":
         alpha = _kl_symmetry(family, lo, hi, config.solver_iterations)

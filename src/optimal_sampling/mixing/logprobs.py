@@ -9,12 +9,28 @@ from __future__ import annotations
 import torch
 
 
-def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) in at least float32; T = 0 (greedy) uses T = 1."""  # [B, V] -> [B, V]
+def tempered_scores(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in at least float32; T = 0 (greedy) uses T = 1."""  # [B, V] -> [B, V]
     scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if temperature not in (0.0, 1.0):
         scores = scores / temperature
-    return torch.log_softmax(scores, dim=-1)
+    return scores
+
+
+def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) in at least float32; T = 0 (greedy) uses T = 1."""  # [B, V] -> [B, V]
+    scores = tempered_scores(logits, temperature)
+    return scores - stable_logsumexp(scores)
+
+
+def stable_logsumexp(x: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:
+    """logsumexp over the last dim, reduced in float64, returned in x's dtype with keepdim.
+
+    A float32 reduction over ~150k entries is off by up to ~1e-4 on CPU, which shifts E_q[r] and
+    so alpha by more than the solver tolerance; the reduction alone in float64 removes that.
+    """
+    lse = torch.logsumexp(x.double(), dim=-1, keepdim=True)
+    return lse if keep_float64 else lse.to(x.dtype)
 
 
 def weighted(weight: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,469 @@
+"""Prompt files in, resumable sample files out: everything the CLI reads and writes on disk.
+
+Input: `read_prompts` accepts JSONL, a JSON list (of strings or of records), Parquet, or plain text
+(one prompt per line); every mistake is a `ValueError` naming the file and, where there is one, the
+line or row.
+
+Output: samples are appended to a JSONL *journal*, one line per finished sample, flushed as it is
+written, so a `kill -9` loses nothing that was written and a re-run continues where the last one
+stopped. Invariants:
+- Every line of the journal except possibly the last is a complete JSON record ending in `\\n`
+  (records never contain a raw newline). A last line without `\\n` is a torn write; it is cut off
+  before anything is appended.
+- A sidecar `<output>.meta.json` (written atomically, before the first record) holds the
+  generation parameters and their fingerprint. A journal with records is only ever appended to by
+  a run with the same fingerprint: resuming with other parameters would mix two distributions.
+- For `.parquet` output the journal is `<output>.partial.jsonl`; the Parquet file is written
+  atomically from it when the run ends and the journal is then removed. A later run that has more
+  work (more prompts, a larger `--n`) re-seeds the journal from the Parquet file first.
+- Nothing existing is modified until `OutputPlan.inspect` has accepted the file for resumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+META_SUFFIX = ".meta.json"
+PARTIAL_SUFFIX = ".partial.jsonl"
+META_FORMAT = "optimal-sampling/1"
+FSYNC_INTERVAL_S = 1.0
+
+# ============================================================================ input
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    teacher_prompts: list[str] | None = None  # None: the teacher sees the base prompt
+
+
+def read_prompts(
+    path: str | os.PathLike, prompt_field: str = "prompt", teacher_field: str | None = None
+) -> PromptSet:
+    """Prompts of a file, by extension: .jsonl/.ndjson, .json, .parquet, anything else is plain text."""
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"input file not found: {file}")
+    if not file.is_file():
+        raise ValueError(f"input is not a file: {file}")
+    suffix = file.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        items = _jsonl_items(file)
+    elif suffix == ".json":
+        items = _json_items(file)
+    elif suffix == ".parquet":
+        items = _parquet_items(file)
+    else:
+        if teacher_field is not None:
+            raise ValueError(
+                f"{file}: --teacher-prompt-field needs records (JSONL, JSON or Parquet), not plain text"
+            )
+        items = _text_items(file)
+    prompts = _collect(items, prompt_field, teacher_field)
+    if not prompts.prompts:
+        raise ValueError(f"{file} contains no prompts")
+    return prompts
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def _text_items(file: Path) -> Iterator[tuple[str, object]]:
+    """One prompt per non-blank line; a literal backslash-n stays as typed."""
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        if line.strip():
+            yield f"{file}: line {number}", line
+
+
+def _jsonl_items(file: Path) -> Iterator[tuple[str, object]]:
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{file}: line {number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{file}: line {number} is not valid JSON ({err.msg}, column {err.colno})"
+            ) from err
+
+
+def _json_items(file: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(_read_text(file))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
+        ) from err
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{file} must hold a JSON list of strings or of records, not a {type(data).__name__}"
+        )
+    for position, item in enumerate(data):
+        yield f"{file}: item {position}", item
+
+
+def _parquet_items(file: Path) -> Iterator[tuple[str, object]]:
+    pq = _import_parquet()
+    try:
+        table = pq.read_table(file)
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise ValueError(f"{file} is not a readable Parquet file ({_first_line(err)})") from err
+    for row, record in enumerate(table.to_pylist()):
+        yield f"{file}: row {row}", record
+
+
+def _collect(items: Iterable[tuple[str, object]], prompt_field: str, teacher_field: str | None) -> PromptSet:
+    prompts: list[str] = []
+    teacher: list[str] = []
+    for where, item in items:
+        if isinstance(item, str) and teacher_field is None:
+            prompts.append(item)
+            continue
+        if not isinstance(item, dict):
+            kind = "a string" if isinstance(item, str) else f"a {type(item).__name__}"
+            raise ValueError(f"{where}: expected a record with a {prompt_field!r} field, got {kind}")
+        prompts.append(_field(item, prompt_field, where))
+        if teacher_field is not None:
+            teacher.append(_field(item, teacher_field, where))
+    return PromptSet(prompts, teacher if teacher_field is not None else None)
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+        raise ValueError(f"{where}: record has no {name!r} field (its fields: {fields})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ValueError('Parquet needs pyarrow: pip install "optimal-sampling[io]"') from err
+    return pq
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ============================================================================ run parameters
+
+
+def fingerprint_of(params: dict) -> str:
+    """16 hex digits identifying a parameter set (canonical JSON, SHA-256)."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "unknown change"
+
+
+# ============================================================================ records
+
+
+def encode_record(record: dict) -> bytes:
+    """One JSONL line: strict JSON (non-finite floats become null), no raw newline, trailing \\n."""
+    try:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(record), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8") + b"\n"
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """All records of a finished output file (.jsonl or .parquet); a torn last line is ignored."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"file not found: {file}")
+    if file.suffix.lower() == ".parquet":
+        pq = _import_parquet()
+        try:
+            return pq.read_table(file).to_pylist()
+        except Exception as err:
+            raise ValueError(f"{file} is not a readable Parquet file ({_first_line(err)})") from err
+    return [record for _, record in _journal_records(file)]
+
+
+def _journal_records(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every complete line; raises on a complete line that is not a record."""
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                return  # torn last line
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{file}: line {number} is not a valid record ({err})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{file}: line {number} is not a record")
+            yield number, record
+
+
+def records_to_parquet(records: list[dict], path: Path) -> None:
+    """Write records to Parquet atomically; `stop_reason` (EOS id or stop string) becomes a string."""
+    import pyarrow as pa
+
+    pq = _import_parquet()
+    rows = [
+        dict(r, stop_reason=None if r.get("stop_reason") is None else str(r["stop_reason"])) for r in records
+    ]
+    table = pa.Table.from_pylist(rows)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ============================================================================ output planning
+
+
+@dataclass
+class ResumeState:
+    """What an existing output already holds."""
+
+    done: set[tuple[int, int]] = field(default_factory=set)  # (prompt_index, sample_index)
+    valid_bytes: int = 0  # length of the journal's complete lines
+    torn_bytes: int = 0  # bytes of a half-written last line, to cut off
+    prompts: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> input (base, teacher) prompt
+    from_parquet: list[dict] | None = None  # records to re-seed the journal with
+    meta_ok: bool = False  # the sidecar exists and matches
+
+    def add(self, record: dict, source: Path) -> None:
+        try:
+            key = int(record["prompt_index"]), int(record["sample_index"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{source} holds a record without prompt_index/sample_index: it is not an optimal-sampling "
+                "output. Use another --output, or --overwrite to replace it"
+            ) from err
+        self.done.add(key)
+        self.prompts.setdefault(key[0], (record.get("input_prompt"), record.get("input_teacher_prompt")))
+
+
+@dataclass
+class OutputPlan:
+    target: Path  # what the user asked for (.jsonl or .parquet)
+    journal: Path  # the JSONL appended to while running
+    meta: Path
+
+    @property
+    def parquet(self) -> bool:
+        return self.target.suffix.lower() == ".parquet"
+
+    def inspect(self, meta: dict, prompts: PromptSet, overwrite: bool) -> ResumeState:
+        """Check an existing output can be resumed with these parameters and prompts; touches nothing."""
+        if overwrite:
+            return ResumeState()
+        records = self._existing_records()
+        if not records.done and records.from_parquet is None:
+            return records
+        stored = _read_meta(self.meta, self.target)
+        if stored.get("fingerprint") != meta["fingerprint"]:
+            raise ValueError(
+                f"{self.target} was written with other generation parameters "
+                f"({describe_changes(stored.get('params', {}), meta['params'])}); resuming would mix two "
+                "distributions in one file. Use another --output, or --overwrite to start over"
+            )
+        records.meta_ok = True
+        check_prompts_match(records, prompts)
+        return records
+
+    def _existing_records(self) -> ResumeState:
+        if self.journal.exists():
+            return _scan_journal(self.journal)
+        if self.parquet and self.target.exists():
+            state = ResumeState(from_parquet=read_records(self.target))
+            for record in state.from_parquet:
+                state.add(record, self.target)
+            return state
+        return ResumeState()
+
+
+def plan_output(path: str | os.PathLike) -> OutputPlan:
+    """Check the output path is usable (suffix, directory, writable) without modifying anything."""
+    target = Path(path).expanduser()
+    suffix = target.suffix.lower()
+    if suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"--output must end in .jsonl or .parquet, got {str(path)!r}")
+    if suffix == ".parquet":
+        _import_parquet()
+    journal = target.with_name(target.name + PARTIAL_SUFFIX) if suffix == ".parquet" else target
+    plan = OutputPlan(target=target, journal=journal, meta=target.with_name(target.name + META_SUFFIX))
+    for file in (plan.target, plan.journal, plan.meta):
+        _check_writable(file)
+    return plan
+
+
+def _check_writable(file: Path) -> None:
+    directory = file.parent if str(file.parent) else Path(".")
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"cannot write {file}: {directory} {what}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".optimal-sampling-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"cannot write {file}: directory {directory} is not writable ({err.strerror})"
+        ) from err
+    if file.exists():
+        if not file.is_file():
+            raise ValueError(f"cannot write {file}: it exists and is not a file")
+        if not os.access(file, os.W_OK):
+            raise ValueError(f"cannot write {file}: permission denied")
+
+
+def _scan_journal(file: Path) -> ResumeState:
+    state = ResumeState()
+    for _, record in _journal_records(file):
+        state.add(record, file)
+    state.valid_bytes = _complete_prefix_length(file)
+    state.torn_bytes = file.stat().st_size - state.valid_bytes
+    return state
+
+
+def _complete_prefix_length(file: Path) -> int:
+    """Bytes up to and including the last newline."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        position = size
+        while position > 0:
+            start = max(0, position - (1 << 16))
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            position = start
+    return 0
+
+
+def _read_meta(meta: Path, target: Path) -> dict:
+    if not meta.is_file():
+        raise ValueError(
+            f"{target} already holds samples but {meta.name} (its generation parameters) is missing, so it "
+            "cannot be resumed safely. Use another --output, or --overwrite to start over"
+        )
+    try:
+        stored = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta} is not valid JSON; use --overwrite to start over") from err
+    if not isinstance(stored, dict) or stored.get("format") != META_FORMAT:
+        raise ValueError(f"{meta} is not an optimal-sampling metadata file; use --overwrite to start over")
+    return stored
+
+
+def check_prompts_match(state: ResumeState, prompts: PromptSet) -> None:
+    """Records' input prompts must be the current input's prompts at the same indices."""
+    teacher = prompts.teacher_prompts or prompts.prompts
+    for index, (prompt, teacher_prompt) in sorted(state.prompts.items()):
+        if index >= len(prompts.prompts):
+            raise ValueError(
+                f"the output holds samples of prompt {index} but the input has only {len(prompts.prompts)} prompts"
+            )
+        if prompt != prompts.prompts[index] or teacher_prompt != teacher[index]:
+            raise ValueError(
+                f"prompt {index} of the input differs from the one in the output file; the input changed since "
+                "the output was started. Use another --output, or --overwrite to start over"
+            )
+
+
+# ============================================================================ writing
+
+
+class JournalWriter:
+    """Appends encoded records to the journal; each is flushed at once, fsync'd at most once a second."""
+
+    def __init__(self, plan: OutputPlan, state: ResumeState, meta: dict):
+        self.plan = plan
+        self.written = 0
+        if not state.meta_ok:
+            _write_atomic(plan.meta, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
+        keep = state.valid_bytes
+        if state.from_parquet is not None and not plan.journal.exists():
+            seed = b"".join(encode_record(r) for r in state.from_parquet)
+            _write_atomic(plan.journal, seed)
+            keep = len(seed)
+        self.handle = open(plan.journal, "r+b" if plan.journal.exists() else "wb")
+        self.handle.truncate(keep)  # cut a torn last line (or a stale file on a fresh start)
+        self.handle.seek(keep)
+        self._last_sync = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        self.handle.write(encode_record(record))
+        self.handle.flush()
+        self.written += 1
+        if time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.handle.fileno())
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.flush()
+            self.sync()
+            self.handle.close()
+
+
+def start_fresh(plan: OutputPlan) -> None:
+    """--overwrite: remove a previous run's files (called only once models are loaded)."""
+    for file in (plan.journal, plan.meta, plan.target):
+        file.unlink(missing_ok=True)
+
+
+def finish_parquet(plan: OutputPlan) -> int:
+    """Convert the journal to the Parquet target and remove the journal; returns the record count."""
+    if not plan.journal.exists():
+        return len(read_records(plan.target)) if plan.target.exists() else 0
+    records = read_records(plan.journal)
+    records_to_parquet(records, plan.target)
+    plan.journal.unlink()
+    return len(records)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
