@@ -7,7 +7,8 @@ Python API's parameter names in kebab case.
 Exit codes: 0 success, 1 a check failed (`validate`), 2 a user mistake (one line on stderr, no
 traceback; `--traceback` shows it), 130 interrupted. `generate` validates options, input and the
 output path before it loads any model, and touches an existing output only once it has accepted
-it for resumption.
+it for resumption. `generate --data-parallel N` and `generate` under torchrun run through
+`parallel.py` with the same checks and the same output format.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def configure_generate(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     _add_mix_arguments(p)
     _add_sampling_arguments(p)
+    _add_parallel_arguments(p)
 
 
 def configure_validate(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,17 @@ def configure_score(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
 
 
+def configure_vllm_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--base", required=True, help="base model: local HF directory, hub id or .gguf")
+    g.add_argument("--teacher", required=True, help="teacher model, same forms as --base")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write (then: vllm serve DIR)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="mixing temperature, > 0 (default 1.0); requests must then use temperature 1")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory that is not one of ours")
+    _add_mix_arguments(p)
+
+
 COMMANDS: dict[str, Command] = {
     "generate": Command(
         "sample from the optimal mixture of a base and a teacher model",
@@ -107,6 +120,11 @@ COMMANDS: dict[str, Command] = {
         "recompute alpha and the importance data of given samples (teacher-forced)",
         configure_score,
         "optimal_sampling.score_cli:run",
+    ),  # fmt: skip
+    "vllm-model": Command(
+        "write a vLLM model directory that samples from q (vllm serve DIR)",
+        configure_vllm_model,
+        "optimal_sampling.integrations.vllm.model_dir:run_cli",
     ),  # fmt: skip
 }
 
@@ -134,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as done:  # --help, --version
             return int(done.code or 0)
+        args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # data-parallel workers reuse it
         if args.command is None:
             raise UsageError(f"choose a command: {', '.join(COMMANDS)} (see {PROG} --help)")
         module, function = COMMANDS[args.command].run.split(":")
@@ -236,6 +255,18 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     g.add_argument("--collect-diagnostics", "--diagnostics", dest="collect_diagnostics", action="store_true",
                    help="store per-token alpha, ESS ratio, KL(q||base), KL(q||teacher)")  # fmt: skip
+
+
+def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="N worker processes on this host, each on its own GPU (or on the CPU with --device cpu), "
+                        "each sampling a disjoint share of the prompts; needs --output (default 1). Under torchrun "
+                        "every rank takes a share by itself")  # fmt: skip
+    g.add_argument("--tp-size", type=int, default=1, metavar="T",
+                   help="GPUs per model replica (tensor parallelism; only 1 for now)")  # fmt: skip
+    g.add_argument("--dp-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    g.add_argument("--dp-world", type=int, default=None, help=argparse.SUPPRESS)
 
 
 # ============================================================================ generate
@@ -398,30 +429,57 @@ def build_sampler(pair: ModelPair, mix: MixConfig, engine: EngineConfig, seed: i
     )  # fmt: skip
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    # 1. every check that needs no model: options, input, output path, resumability
+@dataclass
+class GenerateSetup:
+    """What `generate` has checked before it loads any model."""
+
+    mix: MixConfig
+    params: SamplingParams
+    engine: EngineConfig
+    prompts: object  # io.PromptSet
+    job: OutputJob | None  # None: samples go to the terminal
+
+
+def prepare_generate(args: argparse.Namespace) -> GenerateSetup:
+    """Every check that needs no model: options, input, output path, resumability."""
     mix, params, engine = mix_config_of(args), sampling_params_of(args), engine_config_of(args)
     prompts = gather_prompts(args)
     job = _prepare_output(args, mix, params, engine, prompts) if args.output else None
+    return GenerateSetup(mix, params, engine, prompts, job)
+
+
+def load_sampler(args: argparse.Namespace, setup: GenerateSetup):
+    """(sampler, base prompts, teacher prompts): the models, and the prompts as they see them."""
+    _quiet_transformers()
+    pair = preflight_models(args.base, args.teacher)
+    base_prompts, teacher_prompts = templated_prompts(args.chat_template, setup.prompts, pair)
+    return build_sampler(pair, setup.mix, setup.engine, args.seed), base_prompts, teacher_prompts
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from . import parallel
+
+    if parallel.is_parallel(args):
+        return parallel.run(args)
+    # 1. every check that needs no model
+    setup = prepare_generate(args)
+    job = setup.job
     if job is not None and job.remaining == 0:
         return _nothing_to_do(job)
     # 2. models, then the prompts as the models see them
-    _quiet_transformers()
-    pair = preflight_models(args.base, args.teacher)
-    base_prompts, teacher_prompts = templated_prompts(args.chat_template, prompts, pair)
-    sampler = build_sampler(pair, mix, engine, args.seed)
+    sampler, base_prompts, teacher_prompts = load_sampler(args, setup)
     # 3. sample, streaming each finished sample to the output or the terminal
     progress = _progress_of(args, job)
     stream = sampler.generate_iter(
-        base_prompts, teacher_prompts=teacher_prompts, **_generate_kwargs(params),
+        base_prompts, teacher_prompts=teacher_prompts, **generate_kwargs(setup.params),
         skip=job.skip if job else None, on_tokens=progress.add_tokens if progress else None,
     )  # fmt: skip
     if job is None:
         return _print_samples(stream, sys.stdout)
-    return _write_samples(job, stream, prompts, progress)
+    return _write_samples(job, stream, setup.prompts, progress)
 
 
-def _generate_kwargs(params: SamplingParams) -> dict:
+def generate_kwargs(params: SamplingParams) -> dict:
     kwargs = asdict(params)
     kwargs["stop"] = list(params.stop)
     return kwargs
@@ -477,35 +535,47 @@ def _progress_of(args: argparse.Namespace, job: OutputJob | None):
 
 
 def _nothing_to_do(job: OutputJob) -> int:
-    from .io import finish_parquet
-
-    if job.plan.parquet:
-        finish_parquet(job.plan)
+    finish_output(job)
     print(f"{PROG}: all {job.total} samples are already in {job.plan.target}; nothing to do", file=sys.stderr)
     return 0
 
 
 def _write_samples(job: OutputJob, stream, prompts, progress) -> int:
-    from .io import JournalWriter, finish_parquet, start_fresh
+    from .io import JournalWriter, start_fresh
 
     if job.overwrite:
         start_fresh(job.plan)
-    inputs = _input_prompts(prompts)
     writer = JournalWriter(job.plan, job.state, job.meta)
     try:
-        for sample in stream:
-            writer.write(_record_of(sample, inputs, job.meta["fingerprint"]))
-            if progress:
-                progress.add_sample()
+        write_records(writer, stream, prompts, job.meta, progress.add_sample if progress else None)
     finally:
         writer.close()
         if progress:
             progress.close()
-    if job.plan.parquet:
-        finish_parquet(job.plan)
+    finish_output(job)
     if progress:
         print(f"{PROG}: wrote {writer.written} samples to {job.plan.target}", file=sys.stderr)
     return 0
+
+
+def write_records(writer, stream, prompts, meta: dict, on_sample: Callable[[], None] | None = None) -> None:
+    """Append one record per sample of `stream` to `writer` (an io.JournalWriter)."""
+    inputs = _input_prompts(prompts)
+    for sample in stream:
+        writer.write(_record_of(sample, inputs, meta["fingerprint"]))
+        if on_sample:
+            on_sample()
+
+
+def finish_output(job: OutputJob) -> int:
+    """Fold data-parallel shards of earlier runs into the output, then write the Parquet file;
+    returns the number of shard records added."""
+    from .io import finish_parquet, merge_shards
+
+    added = merge_shards(job.plan, job.meta)
+    if job.plan.parquet:
+        finish_parquet(job.plan)
+    return added
 
 
 def _input_prompts(prompts) -> tuple[list[str], list[str]]:
