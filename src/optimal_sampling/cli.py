@@ -146,13 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of `python -m optimal_sampling`; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m optimal_sampling -- generate ...` may pass the separator on
+        argv = argv[1:]
     args = None
     try:
         try:
             args = parser.parse_args(argv)
         except SystemExit as done:  # --help, --version
             return int(done.code or 0)
-        args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # data-parallel workers reuse it
+        args.raw_argv = argv  # data-parallel workers are started with the same arguments
         if args.command is None:
             raise UsageError(f"choose a command: {', '.join(COMMANDS)} (see {PROG} --help)")
         module, function = COMMANDS[args.command].run.split(":")

@@ -17,14 +17,24 @@ stopped. Invariants:
   atomically from it when the run ends and the journal is then removed. A later run that has more
   work (more prompts, a larger `--n`) re-seeds the journal from the Parquet file first.
 - Nothing existing is modified until `OutputPlan.inspect` has accepted the file for resumption.
+
+Data parallelism (see `parallel.py`): each worker appends to its own *shard* journal
+`<output>.rank<r>.jsonl` beside the output, under the output's one sidecar. Shards follow the
+journal invariants above; a (prompt, sample) lives in at most one of the output and its shards
+(workers own disjoint prompts and skip what any file already holds). `inspect` treats the union
+of the output and every shard as what is done, whatever the number of workers that wrote them;
+`merge_shards` appends shard records the output lacks (at most once each, deduplicating by key)
+and only then removes the shards, so a crash at any point loses nothing and a rerun finishes.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -35,6 +45,7 @@ META_SUFFIX = ".meta.json"
 PARTIAL_SUFFIX = ".partial.jsonl"
 META_FORMAT = "optimal-sampling/1"
 FSYNC_INTERVAL_S = 1.0
+SHARD_NAME = re.compile(r"\.rank(\d+)\.jsonl")  # after the target's name
 
 # ============================================================================ input
 
@@ -284,11 +295,31 @@ class OutputPlan:
     def parquet(self) -> bool:
         return self.target.suffix.lower() == ".parquet"
 
+    def shard(self, rank: int) -> Path:
+        """The journal data-parallel worker `rank` appends to."""
+        return self.target.with_name(f"{self.target.name}.rank{rank}.jsonl")
+
+    def shards(self) -> list[Path]:
+        """Every shard journal beside the target, whatever the worker count that wrote it."""
+        prefix = self.target.name
+        candidates = self.target.parent.glob(f"{glob.escape(prefix)}.rank*.jsonl")
+        found = [p for p in candidates if SHARD_NAME.fullmatch(p.name[len(prefix) :])]
+        return sorted(found, key=lambda p: int(SHARD_NAME.fullmatch(p.name[len(prefix) :]).group(1)))
+
+    def shard_plan(self, rank: int) -> OutputPlan:
+        """A plan whose journal is worker `rank`'s shard, under this output's sidecar."""
+        shard = self.shard(rank)
+        return OutputPlan(target=shard, journal=shard, meta=self.meta)
+
     def inspect(self, meta: dict, prompts: PromptSet, overwrite: bool) -> ResumeState:
-        """Check an existing output can be resumed with these parameters and prompts; touches nothing."""
+        """Check an existing output (and its shards) can be resumed with these parameters and
+        prompts; touches nothing. `done` is the union of the output's and the shards' samples."""
         if overwrite:
             return ResumeState()
         records = self._existing_records()
+        for shard in self.shards():
+            for _, record in _journal_records(shard):
+                records.add(record, shard)
         if not records.done and records.from_parquet is None:
             return records
         stored = _read_meta(self.meta, self.target)
@@ -345,6 +376,11 @@ def _check_writable(file: Path) -> None:
             raise ValueError(f"cannot write {file}: it exists and is not a file")
         if not os.access(file, os.W_OK):
             raise ValueError(f"cannot write {file}: permission denied")
+
+
+def scan_journal(file: Path) -> ResumeState:
+    """What one journal holds (empty if it does not exist); `meta_ok` is left False."""
+    return _scan_journal(file) if file.exists() else ResumeState()
 
 
 def _scan_journal(file: Path) -> ResumeState:
@@ -412,7 +448,7 @@ class JournalWriter:
         self.plan = plan
         self.written = 0
         if not state.meta_ok:
-            _write_atomic(plan.meta, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
+            write_meta(plan, meta)
         keep = state.valid_bytes
         if state.from_parquet is not None and not plan.journal.exists():
             seed = b"".join(encode_record(r) for r in state.from_parquet)
@@ -442,9 +478,43 @@ class JournalWriter:
 
 
 def start_fresh(plan: OutputPlan) -> None:
-    """--overwrite: remove a previous run's files (called only once models are loaded)."""
-    for file in (plan.journal, plan.meta, plan.target):
+    """--overwrite: remove a previous run's files, shards included (called only once the run's
+    checks have passed: models loaded, or tokenizers checked by a data-parallel launcher)."""
+    for file in (plan.journal, plan.meta, plan.target, *plan.shards()):
         file.unlink(missing_ok=True)
+
+
+def write_meta(plan: OutputPlan, meta: dict) -> None:
+    """The sidecar, atomically (what `JournalWriter` does before a first record)."""
+    _write_atomic(plan.meta, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def merge_shards(plan: OutputPlan, meta: dict) -> int:
+    """Append every shard record the output lacks to its journal, then remove the shards.
+
+    Returns the number of records appended. Safe to repeat after a crash at any point: records
+    are deduplicated by (prompt_index, sample_index) against what the journal already holds, and
+    a shard is removed only after the journal is flushed and fsync'd.
+    """
+    shards = plan.shards()
+    if not shards:
+        return 0
+    state = plan._existing_records()
+    state.meta_ok = plan.meta.is_file()
+    seen = set(state.done)
+    writer = JournalWriter(plan, state, meta)
+    try:
+        for shard in shards:
+            for _, record in _journal_records(shard):
+                key = (int(record["prompt_index"]), int(record["sample_index"]))
+                if key not in seen:
+                    seen.add(key)
+                    writer.write(record)
+    finally:
+        writer.close()
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+    return writer.written
 
 
 def finish_parquet(plan: OutputPlan) -> int:
