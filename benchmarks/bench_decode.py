@@ -1,0 +1,310 @@
+"""Decode throughput of the fast engine against its baselines, in one run (DESIGN §5, issue 4).
+
+Random-weight models with the real Qwen2.5-0.5B (base) and Qwen2.5-1.5B (teacher) shapes (no
+download), prompts of 128 tokens. Measured in the same process:
+- the weight-bandwidth floor: both models' weight bytes / a measured device-to-device copy rate;
+- the fast engine at batch 1, 64 and 256 (decode_and_sample: both models + alpha + q + draw +
+  importance data in one CUDA graph, results copied to the host every step as the sampler does),
+  the same steps without the sampler (models only) for the share of the step outside the models,
+  and the fused sampler kernel alone;
+- the fast engine on a variable-length workload: 1,024 requests, output lengths uniform in
+  32..512, continuous batching over 256 slots (refill as soon as a slot frees);
+- the reference engine (transformers models + DynamicCache + sample_step), a few steps per batch;
+- transformers generate() of the base alone and of the teacher alone (greedy, 32 new tokens).
+Prints a table, then one JSON line last.
+
+    PYTHONPATH=src python benchmarks/bench_decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+import traceback
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from optimal_sampling.config import MixConfig, SamplingParams
+from optimal_sampling.engines.base import SlotRequest
+from optimal_sampling.engines.fast import FastEngine
+from optimal_sampling.engines.fast.mixing_fast import fused_outputs
+from optimal_sampling.engines.reference import ReferenceEngine
+from optimal_sampling.step import sample_step
+
+VOCAB = 151936
+PROMPT = 128
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+}
+TARGETS = {"b1_tok_s": 400, "b1_vs_reference": 15, "b64_tok_s": 10_000, "b256_tok_s": 25_000}
+
+
+def qwen_model(size: str) -> torch.nn.Module:
+    config = Qwen2Config(
+        vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, **SHAPES[size],
+    )  # fmt: skip
+    torch.manual_seed(0 if size == "0.5b" else 1)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int) -> float:
+    """Seconds per call, host clock around synchronised calls (includes host overhead)."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = timed(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    return [tuple(rng.randrange(VOCAB) for _ in range(PROMPT)) for _ in range(count)]
+
+
+class FastLoop:
+    """The sampler's loop on the fast engine: add, decode_and_sample, copy results to the host."""
+
+    def __init__(self, engine: FastEngine, mix: MixConfig, params: SamplingParams):
+        self.engine, self.mix, self.params = engine, mix, params
+
+    def start(self, slots: list[int], batch_prompts: list[tuple[int, ...]]) -> list[int]:
+        requests = [SlotRequest(s, p, p) for s, p in zip(slots, batch_prompts, strict=True)]
+        logits_b, logits_t = self.engine.add(requests)
+        first = self.engine.sample(logits_b, logits_t, slots, [0] * len(slots), self.mix, self.params)
+        return first.to_host()["tokens"]
+
+    def step(self, slots: list[int], tokens: list[int], steps: list[int]) -> list[int]:
+        result = self.engine.decode_and_sample(slots, tokens, slots, steps, self.mix, self.params)
+        return result.to_host()["tokens"]
+
+
+def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int) -> dict:
+    slots = list(range(batch))
+    tokens = loop.start(slots, prompts(batch, batch))
+    count = [1]
+
+    def full():
+        tokens[:] = loop.step(slots, tokens, [count[0]] * batch)
+        count[0] += 1
+
+    def models_only():
+        engine.run_step(slots, tokens, slots, [0] * batch, None)
+        sync()
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        full()  # capture
+    step_s = timed(full, steps)
+    models_only()
+    models_s = timed(models_only, steps)
+    engine.release(slots)
+    return dict(
+        tok_s=batch / step_s, ms_step=1e3 * step_s, ms_models=1e3 * models_s,
+        share_outside_models=max(0.0, 1 - models_s / step_s), peak_gib=peak_gib(),
+    )  # fmt: skip
+
+
+def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> float:
+    """ms of the fused sampler alone on random bf16 logits [batch, V]."""
+    logits_b = torch.randn(batch, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
+    logits_t = logits_b + torch.randn_like(logits_b)
+    seeds = torch.arange(batch, device="cuda")
+    fused_outputs(logits_b, logits_t, seeds, seeds, mix, params)
+    return 1e3 * timed(lambda: fused_outputs(logits_b, logits_t, seeds, seeds, mix, params), 20)
+
+
+def bench_variable(
+    loop: FastLoop, requests: int, slots: int, shortest: int = 32, longest: int = 512, refill_at: int = 1
+) -> dict:
+    """Continuous batching: free slots are refilled once `refill_at` of them (or all the waiting
+    requests) are free, in one prefill; refill_at=1 refills as soon as any slot frees."""
+    rng = random.Random(0)
+    lengths = [rng.randint(shortest, longest) for _ in range(requests)]
+    waiting = list(zip(prompts(requests, 7), lengths, strict=True))[::-1]
+    free = list(range(slots - 1, -1, -1))
+    active: dict[int, list] = {}  # slot -> [tokens so far, target length, last token]
+    produced, steps = 0, 0
+    sync()
+    start = time.perf_counter()
+    while waiting or active:
+        if waiting and free and (len(free) >= min(refill_at, len(waiting)) or not active):
+            admitted = [free.pop() for _ in range(min(len(free), len(waiting)))]
+            jobs = [waiting.pop() for _ in admitted]
+            firsts = loop.start(admitted, [p for p, _ in jobs])
+            for slot, (_, target), token in zip(admitted, jobs, firsts, strict=True):
+                active[slot] = [1, target, token]
+            produced += len(admitted)
+        slot_list = list(active)
+        tokens = loop.step(slot_list, [active[s][2] for s in slot_list], [active[s][0] for s in slot_list])
+        steps += 1
+        produced += len(slot_list)
+        for slot, token in zip(slot_list, tokens, strict=True):
+            state = active[slot]
+            state[0], state[2] = state[0] + 1, token
+            if state[0] >= state[1]:
+                del active[slot]
+                free.append(slot)
+        loop.engine.release([s for s in slot_list if s not in active])
+    seconds = time.perf_counter() - start
+    return dict(tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at)
+
+
+def bench_reference(base, teacher, batch: int, steps: int, mix: MixConfig, params: SamplingParams) -> dict:
+    engine = ReferenceEngine(base, teacher, VOCAB, batch)
+    logits_b, logits_t = engine.add([SlotRequest(i, p, p) for i, p in enumerate(prompts(batch, 3))])
+    seeds = torch.arange(batch, device="cuda")
+    tokens = sample_step(logits_b, logits_t, seeds, seeds * 0, mix, params).tokens
+    slots = torch.arange(batch, device="cuda")
+
+    def step():
+        nonlocal tokens
+        lb, lt = engine.decode(slots, tokens)
+        result = sample_step(lb, lt, seeds, seeds * 0 + 1, mix, params)
+        tokens = torch.tensor(result.to_host()["tokens"], device="cuda")
+
+    step()
+    seconds = timed(step, steps)
+    return dict(tok_s=batch / seconds, ms_step=1e3 * seconds)
+
+
+def bench_generate(model, batch: int, new_tokens: int = 32) -> dict:
+    ids = torch.tensor(prompts(batch, 5), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+    seconds = timed(
+        lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs), 1
+    )
+    return dict(tok_s=batch * new_tokens / seconds, ms_step=1e3 * seconds / new_tokens)
+
+
+def section(out: dict, name: str, fn, partial: str | None) -> None:
+    """out[name] = fn(), or None with the traceback printed; partial results saved as they come."""
+    started = time.perf_counter()
+    try:
+        out[name] = fn()
+    except Exception:  # a failing section must not cost the others their numbers
+        traceback.print_exc()
+        out[name] = None
+    print(f"[{name}] {time.perf_counter() - started:.1f} s: {out[name]}", flush=True)
+    if partial:
+        with open(partial, "w") as f:
+            json.dump(out, f)
+
+
+def fast_sections(
+    out: dict, base, teacher, mix, params, steps: int, requests: int, partial: str | None
+) -> None:
+    engine = FastEngine(base, teacher, VOCAB, max_slots=256, max_len=1024)
+    loop = FastLoop(engine, mix, params)
+    section(out, "fast", lambda: {b: bench_fast_fixed(engine, loop, b, steps) for b in (1, 64, 256)}, partial)
+    section(
+        out,
+        "sampler_kernel_ms",
+        lambda: {b: bench_sampler_kernel(b, mix, params) for b in (1, 64, 256)},
+        None,
+    )
+    section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=16), partial)
+    section(
+        out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and requests (a smoke run)")
+    parser.add_argument("--partial", default=None, help="write the results so far to this JSON file")
+    args = parser.parse_args()
+    steps = 8 if args.quick else 40
+    requests = 64 if args.quick else 1024
+    mix, params = MixConfig(), SamplingParams(temperature=1.0)
+    base, teacher = qwen_model("0.5b"), qwen_model("1.5b")
+    bandwidth = copy_bandwidth()
+    total_bytes = weight_bytes(base) + weight_bytes(teacher)
+    out: dict = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, weight_gb=total_bytes / 1e9)
+    out["copy_tb_s"] = bandwidth / 1e12
+    out["floor_ms"] = 1e3 * total_bytes / bandwidth
+    fast_sections(out, base, teacher, mix, params, steps, requests, args.partial)
+    torch.cuda.empty_cache()
+    reference = {
+        b: (lambda b=b: bench_reference(base, teacher, b, 3 if b > 1 else 6, mix, params)) for b in (1, 64)
+    }
+    section(out, "reference", lambda: {b: fn() for b, fn in reference.items()}, args.partial)
+    section(out, "generate_base", lambda: {b: bench_generate(base, b) for b in (1, 64, 256)}, args.partial)
+    section(
+        out, "generate_teacher", lambda: {b: bench_generate(teacher, b) for b in (1, 64, 256)}, args.partial
+    )
+    section(out, "checks", lambda: targets(out), None)
+    try:
+        report(out)
+    except Exception:
+        traceback.print_exc()
+    print(json.dumps(out))
+
+
+def targets(out: dict) -> dict:
+    fast = out["fast"]
+    return dict(
+        b1_tok_s=fast[1]["tok_s"] >= TARGETS["b1_tok_s"],
+        b1_vs_reference=fast[1]["tok_s"] / out["reference"][1]["tok_s"] >= TARGETS["b1_vs_reference"],
+        b64_tok_s=fast[64]["tok_s"] >= TARGETS["b64_tok_s"],
+        b256_tok_s=fast[256]["tok_s"] >= TARGETS["b256_tok_s"],
+        b256_outside_share=fast[256]["share_outside_models"] <= 0.10,
+        variable_vs_b256=out["variable"]["tok_s"] >= 0.8 * fast[256]["tok_s"],
+    )
+
+
+def report(out: dict) -> None:
+    print(f"card {out['card']}  copy {out['copy_tb_s']:.2f} TB/s  weight floor {out['floor_ms']:.3f} ms/step")
+    print(
+        f"{'what':<28}{'batch':>6}{'tok/s':>12}{'ms/step':>10}{'models ms':>10}{'outside':>9}{'peak GiB':>9}"
+    )
+    for b, r in out["fast"].items():
+        print(
+            f"{'fast engine':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
+            f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
+        )
+    for name in ("variable", "variable_refill_each_step"):
+        v = out.get(name)
+        if v:
+            label = f"fast, 32..512, refill>={v['refill_at']}"
+            print(f"{label:<28}{256:>6}{v['tok_s']:>12.0f}{1e3 * v['seconds'] / v['steps']:>10.3f}")
+    for name in ("reference", "generate_base", "generate_teacher"):
+        for b, r in out[name].items():
+            print(f"{name:<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}")
+    print("sampler kernel ms:", {b: round(ms, 3) for b, ms in out["sampler_kernel_ms"].items()})
+    print("targets met:", out["checks"])
+
+
+if __name__ == "__main__":
+    main()

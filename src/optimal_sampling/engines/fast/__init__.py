@@ -1,0 +1,70 @@
+"""The fast engine: compact Llama/Mistral/Qwen2/Qwen3 code, static KV caches, CUDA graphs.
+
+`supports(base, teacher)` says whether both models can run here; `build_fast_engine` sizes the
+KV caches (from `mem_fraction_static` of free GPU memory on CUDA, a small fixed budget on CPU)
+and builds a `FastEngine`. See engine.py for the invariants.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import EngineConfig
+from ...loading import LoadedModel
+from ..base import Engine
+from .engine import FastEngine
+from .mixing_fast import fused_sample_step, fused_supported
+from .spec import spec_of, unsupported_reason
+
+__all__ = [
+    "FastEngine",
+    "build_fast_engine",
+    "fused_sample_step",
+    "fused_supported",
+    "supports",
+    "plan_cache",
+]
+
+CPU_CACHE_BYTES = 1 << 30
+MIN_CACHE_LEN = 256
+
+
+def supports(base_model, teacher_model) -> bool:
+    return unsupported_reason(base_model) is None and unsupported_reason(teacher_model) is None
+
+
+def plan_cache(base_model, teacher_model, vocab_size: int, config: EngineConfig) -> tuple[int, int]:
+    """(slots, max_len): max_batch_size slots, each as long as the models' context and memory allow."""
+    device = next(base_model.parameters()).device
+    slots = config.max_batch_size
+    context = min(spec_of(base_model).context, spec_of(teacher_model).context)
+    dtype_bytes = next(base_model.parameters()).element_size()
+    per_token = sum(
+        2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
+        for s in (spec_of(base_model), spec_of(teacher_model))
+    )
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        workspace = 24 * (slots + 1) * vocab_size * 4 + (1 << 30)  # step temporaries, graphs, prefill
+        budget = free * config.mem_fraction_static - workspace
+    else:
+        budget = CPU_CACHE_BYTES
+    max_len = min(context, int(budget // ((slots + 1) * per_token)))
+    if max_len < min(context, MIN_CACHE_LEN):
+        raise ValueError(
+            f"not enough memory for a {slots}-slot KV cache: lower max_batch_size or raise mem_fraction_static"
+        )
+    return slots, max_len
+
+
+def build_fast_engine(
+    base: LoadedModel, teacher: LoadedModel, vocab_size: int, config: EngineConfig
+) -> Engine:
+    for loaded in (base, teacher):
+        reason = unsupported_reason(loaded.model)
+        if reason is not None:
+            raise ValueError(f"the fast engine cannot run {loaded.source}: {reason}")
+    slots, max_len = plan_cache(base.model, teacher.model, vocab_size, config)
+    return FastEngine(
+        base.model, teacher.model, vocab_size, slots, max_len, use_graphs=config.use_cuda_graphs
+    )

@@ -1,0 +1,267 @@
+"""The fast engine: both compact models in lockstep over static KV caches with per-slot lengths.
+
+Slots: `max_slots` real slots plus one scratch slot (index `max_slots`) that padding rows of a
+batch bucket read and write. The host keeps each slot's length per model (base and teacher prompts
+may differ), so a decode step needs no device-to-host transfer: positions are sent with the tokens
+in one packed int64 copy.
+
+Invariants:
+- slot s of model m holds keys/values for positions [0, lengths_m[s]); `decode` appends one.
+- a step (both models, and with `decode_and_sample` the mixing and sampling too) is a pure
+  function of its packed inputs and the caches: no host sync inside, so on CUDA it is captured as
+  one CUDA graph per (batch bucket, attention-width buckets[, sampling options]).
+- requests may be added while other slots decode (continuous batching); identical prompt pairs
+  are prefilled once and their cache rows copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...config import MixConfig, SamplingParams
+from ...step import StepResult
+from ..base import Engine, SlotRequest, unique_prompts
+from .attention import decode_attention_sdpa, prefill_attention
+from .graphs import GraphCache, bucket_of
+from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
+from .model import CompactModel
+
+MIN_WIDTH = 64  # smallest attention-width bucket
+
+
+@dataclass
+class CachedModel:
+    net: CompactModel
+    k: torch.Tensor  # [layers, slots + 1, max_len, kv_heads, head_dim]
+    v: torch.Tensor
+    lengths: list[int]  # per slot, on the host
+
+
+def kv_bytes_per_token(net: CompactModel) -> int:
+    s = net.spec
+    return 2 * s.layers * s.kv_heads * s.head_dim * torch.finfo(net.dtype).bits // 8
+
+
+def new_cached_model(hf_model, slots: int, max_len: int) -> CachedModel:
+    device = next(hf_model.parameters()).device
+    net = CompactModel(hf_model, max_len, fused=device.type == "cuda")
+    s = net.spec
+    shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
+    k = torch.zeros(shape, dtype=net.dtype, device=net.device)
+    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1))
+
+
+class FastEngine(Engine):
+    supports_refill = True
+
+    def __init__(
+        self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
+        use_graphs: bool = True, prefill_tokens: int = 8192,
+    ):  # fmt: skip
+        self.vocab_size = vocab_size
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.scratch = max_slots
+        self.prefill_tokens = prefill_tokens
+        self.base = new_cached_model(base, max_slots, max_len)
+        self.teacher = new_cached_model(teacher, max_slots, max_len)
+        self.device = self.base.net.device
+        if self.teacher.net.device != self.device:
+            raise ValueError("the fast engine needs both models on one device")
+        on_cuda = self.device.type == "cuda"
+        self.graphs = GraphCache(use_graphs and on_cuda)
+        if on_cuda:
+            from .triton_attention import decode_attention_triton
+
+            self.decode_attention = decode_attention_triton
+        else:
+            self.decode_attention = decode_attention_sdpa
+        self.samplers: dict[tuple, StepSampler] = {}
+
+    def max_context(self) -> int:
+        return min(self.max_len, self.base.net.spec.context, self.teacher.net.spec.context)
+
+    # ------------------------------------------------------------------ device functions
+    def decode_model(self, m: CachedModel, slots, tokens, positions, width: int) -> torch.Tensor:
+        """One token per row through one model; logits [B, V]. Graph-capturable."""
+        lengths = (positions + 1).to(torch.int32)
+
+        def attend(i, q):
+            return self.decode_attention(q, m.k[i], m.v[i], slots, lengths, width)
+
+        normed = m.net.forward(tokens, positions, slots, m.k, m.v, attend)  # [B, hidden]
+        return m.net.logits(normed)[:, : self.vocab_size]
+
+    def prefill_model(self, m: CachedModel, ids, slots, last) -> torch.Tensor:
+        """Right-padded prompts ids [n, T] into slots [n]; logits [n, V] at positions last [n]."""
+        n, t = ids.shape
+        positions = torch.arange(t, device=ids.device).expand(n, t)
+        rows = slots[:, None]
+
+        def attend(i, q):
+            return prefill_attention(q, m.k[i][rows, positions], m.v[i][rows, positions])
+
+        normed = m.net.forward(ids, positions, rows, m.k, m.v, attend)  # [n, T, hidden]
+        return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]
+
+    def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
+        def step(packed: torch.Tensor):  # [6, B]: slots, tokens, pos_base, pos_teacher, seeds, steps
+            slots, tokens, pos_b, pos_t, seeds, steps = packed.unbind(0)
+            logits_b = self.decode_model(self.base, slots, tokens, pos_b, width_b)
+            logits_t = self.decode_model(self.teacher, slots, tokens, pos_t, width_t)
+            if sampler is None:
+                return logits_b, logits_t
+            return sampler(logits_b, logits_t, seeds, steps)
+
+        return step
+
+    # ------------------------------------------------------------------ Engine interface
+    def add(self, requests: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        firsts, owner = unique_prompts(requests)
+        logits_b, logits_t = self.prefill(firsts)
+        self.copy_duplicates(requests, firsts, owner)
+        for req in requests:
+            self.base.lengths[req.slot] = len(req.base_ids)
+            self.teacher.lengths[req.slot] = len(req.teacher_ids)
+        rows = torch.tensor(owner, device=self.device)
+        return logits_b[rows], logits_t[rows]
+
+    def decode(self, slots: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slot_list = slots.tolist()
+        logits_b, logits_t = self.run_step(
+            slot_list, tokens, [0] * len(slot_list), [0] * len(slot_list), None
+        )
+        return logits_b.clone(), logits_t.clone()
+
+    def decode_and_sample(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[int] | torch.Tensor,
+        row_seeds: Sequence[int],
+        steps: Sequence[int],
+        mix: MixConfig,
+        params: SamplingParams,
+    ) -> StepResult:
+        """decode + sample_step in one captured graph; tensors valid until the next engine call."""
+        outputs = self.run_step(list(slots), tokens, row_seeds, steps, self.sampler_for(mix, params))
+        return result_from_tensors(outputs, params)
+
+    def sample(
+        self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
+    ) -> StepResult:
+        """The step sampler this engine uses, on given logits (e.g. after `add`); eager."""
+        seeds = torch.as_tensor(row_seeds, dtype=torch.long, device=self.device)
+        counts = torch.as_tensor(steps, dtype=torch.long, device=self.device)
+        return result_from_tensors(self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts), params)
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.base.lengths[slot] = self.teacher.lengths[slot] = 0
+
+    # ------------------------------------------------------------------ internals
+    def sampler_for(self, mix: MixConfig, params: SamplingParams) -> StepSampler:
+        key = step_key(mix, params)
+        if key not in self.samplers:
+            self.samplers[key] = make_step_sampler(mix, params, self.device)
+        return self.samplers[key]
+
+    def run_step(self, slots: list[int], tokens, row_seeds, steps, sampler: StepSampler | None):
+        """Pack inputs, pick the bucket, run the (captured) step, advance the host lengths."""
+        batch = len(slots)
+        padded = bucket_of(batch, self.max_slots)
+        pos_b = [self.base.lengths[s] for s in slots]
+        pos_t = [self.teacher.lengths[s] for s in slots]
+        if max(pos_b + pos_t) >= self.max_len:
+            raise RuntimeError(f"a sequence reached the KV cache length {self.max_len}")
+        on_device = isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu"
+        packed = torch.zeros(6, padded, dtype=torch.long)
+        packed[0].fill_(self.scratch)
+        for row, values in enumerate((slots, None if on_device else tokens, pos_b, pos_t, row_seeds, steps)):
+            if values is not None:
+                packed[row, :batch] = torch.as_tensor(values, dtype=torch.long)
+        packed = packed.to(self.device)
+        if on_device:
+            packed[1, :batch] = tokens
+        widths = (self.width_of(max(pos_b) + 1), self.width_of(max(pos_t) + 1))
+        key = ("decode", padded, *widths, None if sampler is None else sampler.key)
+        outputs = self.graphs.run(
+            key, self.step_fn(*widths, sampler), [packed], lambda: [self.scratch_packed(padded)]
+        )
+        for s in slots:
+            self.base.lengths[s] += 1
+            self.teacher.lengths[s] += 1
+        return tuple(out[:batch] for out in outputs)
+
+    def width_of(self, longest: int) -> int:
+        return min(max(MIN_WIDTH, bucket_of(longest, self.max_len)), self.max_len)
+
+    def scratch_packed(self, padded: int) -> torch.Tensor:
+        packed = torch.zeros(6, padded, dtype=torch.long, device=self.device)
+        packed[0].fill_(self.scratch)
+        return packed
+
+    def prefill(self, firsts: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill distinct prompts in chunks of about `prefill_tokens` padded tokens; logits [u, V]."""
+        order = sorted(
+            range(len(firsts)), key=lambda i: -max(len(firsts[i].base_ids), len(firsts[i].teacher_ids))
+        )
+        out_b: list[torch.Tensor | None] = [None] * len(firsts)
+        out_t: list[torch.Tensor | None] = [None] * len(firsts)
+        start = 0
+        while start < len(order):
+            longest = max(len(firsts[order[start]].base_ids), len(firsts[order[start]].teacher_ids))
+            take = max(1, self.prefill_tokens // self.width_of(longest))
+            chunk = order[start : start + take]
+            logits_b, logits_t = self.prefill_chunk([firsts[i] for i in chunk])
+            for row, i in enumerate(chunk):
+                out_b[i], out_t[i] = logits_b[row], logits_t[row]
+            start += len(chunk)
+        return torch.stack(out_b), torch.stack(out_t)
+
+    def prefill_chunk(self, reqs: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(reqs)
+        padded = bucket_of(n, self.max_slots)
+        width_b = self.width_of(max(len(r.base_ids) for r in reqs))
+        width_t = self.width_of(max(len(r.teacher_ids) for r in reqs))
+        ids_b = torch.zeros(padded, width_b, dtype=torch.long)
+        ids_t = torch.zeros(padded, width_t, dtype=torch.long)
+        meta = torch.zeros(3, padded, dtype=torch.long)  # slots, last base, last teacher
+        meta[0].fill_(self.scratch)
+        for row, r in enumerate(reqs):
+            ids_b[row, : len(r.base_ids)] = torch.tensor(r.base_ids)
+            ids_t[row, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
+            meta[:, row] = torch.tensor([r.slot, len(r.base_ids) - 1, len(r.teacher_ids) - 1])
+        inputs = [ids_b.to(self.device), ids_t.to(self.device), meta.to(self.device)]
+
+        def prefill_both(ids_b, ids_t, meta):
+            logits_b = self.prefill_model(self.base, ids_b, meta[0], meta[1])
+            logits_t = self.prefill_model(self.teacher, ids_t, meta[0], meta[2])
+            return logits_b, logits_t
+
+        def scratch():
+            meta = torch.zeros(3, padded, dtype=torch.long, device=self.device)
+            meta[0].fill_(self.scratch)
+            return [torch.zeros_like(inputs[0]), torch.zeros_like(inputs[1]), meta]
+
+        key = ("prefill", padded, width_b, width_t)
+        logits_b, logits_t = self.graphs.run(key, prefill_both, inputs, scratch)
+        return logits_b[:n].clone(), logits_t[:n].clone()
+
+    def copy_duplicates(
+        self, requests: list[SlotRequest], firsts: list[SlotRequest], owner: list[int]
+    ) -> None:
+        """Copy the prefilled cache rows of each distinct prompt to its other requests' slots."""
+        pairs = [
+            (firsts[o].slot, r.slot) for r, o in zip(requests, owner, strict=True) if r.slot != firsts[o].slot
+        ]
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for m, ids in ((self.base, "base_ids"), (self.teacher, "teacher_ids")):
+            width = max(len(getattr(firsts[o], ids)) for o in owner)
+            m.k[:, dst, :width] = m.k[:, src, :width]
+            m.v[:, dst, :width] = m.v[:, src, :width]

@@ -1,0 +1,164 @@
+"""The per-step sampler of the fast engine: the fused Triton kernel where it applies, else `sample_step`.
+
+`make_step_sampler(mix, params, device)` is chosen once per sampling configuration. Both
+samplers are graph-capturable callables `(logits_base, logits_teacher, row_seeds, steps) -> tuple`
+of [B] tensors in the order of `result_fields(params)`, so the engine captures them in the same
+CUDA graph as the two forward passes.
+
+The fused kernels (triton_mix.py) cover the common case: alpha_method kl_symmetry or fixed, no
+teacher constraint, no top-k/top-p/min-p, no diagnostics. They keep |alpha - alpha_float64| <=
+1e-4 (tested against the float64 reference) with 1 + REFINE passes of a few points instead of 24
+Newton iterations over [B, V] tensors, spread every row over the whole GPU, and never write a
+[B, V] tensor. Other configurations use
+the exact `optimal_sampling.step.sample_step`.
+
+For the sampler: `fused_sample_step` has the signature of `step.sample_step`; select it where
+`fused_supported(mix, params)` and the logits are on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import MixConfig, SamplingParams
+from ...step import StepResult, sample_step
+
+BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
+DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
+FIRST_POINTS = 8  # alpha values of the bracketing pass: 0, 1 and 6 over [alpha_min, alpha_max]
+POINTS = 8  # alpha values per refining pass: Newton from each end, secant, 5 evenly spaced
+REFINE = 3  # refining passes
+BLOCK = 512
+
+
+def result_fields(params: SamplingParams) -> tuple[str, ...]:
+    return BASE_FIELDS + (DIAG_FIELDS if params.collect_diagnostics else ())
+
+
+def result_from_tensors(outputs: tuple[torch.Tensor, ...], params: SamplingParams) -> StepResult:
+    return StepResult(**dict(zip(result_fields(params), outputs, strict=True)))
+
+
+def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
+    """What a captured step depends on (not max_tokens, n, stop or seed)."""
+    return (mix, params.temperature, params.top_k, params.top_p, params.min_p, params.collect_diagnostics)
+
+
+def fused_supported(mix: MixConfig, params: SamplingParams) -> bool:
+    return (
+        mix.alpha_method in ("kl_symmetry", "fixed")
+        and not params.collect_diagnostics
+        and not mix.constrained
+        and params.top_k == -1
+        and params.top_p >= 1.0
+        and params.min_p <= 0.0
+    )
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StepSampler:
+    """A graph-capturable step sampler for one (mix, params) configuration."""
+
+    def __init__(self, mix: MixConfig, params: SamplingParams):
+        self.mix, self.params = mix, params
+        self.key = step_key(mix, params)
+
+    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
+        result = sample_step(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
+        return tuple(getattr(result, name) for name in result_fields(self.params))
+
+
+class FusedStepSampler(StepSampler):
+    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
+        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
+
+
+def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.device) -> StepSampler:
+    if device.type == "cuda" and fused_supported(mix, params) and triton_available():
+        return FusedStepSampler(mix, params)
+    return StepSampler(mix, params)
+
+
+def split_count(batch: int, vocab: int, programs: int = 528) -> int:
+    """Chunks per row: about `programs` programs in all (4 per SM), at most 64, at least a block each."""
+    want = max(1, -(-programs // batch))
+    return max(1, min(64, want, -(-vocab // BLOCK)))
+
+
+def fused_outputs(
+    logits_b: torch.Tensor,  # [B, V] (row stride may exceed V)
+    logits_t: torch.Tensor,  # [B, V]
+    row_seeds: torch.Tensor,  # [B] int64
+    steps: torch.Tensor,  # [B] int64
+    mix: MixConfig,
+    params: SamplingParams,
+) -> tuple[torch.Tensor, ...]:
+    """The fused sampler: 2 + 2 * REFINE small launches plus 2 for the draw; graph-capturable."""
+    from . import triton_mix as tm
+
+    batch, vocab = logits_b.shape
+    assert logits_b.stride(1) == 1 and logits_t.stride(1) == 1 and logits_t.shape == logits_b.shape
+    device = logits_b.device
+    splits = split_count(batch, vocab)
+    chunk = -(-vocab // (splits * BLOCK)) * BLOCK
+    rows = (logits_b, logits_t, logits_b.stride(0), logits_t.stride(0))
+    inv_temp = 1.0 / params.temperature if params.temperature > 0 else 1.0
+    state = torch.zeros(batch, tm.STATE, dtype=torch.float64, device=device)
+    alpha = torch.empty(batch, dtype=torch.float32, device=device)
+    if mix.alpha_method == "fixed":
+        alpha.fill_(mix.fixed_alpha)
+        tm.row_lse_kernel[(batch,)](*rows, vocab, inv_temp, state, BLOCK=1024, num_warps=8)
+    else:
+        solve_kl_symmetry(rows, vocab, chunk, splits, inv_temp, state, alpha, mix)
+    parts = torch.empty(batch, splits, 8, dtype=torch.float32, device=device)
+    tm.sample_kernel[(batch, splits)](
+        *rows, vocab, chunk, chunk // BLOCK, inv_temp, row_seeds, steps, state, alpha, parts,
+        SPLITS=splits, GREEDY=params.greedy, TEMPERED=params.temperature not in (0.0, 1.0), BLOCK=BLOCK,
+    )  # fmt: skip
+    tokens = torch.empty(batch, dtype=torch.long, device=device)
+    logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
+    tm.finish_kernel[(batch,)](
+        *rows, inv_temp, state, alpha, parts, tokens, logprobs[0], logprobs[1], logprobs[2],
+        SPLITS=splits, TEMPERED=params.temperature not in (0.0, 1.0),
+    )  # fmt: skip
+    return tokens, logprobs[0], logprobs[1], logprobs[2], alpha
+
+
+def solve_kl_symmetry(rows, vocab: int, chunk: int, splits: int, inv_temp: float, state, alpha, mix) -> None:
+    """alpha [B] by one bracketing pass of FIRST_POINTS and REFINE passes of POINTS points."""
+    from . import triton_mix as tm
+
+    batch, device = alpha.shape[0], alpha.device
+    lo, hi = mix.alpha_min, mix.alpha_max
+    j = torch.arange(FIRST_POINTS, device=device, dtype=torch.float32)
+    grid = lo + (hi - lo) * (j - 2) / (FIRST_POINTS - 3)
+    points = torch.where(j == 0, 0.0, torch.where(j == 1, 1.0, grid)).expand(batch, FIRST_POINTS).contiguous()
+    later = torch.empty(batch, POINTS, dtype=torch.float32, device=device)
+    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=device)
+    for p in range(REFINE + 1):
+        k = FIRST_POINTS if p == 0 else POINTS
+        parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
+        tm.stats_kernel[(batch, splits)](
+            *rows, vocab, chunk, chunk // BLOCK, inv_temp, points, parts, row_parts,
+            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, num_warps=4,
+        )  # fmt: skip
+        tm.combine_kernel[(batch,)](
+            parts, row_parts, points, later, state, alpha, lo, hi,
+            SPLITS=splits, K=k, KN=POINTS, FIRST=p == 0, LAST=p == REFINE, num_warps=1,
+        )  # fmt: skip
+        points = later
+        later = torch.empty_like(later)
+
+
+def fused_sample_step(
+    logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
+) -> StepResult:
+    """Drop-in for `step.sample_step` where `fused_supported(mix, params)`."""
+    return result_from_tensors(fused_outputs(logits_b, logits_t, row_seeds, steps, mix, params), params)

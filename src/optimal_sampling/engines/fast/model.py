@@ -1,0 +1,171 @@
+"""Compact Llama/Mistral/Qwen2/Qwen3 forward pass over the weights of a loaded Hugging Face model.
+
+The model owns no scheduling: `forward(ids, positions, slots, cache, attend)` runs embed -> layers
+-> final norm; each layer writes its rotated keys and values into the given KV cache at
+(slot, position) and calls `attend(layer, q)` for the attention, which the engine provides
+(prefill or decode, CPU or GPU). On CUDA the elementwise work (residual add + RMSNorm, q/k norm +
+RoPE + cache write, SiLU * up) runs as fused Triton kernels (triton_layers.py); on CPU, as torch ops. Weights are the Hugging Face model's own tensors: q/k/v and
+gate/up are fused into one matrix each, and the Hugging Face parameters are re-pointed at views
+of the fused matrices, so the weights live on the device once (no second disk read, no copy).
+
+Numerics follow transformers: RMSNorm in float32 then cast back, RoPE tables cast to the model
+dtype, residual adds in the model dtype; so in float32 the logits equal the reference engine's
+to rounding, and in bfloat16 they agree to bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .spec import ModelSpec, rope_tables, spec_of
+
+Attend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, q [..., heads, D]) -> [..., heads * D]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [head_dim] (Qwen3)
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+def fuse_rows(linears: list[torch.nn.Linear], attr: str = "weight") -> torch.Tensor | None:
+    """Concatenate the rows of several Linear weights (or biases) and re-point them at views of it."""
+    params = [getattr(lin, attr) for lin in linears]
+    if any(p is None for p in params):
+        return None
+    fused = torch.cat([p.data for p in params], dim=0)
+    start = 0
+    for p in params:
+        p.data = fused[start : start + p.shape[0]]
+        start += p.shape[0]
+    return fused
+
+
+def layer_weights(layer) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight.data,
+        qkv=fuse_rows(projections),
+        qkv_bias=fuse_rows(projections, "bias"),
+        q_norm=attn.q_norm.weight.data if hasattr(attn, "q_norm") else None,
+        k_norm=attn.k_norm.weight.data if hasattr(attn, "k_norm") else None,
+        o_proj=attn.o_proj.weight.data,
+        post_norm=layer.post_attention_layernorm.weight.data,
+        gate_up=fuse_rows([mlp.gate_proj, mlp.up_proj]),
+        down=mlp.down_proj.weight.data,
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., heads, head_dim]; cos/sin: [..., head_dim] (broadcast over heads)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+class CompactModel:
+    """One causal LM as plain tensors; `forward` is shape-agnostic over leading dims ([B] or [n, T])."""
+
+    def __init__(self, hf_model, max_len: int, fused: bool = False):
+        self.spec: ModelSpec = spec_of(hf_model)
+        inner = hf_model.model
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.device = inner.embed_tokens.weight.device
+        self.fused = fused
+        self.embed_tokens = inner.embed_tokens.weight.data  # [W, hidden]
+        self.lm_head = hf_model.get_output_embeddings().weight.data  # [W, hidden] (tied: same tensor)
+        self.final_norm = inner.norm.weight.data
+        self.layers = [layer_weights(layer) for layer in inner.layers]
+        self.cos, self.sin = rope_tables(hf_model, max_len, self.device, self.dtype)  # [max_len, head_dim]
+
+    def weight_bytes(self) -> int:
+        tensors = [self.embed_tokens, self.final_norm]
+        if self.lm_head.data_ptr() != self.embed_tokens.data_ptr():
+            tensors.append(self.lm_head)
+        for lw in self.layers:
+            tensors += [t for t in vars(lw).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------ elementwise steps
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return triton_layers().rms_norm(x, weight, self.spec.rms_eps)
+        return rms_norm(x, weight, self.spec.rms_eps)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
+        """(x + delta, norm(x + delta))."""
+        if self.fused:
+            return triton_layers().add_rms_norm(x, delta, weight, self.spec.rms_eps)
+        x = x + delta
+        return x, rms_norm(x, weight, self.spec.rms_eps)
+
+    def act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return triton_layers().silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_store(self, i: int, qkv: torch.Tensor, positions, slots, cache_k, cache_v) -> torch.Tensor:
+        """Rotated q [..., heads, D]; rotated k and v written to cache_k/v [S, L, kv_heads, D]."""
+        s, lw = self.spec, self.layers[i]
+        if self.fused:
+            return triton_layers().rope_store(
+                qkv, positions, slots, self.cos, self.sin, cache_k, cache_v, lw.q_norm, lw.k_norm, s.rms_eps,
+                s.heads, s.kv_heads,
+            )  # fmt: skip
+        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
+        q = q.unflatten(-1, (s.heads, s.head_dim))
+        k = k.unflatten(-1, (s.kv_heads, s.head_dim))
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, s.rms_eps), rms_norm(k, lw.k_norm, s.rms_eps)
+        cos, sin = self.cos[positions], self.sin[positions]  # [..., D]
+        cache_k[slots, positions] = apply_rope(k, cos, sin)
+        cache_v[slots, positions] = v.unflatten(-1, (s.kv_heads, s.head_dim))
+        return apply_rope(q, cos, sin)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids, positions, slots, cache_k, cache_v, attend: Attend) -> torch.Tensor:
+        """ids, positions: [...] int64; slots broadcastable to them; caches [layers, S, L, kv, D].
+
+        Returns the final-normed hidden states [..., hidden]."""
+        x = F.embedding(ids, self.embed_tokens)
+        h = self.norm(x, self.layers[0].input_norm)
+        for i, lw in enumerate(self.layers):
+            q = self.rope_store(i, F.linear(h, lw.qkv, lw.qkv_bias), positions, slots, cache_k[i], cache_v[i])
+            x, h = self.add_norm(x, F.linear(attend(i, q), lw.o_proj), lw.post_norm)
+            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            x, h = self.add_norm(x, F.linear(self.act(F.linear(h, lw.gate_up)), lw.down), after)
+        return h
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] final-normed -> [..., W] in the model dtype, as transformers' lm_head."""
+        return F.linear(normed, self.lm_head)
+
+
+def triton_layers():
+    from . import triton_layers as module
+
+    return module

@@ -1,0 +1,241 @@
+"""The fast engine against the reference engine (CPU, float32), continuous batching, and its kernels.
+
+Triton kernels are checked through Triton's CPU interpreter when triton is installed (it is not
+needed otherwise); on CUDA, tests/gpu/test_fast_gpu.py runs them compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimal_sampling import OptimalSampler
+from optimal_sampling.config import MixConfig, SamplingParams
+from optimal_sampling.engines.base import SlotRequest
+from optimal_sampling.engines.fast import FastEngine, supports
+from optimal_sampling.engines.reference import ReferenceEngine
+from optimal_sampling.mixing.alpha import solve_alpha
+from optimal_sampling.mixing.logprobs import tempered_logprobs
+from optimal_sampling.step import sample_step
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+PROMPTS = [(5, 17, 42, 7, 99), tuple(range(20, 33)), (3, 250, 11, 64, 8, 9, 120, 77, 31)]
+
+
+_LOADED: dict[str, torch.nn.Module] = {}
+
+
+def load(path: str):
+    """One float32 model per directory; engines may share it (the fast engine only re-points
+    q/k/v and gate/up at views of fused copies, which leaves the model's function unchanged)."""
+    if path not in _LOADED:
+        _LOADED[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _LOADED[path]
+
+
+def engines(tiny_pair, arch: str, slots: int = 4):
+    base, teacher = (load(p) for p in tiny_pair(arch))
+    reference = ReferenceEngine(base, teacher, 300, slots)
+    fast = FastEngine(base, teacher, 300, max_slots=slots, max_len=128, use_graphs=False)
+    return reference, fast
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.float(), b.float(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch, prompts",
+    [("llama", PROMPTS[:1]), ("qwen3", PROMPTS[1:2]), ("llama", PROMPTS), ("qwen2", PROMPTS), ("qwen3", PROMPTS),
+     ("mistral", PROMPTS)],
+)  # fmt: skip
+def test_logits_match_reference(tiny_pair, arch, prompts):
+    reference, fast = engines(tiny_pair, arch)
+    requests = [SlotRequest(i, p, p[::-1] + (1,)) for i, p in enumerate(prompts)]  # teacher prompts differ
+    for a, b in zip(reference.add(requests), fast.add(requests), strict=True):
+        assert_close(a, b)
+    slots = torch.arange(len(prompts))
+    tokens = torch.tensor([p[-1] for p in prompts])
+    for step in range(12):
+        ref_b, ref_t = reference.decode(slots, tokens)
+        fast_b, fast_t = fast.decode(slots, tokens)
+        assert_close(ref_b, fast_b)
+        assert_close(ref_t, fast_t)
+        tokens = (ref_b + ref_t).argmax(-1) if step % 2 else (ref_b.argmax(-1) + step) % 300
+
+
+def test_supports(tiny_pair):
+    assert supports(load(tiny_pair("qwen3")[0]), load(tiny_pair("qwen3")[1]))
+    gpt2 = load(tiny_pair("gpt2")[0])
+    assert not supports(gpt2, gpt2)
+
+
+def test_duplicate_prompts_share_a_prefill(tiny_pair):
+    reference, fast = engines(tiny_pair, "qwen2")
+    requests = [SlotRequest(i, PROMPTS[1], PROMPTS[1]) for i in range(3)]
+    logits_b, logits_t = fast.add(requests)
+    assert_close(logits_b[0], logits_b[2])
+    out_b, _ = fast.decode(torch.tensor([2, 0]), torch.tensor([7, 7]))
+    assert_close(out_b[0], out_b[1])
+
+
+def test_refill_while_decoding_matches_fresh_start(tiny_pair):
+    _, fast = engines(tiny_pair, "llama")
+    _, alone = engines(tiny_pair, "llama")
+    fast.add([SlotRequest(0, PROMPTS[0], PROMPTS[0])])
+    for token in (4, 5, 6):
+        fast.decode(torch.tensor([0]), torch.tensor([token]))
+    fast.add([SlotRequest(1, PROMPTS[2], PROMPTS[2])])  # slot 0 keeps decoding
+    alone.add([SlotRequest(3, PROMPTS[2], PROMPTS[2])])
+    both_b, both_t = fast.decode(torch.tensor([0, 1]), torch.tensor([9, 9]))
+    one_b, one_t = alone.decode(torch.tensor([3]), torch.tensor([9]))
+    assert_close(both_b[1], one_b[0])
+    assert_close(both_t[1], one_t[0])
+
+
+TEXTS = ["def add(a, b):", "The quick brown fox", "Hello world!", "import numpy as np", "What is AI?"]
+
+
+def test_sampler_refill_gives_same_tokens_as_alone(tiny_pair):
+    base_dir, teacher_dir = tiny_pair("qwen2")
+    sampler = OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=2, seed=7)
+    assert isinstance(sampler.engine, FastEngine)
+    together = sampler.generate(TEXTS, max_tokens=12, n=2).samples  # 10 requests through 2 slots
+    for index, text in enumerate(TEXTS[:3]):
+        alone = sampler.generate_iter([text], max_tokens=12, n=2, prompt_indices=[index])
+        for sample in alone:
+            assert sample.token_ids == together[2 * index + sample.sample_index].token_ids
+
+
+def test_fast_and_reference_samplers_agree(tiny_pair):
+    base_dir, teacher_dir = tiny_pair("llama")
+    fast = OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", seed=3)
+    reference = OptimalSampler(base_dir, teacher_dir, engine="reference", device="cpu", seed=3)
+    a = fast.generate(TEXTS[:3], max_tokens=10)
+    b = reference.generate(TEXTS[:3], max_tokens=10)
+    for x, y in zip(a.samples, b.samples, strict=True):
+        assert x.token_ids == y.token_ids
+
+
+# ---------------------------------------------------------------------- Triton kernels
+# On CPU they run in Triton's interpreter, which must be switched on before triton is first
+# imported (transformers imports it), hence a subprocess running this file as a script.
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter calls int() on 1-element arrays, which NumPy >= 2.4 refuses."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def adversarial_logits(vocab: int = 1536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows: ordinary, peaked, nearly identical, identical, huge ranges, -inf entries, disjoint tops."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, vocab, generator=g)
+    teacher = base + torch.randn(8, vocab, generator=g)
+    base[1] *= 12
+    teacher[1] = base[1] + 6 * torch.randn(vocab, generator=g)
+    # Nearly identical (Jeffreys ~1e-6); at ~1e-8 fp32 itself cannot resolve alpha to 1e-4.
+    teacher[2] = base[2] + 1e-3 * torch.randn(vocab, generator=g)
+    teacher[3] = base[3]
+    base[4] *= 60
+    teacher[4] = base[4].roll(1) + 40.0  # large offset between the two rows
+    base[5, : vocab // 3] = float("-inf")
+    teacher[5, vocab // 2 :] = float("-inf")
+    base[6, 0], teacher[6, 1] = 30.0, 30.0  # each model sure of a different token
+    teacher[7] = 0.2 * base[7] + 3.0
+    return base, teacher
+
+
+def reference_alpha(lp_b: torch.Tensor, lp_t: torch.Tensor, mix: MixConfig) -> torch.Tensor:
+    """Float64 reference: the library's own solver, in float64, with many iterations."""
+    exact = MixConfig(alpha_min=mix.alpha_min, alpha_max=mix.alpha_max, solver_iterations=80)
+    return solve_alpha(lp_b.double(), lp_t.double(), exact)
+
+
+def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, float]) -> None:
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+
+    base, teacher = (x.to(device) for x in adversarial_logits())
+    mix = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1])
+    params = SamplingParams(temperature=temperature)
+    seeds, steps = torch.arange(8, device=device) * 7919 + 1, torch.arange(8, device=device)
+    fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
+    exact = sample_step(base, teacher, seeds, steps, mix, params)
+    t = temperature or 1.0
+    alpha64 = reference_alpha(
+        tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), mix
+    )
+    error = (fused.alpha.double() - alpha64).abs()
+    assert error.max() <= 1e-4, f"alpha off by {error.tolist()}"
+    assert fused.tokens.tolist() == exact.tokens.tolist()
+    # Values that depend on alpha move by |d alpha| * |log-prob range| (up to ~1e3 on row 4).
+    for name in ("logprob_base", "logprob_teacher", "logprob_q"):
+        torch.testing.assert_close(getattr(fused, name), getattr(exact, name), atol=1e-3, rtol=1e-3, msg=name)
+
+
+def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+
+    base, teacher = (x.to(device) for x in adversarial_logits())
+    mix, params = MixConfig(alpha_method="fixed", fixed_alpha=1.0), SamplingParams()
+    seeds, steps = torch.arange(8, device=device) + 11, torch.zeros(8, dtype=torch.long, device=device)
+    fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
+    exact = sample_step(base, teacher, seeds, steps, mix, params)
+    assert fused.tokens.tolist() == exact.tokens.tolist()
+    torch.testing.assert_close(fused.logprob_q, fused.logprob_teacher)
+
+
+def check_decode_attention(device: str) -> None:
+    from optimal_sampling.engines.fast.attention import decode_attention_sdpa
+    from optimal_sampling.engines.fast.triton_attention import decode_attention_triton
+
+    g = torch.Generator().manual_seed(1)
+    for batch, heads, kv_heads, dim, width in [(3, 14, 2, 64, 100), (1, 12, 2, 16, 70)]:
+        k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
+        q = torch.randn(batch, heads, dim, generator=g).to(device)
+        slots = torch.randint(0, 5, (batch,), generator=g).to(device)
+        lengths = torch.randint(1, width + 1, (batch,), generator=g).to(device)
+        expected = decode_attention_sdpa(q, k, v, slots, lengths, width)
+        got = decode_attention_triton(q, k, v, slots, lengths.to(torch.int32), width)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def run_kernel_checks(device: str) -> None:
+    """Every configuration on CUDA; on the (slow) CPU interpreter the two that cover the most code."""
+    configs = [(t, b) for t in (1.0, 0.6, 0.0) for b in ((0.5, 1.0), (0.0, 1.0))]
+    if device == "cpu":
+        configs = [(0.6, (0.0, 1.0))]
+    for temperature, bracket in configs:
+        check_fused_sampler(device, temperature, bracket)
+    check_fixed_alpha_one_is_the_teacher(device)
+    check_decode_attention(device)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels():
+    if torch.cuda.is_available():
+        run_kernel_checks("cuda")
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    _patch_interpreter_for_numpy2()
+    run_kernel_checks("cpu")
+    print("kernel checks passed")
