@@ -148,7 +148,7 @@ def test_merge_is_deduplicated_and_repeatable(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tp-size", "2"], "tensor parallelism is not available yet"),
+        (["--tp-size", "0"], "--tp-size must be at least 1"),
         (["--data-parallel", "0"], "--data-parallel must be at least 1"),
         (["--base", "/nonexistent/model"], "model path not found"),
         (["--device", "cuda:1"], "cuda:1"),

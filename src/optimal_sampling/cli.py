@@ -267,7 +267,9 @@ def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                         "each sampling a disjoint share of the prompts; needs --output (default 1). Under torchrun "
                         "every rank takes a share by itself")  # fmt: skip
     g.add_argument("--tp-size", type=int, default=1, metavar="T",
-                   help="GPUs per model replica (tensor parallelism; only 1 for now)")  # fmt: skip
+                   help="GPUs per model replica: both models sharded over T GPUs (tensor parallelism). "
+                        "Without torchrun the sampler starts T-1 helper processes itself; under torchrun "
+                        "WORLD_SIZE = replicas x T (default 1)")  # fmt: skip
     g.add_argument("--dp-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     g.add_argument("--dp-world", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -420,7 +422,7 @@ def apply_chat_template(tokenizer, prompt: str) -> str:
     return text
 
 
-def build_sampler(pair: ModelPair, mix: MixConfig, engine: EngineConfig, seed: int):
+def build_sampler(pair: ModelPair, mix: MixConfig, engine: EngineConfig, seed: int, tp_size: int = 1):
     from .sampler import OptimalSampler
 
     return OptimalSampler(
@@ -428,7 +430,7 @@ def build_sampler(pair: ModelPair, mix: MixConfig, engine: EngineConfig, seed: i
         fixed_alpha=mix.fixed_alpha, alpha_min=mix.alpha_min, alpha_max=mix.alpha_max,
         constraint_to_target=mix.constraint_to_target, target_top_k=mix.target_top_k,
         target_top_p=mix.target_top_p, dtype=engine.dtype, device=engine.device, seed=seed,
-        engine=engine.engine, max_batch_size=engine.max_batch_size,
+        engine=engine.engine, max_batch_size=engine.max_batch_size, tp_size=tp_size,
     )  # fmt: skip
 
 
@@ -456,7 +458,8 @@ def load_sampler(args: argparse.Namespace, setup: GenerateSetup):
     _quiet_transformers()
     pair = preflight_models(args.base, args.teacher)
     base_prompts, teacher_prompts = templated_prompts(args.chat_template, setup.prompts, pair)
-    return build_sampler(pair, setup.mix, setup.engine, args.seed), base_prompts, teacher_prompts
+    sampler = build_sampler(pair, setup.mix, setup.engine, args.seed, getattr(args, "tp_size", 1))
+    return sampler, base_prompts, teacher_prompts
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -477,9 +480,12 @@ def run_generate(args: argparse.Namespace) -> int:
         base_prompts, teacher_prompts=teacher_prompts, **generate_kwargs(setup.params),
         skip=job.skip if job else None, on_tokens=progress.add_tokens if progress else None,
     )  # fmt: skip
-    if job is None:
-        return _print_samples(stream, sys.stdout)
-    return _write_samples(job, stream, setup.prompts, progress)
+    try:
+        if job is None:
+            return _print_samples(stream, sys.stdout)
+        return _write_samples(job, stream, setup.prompts, progress)
+    finally:
+        sampler.close()  # stops the tensor-parallel helpers it started, if any
 
 
 def generate_kwargs(params: SamplingParams) -> dict:

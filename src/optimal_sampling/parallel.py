@@ -124,8 +124,8 @@ def role_of(args: argparse.Namespace) -> Role | None:
 def _check_options(args: argparse.Namespace) -> None:
     if args.data_parallel < 1:
         raise UsageError(f"--data-parallel must be at least 1, got {args.data_parallel}")
-    if args.tp_size != 1:
-        raise UsageError("--tp-size: tensor parallelism is not available yet; use 1")
+    if args.tp_size < 1:
+        raise UsageError(f"--tp-size must be at least 1, got {args.tp_size}")
     if (args.dp_rank is None) != (args.dp_world is None) or (
         args.dp_rank is not None and not 0 <= args.dp_rank < args.dp_world
     ):
@@ -181,6 +181,13 @@ def generate_shard(
     if shard_remaining(setup, rank, world) == 0:
         return 0
     sampler, base_prompts, teacher_prompts = load_sampler(args, setup)
+    if not sampler.tp.is_leader:  # torchrun TP follower: same loop, its leader writes
+        for _ in sampler.generate_iter(
+            [base_prompts[i] for i in indices], teacher_prompts=[teacher_prompts[i] for i in indices],
+            prompt_indices=indices, skip=job.skip, **generate_kwargs(setup.params),
+        ):  # fmt: skip
+            pass
+        return 0
     reporter.ready()
     stream = sampler.generate_iter(
         [base_prompts[i] for i in indices], teacher_prompts=[teacher_prompts[i] for i in indices],

@@ -67,7 +67,9 @@ class OptimalSampler:
         max_batch_size: int = 64,
         mem_fraction_static: float = 0.85,
         enable_torch_compile: bool = False,
+        tp_size: int = 1,
     ):
+        spawn_kwargs = {k: v for k, v in locals().items() if k != "self"}  # what self-started TP helpers rebuild
         self.mix = MixConfig(
             alpha_method=alpha_method, fixed_alpha=fixed_alpha, alpha_min=alpha_min, alpha_max=alpha_max,
             constraint_to_target=constraint_to_target, target_top_k=target_top_k, target_top_p=target_top_p,
@@ -85,17 +87,33 @@ class OptimalSampler:
             from .demo import resolve_demo_pair
 
             model_base, model_teacher = (str(p) for p in resolve_demo_pair())
-        self.device = resolve_device(self.engine_config.device)
+        self.tp, self.device, load_device = self._start_tensor_parallel(tp_size, spawn_kwargs)
         torch_dtype = resolve_dtype(self.engine_config.dtype, self.device)
-        self.base = load_model(model_base, torch_dtype, self.device)
-        self.teacher = load_model(model_teacher, torch_dtype, self.device)
+        self.base = load_model(model_base, torch_dtype, load_device)
+        self.teacher = load_model(model_teacher, torch_dtype, load_device)
         self.vocab_size = shared_vocab_size(self.base, self.teacher)
         self.eos_ids = eos_ids_of(self.base)
         self.engine = self._build_engine()
 
+    def _start_tensor_parallel(self, tp_size: int, spawn_kwargs: dict):
+        """(group, device, where models load): TP shards are cut from models loaded on the CPU."""
+        from .distributed import SINGLE, start_tensor_parallel
+
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        if tp_size == 1:
+            device = resolve_device(self.engine_config.device)
+            return SINGLE, device, device
+        if self.engine_config.engine == "reference":
+            raise ValueError("tp_size > 1 runs on the fast engine; use engine='auto' or 'fast'")
+        tp, device = start_tensor_parallel(tp_size, self.engine_config.device, spawn_kwargs)
+        return tp, device, torch.device("cpu")
+
     def _build_engine(self) -> Engine:
         from .engines.reference import ReferenceEngine
 
+        if self.tp.size > 1:
+            return self._build_tensor_parallel_engine()
         choice = self.engine_config.engine
         if choice == "fast" or (choice == "auto" and self.device.type == "cuda"):
             from .engines.fast import build_fast_engine, supports
@@ -107,6 +125,21 @@ class OptimalSampler:
         return ReferenceEngine(
             self.base.model, self.teacher.model, self.vocab_size, self.engine_config.max_batch_size
         )
+
+    def _build_tensor_parallel_engine(self) -> Engine:
+        from .distributed import EngineProxy
+        from .engines.fast.tensor_parallel import build_tensor_parallel_engine
+
+        engine = build_tensor_parallel_engine(
+            self.base.model, self.teacher.model, self.vocab_size, self.engine_config, self.tp, self.device
+        )
+        return EngineProxy(engine, self.tp) if self.tp.helpers else engine
+
+    def close(self) -> None:
+        """Stop the tensor-parallel helper processes this sampler started (if any)."""
+        close = getattr(self.engine, "close", None)
+        if self.tp.helpers and close is not None:
+            close()
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -216,7 +249,9 @@ class OptimalSampler:
             raise ValueError("prompt_indices must have one entry per prompt")
         base_seed = params.seed if params.seed is not None else self.seed
         if base_seed is None:
-            base_seed = random.SystemRandom().randrange(1 << 62)
+            from .distributed import agree_seed
+
+            base_seed = agree_seed(self.tp, random.SystemRandom().randrange(1 << 62))
         context = self.engine.max_context()
         requests = []
         for index, prompt, teacher_prompt in zip(indices, prompts, teacher):

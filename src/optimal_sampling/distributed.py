@@ -1,0 +1,288 @@
+"""Process groups for tensor parallelism (TP), and the helper processes a sampler starts itself.
+
+Two ways to run T ranks per model replica, one SPMD engine:
+- under torchrun (or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT):
+  WORLD_SIZE = DP x T, and ranks r*T .. r*T+T-1 form tensor-parallel group r. Every rank runs
+  the same sampler loop on the same inputs; only the group's leader (TP rank 0) writes output.
+- self-started (`OptimalSampler(..., tp_size=T)` in a plain process): the sampler starts T-1
+  helper processes (`python -m optimal_sampling.distributed`), rendezvous on 127.0.0.1 and a
+  free port. Only the calling process runs the sampler loop; its engine is an `EngineProxy` that
+  sends each engine call (add / decode / release) to the helpers before running it, and the
+  helpers run the same call on their shards (`serve`).
+
+Invariants:
+- the logits every rank sees are identical (gathered), and the sampling noise is a pure function
+  of (seed, prompt, sample, step), so all ranks draw the same tokens with no extra communication;
+  a seed the sampler draws itself is agreed on (broadcast from the TP leader, `agree_seed`).
+- NVLink multicast is off in this process before any process group exists, and in every helper.
+- Backend: NCCL for the model's collectives on CUDA, gloo on CPU; host objects (seeds, engine
+  calls) always travel on a gloo group of the same ranks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+TIMEOUT = timedelta(days=7)  # a rank may wait long at a collective while the leader tokenizes
+STOP = "stop"
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in its tensor-parallel group."""
+
+    size: int
+    rank: int  # rank within the group (0 = leader)
+    group: Any = None  # ProcessGroup for the model's collectives (NCCL on CUDA, gloo on CPU)
+    control: Any = None  # gloo ProcessGroup of the same ranks, for host objects
+    leader: int = 0  # global rank of the group's leader
+    helpers: tuple = ()  # self-started mode, leader only: the helper processes (subprocess.Popen)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = TensorParallel(size=1, rank=0)
+
+
+def disable_nvlink_multicast() -> None:
+    os.environ.update(NO_MULTICAST)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def launched_externally() -> bool:
+    """True under torchrun (or a launcher like it): RANK and WORLD_SIZE are set."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank_device(device: str) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK for auto/cuda when CUDA is there, else the CPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if device.startswith("cuda:"):  # chosen by a launcher (parallel.rank_device)
+        torch.cuda.set_device(torch.device(device))
+        return torch.device(device)
+    if device not in ("auto", "cuda"):
+        raise ValueError(
+            f"device {device!r}: with tp_size > 1 give auto, cuda or cpu; each rank picks its GPU"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_world(device: torch.device, init_method: str | None = None, rank: int | None = None,
+               world: int | None = None) -> None:  # fmt: skip
+    """The default process group (gloo for host objects, plus NCCL for CUDA tensors on CUDA)."""
+    disable_nvlink_multicast()
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    kwargs = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world}
+    dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+
+
+def new_tp_groups(tp_size: int, device: torch.device) -> TensorParallel:
+    """This rank's group: ranks start .. start+T-1 with start = RANK // T * T. Only the members
+    synchronise, so a data-parallel replica with nothing left to do need not build its sampler."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world % tp_size:
+        raise ValueError(f"WORLD_SIZE {world} is not a multiple of tp_size {tp_size}")
+    start = me // tp_size * tp_size
+    ranks = list(range(start, start + tp_size))
+    group = dist.new_group(
+        ranks, backend=backend_for(device), timeout=TIMEOUT, use_local_synchronization=True
+    )
+    control = dist.new_group(ranks, backend="gloo", timeout=TIMEOUT, use_local_synchronization=True)
+    return TensorParallel(tp_size, me - start, group, control, start)
+
+
+def agree_seed(tp: TensorParallel, seed: int) -> int:
+    """The leader's seed on every rank of the group (a seed drawn per process differs)."""
+    if tp.size == 1 or tp.control is None or tp.helpers:  # self-started: only the leader samples
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=tp.leader, group=tp.control)
+    return int(box[0])
+
+
+# ============================================================================ self-started helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def helper_env(rank: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(NO_MULTICAST)
+    env["LOCAL_RANK"] = str(rank)  # helper i uses the i-th visible GPU
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_helpers(sampler_kwargs: dict, tp_size: int, init_method: str) -> list[subprocess.Popen]:
+    """Ranks 1..T-1: each builds the same sampler on its shard and serves engine calls."""
+    helpers = []
+    for rank in range(1, tp_size):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "optimal_sampling.distributed"],
+            stdin=subprocess.PIPE,
+            env=helper_env(rank),
+        )
+        process.stdin.write(pickle.dumps((sampler_kwargs, init_method, rank, tp_size)))
+        process.stdin.close()
+        helpers.append(process)
+    return helpers
+
+
+def watch_helpers(helpers: list[subprocess.Popen], interval_s: float = 0.5) -> None:
+    """A helper that dies leaves the leader waiting at a collective forever: stop it, naming the rank."""
+
+    def watch() -> None:
+        while any(process.poll() is None for process in helpers):  # all exited 0: closed normally
+            for rank, process in enumerate(helpers, start=1):
+                code = process.poll()
+                if code not in (None, 0):
+                    print(f"optimal-sampling: error: tensor-parallel rank {rank} died (exit code {code}); "
+                          "stopping", file=sys.stderr, flush=True)  # fmt: skip
+                    os._exit(1)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="tp-helper-watch", daemon=True).start()
+
+
+def start_tensor_parallel(
+    tp_size: int, device: str, sampler_kwargs: dict
+) -> tuple[TensorParallel, torch.device]:
+    """This process's group and device: joins torchrun's world, or starts the helpers itself."""
+    if tp_size == 1:
+        return SINGLE, None
+    disable_nvlink_multicast()
+    if dist.is_initialized() or launched_externally():
+        where = rank_device(device)
+        init_world(where)
+        return new_tp_groups(tp_size, where), where
+    os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK", "0")
+    where = rank_device(device)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    helpers = start_helpers(sampler_kwargs, tp_size, init_method)
+    watch_helpers(helpers)
+    init_world(where, init_method, 0, tp_size)
+    tp = new_tp_groups(tp_size, where)
+    return TensorParallel(tp.size, tp.rank, tp.group, tp.control, tp.leader, tuple(helpers)), where
+
+
+# ============================================================================ engine calls
+
+
+def as_host(value):
+    """Tensors to lists, so a call pickles small and lands on the helper's own device."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+class EngineProxy:
+    """The leader's engine in self-started mode: every model-touching call goes to the helpers
+    first (over the gloo control group), then runs here; everything else is delegated."""
+
+    CALLS = ("add", "decode", "decode_and_sample", "release")
+
+    def __init__(self, engine, tp: TensorParallel):
+        self._engine, self._tp = engine, tp
+        self._closed = False
+        atexit.register(self.close)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._engine, name)
+        if name not in self.CALLS:
+            return attr
+
+        def call(*args):
+            self._send((name, tuple(as_host(a) for a in args)))
+            return attr(*args)
+
+        return call
+
+    def _send(self, message) -> None:
+        dist.broadcast_object_list([message], src=self._tp.leader, group=self._tp.control)
+
+    def close(self) -> None:
+        """Stop the helpers and leave the process group (idempotent; also at interpreter exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._send(STOP)
+        for process in self._tp.helpers:
+            process.wait(timeout=60)
+        dist.destroy_process_group()
+
+
+def run_call(engine, name: str, args: tuple) -> None:
+    if name == "decode":  # the Engine interface takes tensors here; the others take sequences
+        args = tuple(torch.tensor(a, dtype=torch.long, device=engine.device) for a in args)
+    getattr(engine, name)(*args)
+
+
+def serve(engine, tp: TensorParallel) -> None:
+    """A helper's loop: run each engine call the leader announces, until it says stop."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=tp.leader, group=tp.control)
+        if box[0] == STOP:
+            return
+        name, args = box[0]
+        run_call(engine, name, args)
+
+
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def helper_main() -> int:
+    """Entry of a self-started helper: read (sampler kwargs, rendezvous, rank, size) from stdin."""
+    exit_with_parent()
+    sampler_kwargs, init_method, rank, size = pickle.loads(sys.stdin.buffer.read())
+    disable_nvlink_multicast()
+    device = rank_device(sampler_kwargs.get("device", "auto"))
+    init_world(device, init_method, rank, size)
+    from .sampler import OptimalSampler
+
+    sampler = OptimalSampler(**sampler_kwargs)
+    serve(sampler.engine, sampler.tp)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(helper_main())

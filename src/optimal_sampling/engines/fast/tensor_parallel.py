@@ -1,0 +1,248 @@
+"""Megatron-style tensor parallelism for the compact model: this rank's shard and the collectives.
+
+Sharding (rank r of T; H query heads, KV kv heads, I intermediate, W logit rows):
+- qkv: column-parallel by heads -- rows of query heads [r*H/T, (r+1)*H/T) and of kv heads
+  [r*KV/T, (r+1)*KV/T), fused as [q | k | v] like the full model (biases alike; q/k norms whole);
+- o_proj: row-parallel (the matching input columns), then all_reduce;
+- gate_up: column-parallel, the same rows of gate and of up, fused as [gate | up];
+- down: row-parallel, then all_reduce;
+- lm_head: vocab-parallel (ceil(W/T) rows each, zero-padded), then all_gather to full logits;
+- embeddings and norms: replicated. Each rank's KV cache holds only its kv heads.
+H and KV must be divisible by T (a ValueError says which is not), and so must I.
+
+After the gather every rank holds the same logits, bit for bit, so every rank samples the same
+tokens and stays in lockstep without further communication (see distributed.py). Mixing on
+vocab shards without gathering full rows is future work.
+
+Weights come from a Hugging Face model anywhere (CPU, or the target device) and are sliced per
+projection before they move, so no rank ever holds another rank's shard on its device. Tensors
+on the meta device are initialised randomly on the target device (benchmarks: a 32B model's
+shard built from its config alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ...distributed import TensorParallel
+from .engine import CachedModel, FastEngine
+from .graphs import GraphCache
+from .model import Attend, CompactModel, LayerWeights
+from .spec import ModelSpec, rope_tables, spec_of
+
+INIT_STD = 0.02
+
+
+def check_divisible(spec: ModelSpec, intermediate: int, tp_size: int) -> None:
+    for name, value in (("attention heads", spec.heads), ("key/value heads", spec.kv_heads),
+                        ("intermediate size", intermediate)):  # fmt: skip
+        if value % tp_size:
+            raise ValueError(
+                f"tp_size {tp_size} must divide the model's {name} ({value}); choose a tp_size that divides "
+                f"heads {spec.heads}, kv heads {spec.kv_heads} and intermediate size {intermediate}"
+            )
+
+
+def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype, norm: bool = False):
+    """t on device (contiguous); a meta tensor becomes random (or ones for a norm weight)."""
+    if t is None:
+        return None
+    if t.is_meta:
+        if norm:
+            return torch.ones(t.shape, device=device, dtype=dtype)
+        return torch.randn(t.shape, device=device, dtype=dtype).mul_(INIT_STD)
+    return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
+def rows(t: torch.Tensor | None, part: int, rank: int) -> torch.Tensor | None:
+    """The rank-th block of `part` rows of t."""
+    return None if t is None else t[rank * part : (rank + 1) * part]
+
+
+def cat_rows(parts: list, device, dtype) -> torch.Tensor | None:
+    if any(p is None for p in parts):
+        return None
+    return torch.cat([materialize(p, device, dtype) for p in parts], dim=0)
+
+
+def shard_layer(layer, spec: ModelSpec, tp: TensorParallel, device, dtype) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    r, t, d = tp.rank, tp.size, spec.head_dim
+    q_rows, kv_rows = spec.heads // t * d, spec.kv_heads // t * d
+    inter = mlp.gate_proj.weight.shape[0] // t
+    projections = ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows))
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return LayerWeights(
+        input_norm=materialize(layer.input_layernorm.weight, device, dtype, norm=True),
+        qkv=cat_rows([rows(p.weight, n, r) for p, n in projections], device, dtype),
+        qkv_bias=cat_rows([rows(p.bias, n, r) for p, n in projections], device, dtype),
+        q_norm=None if q_norm is None else materialize(q_norm.weight, device, dtype, norm=True),
+        k_norm=None if k_norm is None else materialize(k_norm.weight, device, dtype, norm=True),
+        o_proj=materialize(attn.o_proj.weight[:, r * q_rows : (r + 1) * q_rows], device, dtype),
+        post_norm=materialize(layer.post_attention_layernorm.weight, device, dtype, norm=True),
+        gate_up=cat_rows(
+            [rows(mlp.gate_proj.weight, inter, r), rows(mlp.up_proj.weight, inter, r)], device, dtype
+        ),
+        down=materialize(mlp.down_proj.weight[:, r * inter : (r + 1) * inter], device, dtype),
+    )
+
+
+def shard_lm_head(weight: torch.Tensor, tp: TensorParallel, device, dtype) -> torch.Tensor:
+    """Rows [r*c, (r+1)*c) of the output embedding, c = ceil(W / T), zero rows past W."""
+    width = weight.shape[0]
+    per = -(-width // tp.size)
+    shard = materialize(weight[tp.rank * per : (tp.rank + 1) * per], device, dtype)
+    if shard.shape[0] < per:
+        shard = torch.cat([shard, shard.new_zeros(per - shard.shape[0], shard.shape[1])])
+    return shard
+
+
+def rotary_source(hf_model):
+    """An object rope_tables can read: the model itself, or a fresh CPU rotary module for a meta model."""
+    rotary = hf_model.model.rotary_emb
+    if not rotary.inv_freq.is_meta:
+        return hf_model
+    with torch.device("cpu"):
+        fresh = type(rotary)(config=hf_model.config)
+    return SimpleNamespace(model=SimpleNamespace(rotary_emb=fresh))
+
+
+class TensorParallelModel(CompactModel):
+    """This rank's shard of a CompactModel; `spec` holds the per-rank head counts."""
+
+    def __init__(self, hf_model, max_len: int, tp: TensorParallel, device: torch.device, fused: bool = False):
+        full = spec_of(hf_model)
+        inner = hf_model.model
+        check_divisible(full, inner.layers[0].mlp.gate_proj.weight.shape[0], tp.size)
+        self.full_spec = full
+        self.spec = replace(full, heads=full.heads // tp.size, kv_heads=full.kv_heads // tp.size)
+        self.tp = tp
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.device = torch.device(device)
+        self.fused = fused
+        self.embed_tokens = materialize(inner.embed_tokens.weight, self.device, self.dtype)  # [W, hidden]
+        self.lm_head = shard_lm_head(hf_model.get_output_embeddings().weight, tp, self.device, self.dtype)
+        self.final_norm = materialize(inner.norm.weight, self.device, self.dtype, norm=True)
+        self.layers = [shard_layer(layer, full, tp, self.device, self.dtype) for layer in inner.layers]
+        self.cos, self.sin = rope_tables(rotary_source(hf_model), max_len, self.device, self.dtype)
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum of the row-parallel partial outputs over the group (in place)."""
+        dist.all_reduce(partial, group=self.tp.group)
+        return partial
+
+    def forward(self, ids, positions, slots, cache_k, cache_v, attend: Attend) -> torch.Tensor:
+        """CompactModel.forward with the two row-parallel outputs summed over the group."""
+        x = F.embedding(ids, self.embed_tokens)
+        h = self.norm(x, self.layers[0].input_norm)
+        for i, lw in enumerate(self.layers):
+            q = self.rope_store(i, F.linear(h, lw.qkv, lw.qkv_bias), positions, slots, cache_k[i], cache_v[i])
+            x, h = self.add_norm(x, self.all_reduce(F.linear(attend(i, q), lw.o_proj)), lw.post_norm)
+            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            mlp = F.linear(self.act(F.linear(h, lw.gate_up)), lw.down)
+            x, h = self.add_norm(x, self.all_reduce(mlp), after)
+        return h
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> full logits [..., W] on every rank: the vocab shards, all-gathered."""
+        local = F.linear(normed, self.lm_head).reshape(-1, self.lm_head.shape[0])  # [N, W/T]
+        gathered = torch.empty(
+            self.tp.size * local.shape[0], local.shape[1], dtype=local.dtype, device=local.device
+        )
+        gather = (
+            getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        )  # torch >= 2.13 | older
+        gather(gathered, local.contiguous(), group=self.tp.group)
+        full = gathered.view(self.tp.size, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1)
+        return full[:, : self.spec.logit_width].reshape(*normed.shape[:-1], -1)
+
+
+def cached(net: TensorParallelModel, slots: int, max_len: int) -> CachedModel:
+    s = net.spec
+    shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
+    k = torch.zeros(shape, dtype=net.dtype, device=net.device)
+    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1))
+
+
+class TensorParallelEngine(FastEngine):
+    """FastEngine over this rank's shards (TensorParallelModel); every other method is FastEngine's.
+
+    The constructor mirrors FastEngine.__init__ with already-built shards (until FastEngine takes
+    a model factory, see the report).
+    """
+
+    def __init__(
+        self, base: TensorParallelModel, teacher: TensorParallelModel, vocab_size: int, max_slots: int,
+        max_len: int, use_graphs: bool = True, prefill_tokens: int = 8192,
+    ):  # fmt: skip
+        self.vocab_size = vocab_size
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.scratch = max_slots
+        self.prefill_tokens = prefill_tokens
+        self.tp = base.tp
+        self.base = cached(base, max_slots, max_len)
+        self.teacher = cached(teacher, max_slots, max_len)
+        self.device = base.device
+        on_cuda = self.device.type == "cuda"
+        self.graphs = GraphCache(use_graphs and on_cuda)
+        if on_cuda:
+            from .triton_attention import decode_attention_triton
+
+            self.decode_attention = decode_attention_triton
+        else:
+            from .attention import decode_attention_sdpa
+
+            self.decode_attention = decode_attention_sdpa
+        self.samplers = {}
+
+
+def plan_sharded_cache(
+    nets: list[TensorParallelModel], vocab_size: int, slots: int, mem_fraction: float
+) -> int:
+    """max_len as plan_cache does, for shards already on their device (free memory excludes them)."""
+    device = nets[0].device
+    context = min(net.spec.context for net in nets)
+    per_token = sum(
+        2 * n.spec.layers * n.spec.kv_heads * n.spec.head_dim * n.embed_tokens.element_size() for n in nets
+    )
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * mem_fraction - (24 * (slots + 1) * vocab_size * 4 + (1 << 30))
+    else:
+        budget = 1 << 30
+    max_len = min(context, int(budget // ((slots + 1) * per_token)))
+    if max_len < min(context, 256):
+        raise ValueError(
+            f"not enough memory for a {slots}-slot KV cache: lower max_batch_size or raise mem_fraction_static"
+        )
+    return max_len
+
+
+def build_tensor_parallel_engine(
+    base_model, teacher_model, vocab_size: int, config, tp: TensorParallel, device: torch.device,
+    max_len: int | None = None,
+) -> TensorParallelEngine:  # fmt: skip
+    """Shards of two Hugging Face models (anywhere; meta = random) on `device`, then the caches.
+
+    max_len None: as long as context and memory allow (planned after the shards are placed)."""
+    from .spec import unsupported_reason
+
+    for model in (base_model, teacher_model):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(
+                f"tensor parallelism runs on the fast engine, which cannot run this model: {reason}"
+            )
+    longest = min(spec_of(m).context for m in (base_model, teacher_model)) if max_len is None else max_len
+    fused = torch.device(device).type == "cuda"
+    nets = [TensorParallelModel(m, longest, tp, device, fused) for m in (base_model, teacher_model)]
+    slots = config.max_batch_size
+    if max_len is None:
+        max_len = plan_sharded_cache(nets, vocab_size, slots, config.mem_fraction_static)
+    return TensorParallelEngine(*nets, vocab_size, slots, max_len, use_graphs=config.use_cuda_graphs)
