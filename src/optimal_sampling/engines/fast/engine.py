@@ -45,9 +45,13 @@ def kv_bytes_per_token(net: CompactModel) -> int:
     return 2 * s.layers * s.kv_heads * s.head_dim * torch.finfo(net.dtype).bits // 8
 
 
-def new_cached_model(hf_model, slots: int, max_len: int) -> CachedModel:
-    device = next(hf_model.parameters()).device
-    net = CompactModel(hf_model, max_len, fused=device.type == "cuda")
+def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
+    """model: a Hugging Face model, or a CompactModel already built (e.g. a tensor-parallel shard)."""
+    if isinstance(model, CompactModel):
+        net = model
+    else:
+        device = next(model.parameters()).device
+        net = CompactModel(model, max_len, fused=device.type == "cuda")
     s = net.spec
     shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
     k = torch.zeros(shape, dtype=net.dtype, device=net.device)

@@ -155,10 +155,14 @@ class CompactModel:
         h = self.norm(x, self.layers[0].input_norm)
         for i, lw in enumerate(self.layers):
             q = self.rope_store(i, F.linear(h, lw.qkv, lw.qkv_bias), positions, slots, cache_k[i], cache_v[i])
-            x, h = self.add_norm(x, F.linear(attend(i, q), lw.o_proj), lw.post_norm)
+            x, h = self.add_norm(x, self.reduce(F.linear(attend(i, q), lw.o_proj)), lw.post_norm)
             after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            x, h = self.add_norm(x, F.linear(self.act(F.linear(h, lw.gate_up)), lw.down), after)
+            x, h = self.add_norm(x, self.reduce(F.linear(self.act(F.linear(h, lw.gate_up)), lw.down)), after)
         return h
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Identity; tensor parallelism sums the row-parallel partial outputs here."""
+        return partial
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., hidden] final-normed -> [..., W] in the model dtype, as transformers' lm_head."""

@@ -30,9 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...distributed import TensorParallel
-from .engine import CachedModel, FastEngine
-from .graphs import GraphCache
-from .model import Attend, CompactModel, LayerWeights
+from .engine import FastEngine
+from .model import CompactModel, LayerWeights
 from .spec import ModelSpec, rope_tables, spec_of
 
 INIT_STD = 0.02
@@ -131,22 +130,10 @@ class TensorParallelModel(CompactModel):
         self.layers = [shard_layer(layer, full, tp, self.device, self.dtype) for layer in inner.layers]
         self.cos, self.sin = rope_tables(rotary_source(hf_model), max_len, self.device, self.dtype)
 
-    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of the row-parallel partial outputs over the group (in place)."""
         dist.all_reduce(partial, group=self.tp.group)
         return partial
-
-    def forward(self, ids, positions, slots, cache_k, cache_v, attend: Attend) -> torch.Tensor:
-        """CompactModel.forward with the two row-parallel outputs summed over the group."""
-        x = F.embedding(ids, self.embed_tokens)
-        h = self.norm(x, self.layers[0].input_norm)
-        for i, lw in enumerate(self.layers):
-            q = self.rope_store(i, F.linear(h, lw.qkv, lw.qkv_bias), positions, slots, cache_k[i], cache_v[i])
-            x, h = self.add_norm(x, self.all_reduce(F.linear(attend(i, q), lw.o_proj)), lw.post_norm)
-            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            mlp = F.linear(self.act(F.linear(h, lw.gate_up)), lw.down)
-            x, h = self.add_norm(x, self.all_reduce(mlp), after)
-        return h
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> full logits [..., W] on every rank: the vocab shards, all-gathered."""
@@ -162,44 +149,12 @@ class TensorParallelModel(CompactModel):
         return full[:, : self.spec.logit_width].reshape(*normed.shape[:-1], -1)
 
 
-def cached(net: TensorParallelModel, slots: int, max_len: int) -> CachedModel:
-    s = net.spec
-    shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
-    k = torch.zeros(shape, dtype=net.dtype, device=net.device)
-    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1))
-
-
 class TensorParallelEngine(FastEngine):
-    """FastEngine over this rank's shards (TensorParallelModel); every other method is FastEngine's.
+    """FastEngine over this rank's shards (TensorParallelModel); every method is FastEngine's."""
 
-    The constructor mirrors FastEngine.__init__ with already-built shards (until FastEngine takes
-    a model factory, see the report).
-    """
-
-    def __init__(
-        self, base: TensorParallelModel, teacher: TensorParallelModel, vocab_size: int, max_slots: int,
-        max_len: int, use_graphs: bool = True, prefill_tokens: int = 8192,
-    ):  # fmt: skip
-        self.vocab_size = vocab_size
-        self.max_slots = max_slots
-        self.max_len = max_len
-        self.scratch = max_slots
-        self.prefill_tokens = prefill_tokens
+    def __init__(self, base: TensorParallelModel, teacher: TensorParallelModel, *args, **kwargs):
+        super().__init__(base, teacher, *args, **kwargs)
         self.tp = base.tp
-        self.base = cached(base, max_slots, max_len)
-        self.teacher = cached(teacher, max_slots, max_len)
-        self.device = base.device
-        on_cuda = self.device.type == "cuda"
-        self.graphs = GraphCache(use_graphs and on_cuda)
-        if on_cuda:
-            from .triton_attention import decode_attention_triton
-
-            self.decode_attention = decode_attention_triton
-        else:
-            from .attention import decode_attention_sdpa
-
-            self.decode_attention = decode_attention_sdpa
-        self.samplers = {}
 
 
 def plan_sharded_cache(
