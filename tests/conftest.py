@@ -114,3 +114,12 @@ def tiny_pair(model_root, tiny_tokenizer):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

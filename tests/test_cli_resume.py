@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from optimal_sampling import io
 from optimal_sampling.cli import main
@@ -25,12 +24,8 @@ def pair(tiny_pair):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _single_thread(one_torch_thread):
+    """Every test of this module runs with one intra-op thread (see conftest)."""
 
 
 def argv_for(pair, prompts_file: Path, out: Path, *extra: str) -> list[str]:

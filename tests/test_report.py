@@ -8,18 +8,14 @@ import re
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 
 from optimal_sampling import report
 from optimal_sampling.cli import main
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _single_thread(one_torch_thread):
+    """Every test of this module runs with one intra-op thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,8 @@ from optimal_sampling.cli import main
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _single_thread(one_torch_thread):
+    """Every test of this module runs with one intra-op thread (see conftest)."""
 
 
 def table_rows(out: str) -> dict[str, str]:
