@@ -37,7 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+from .parallel import NO_MULTICAST, disable_nvlink_multicast, exit_with_parent
+
 TIMEOUT = timedelta(days=7)  # a rank may wait long at a collective while the leader tokenizes
 STOP = "stop"
 
@@ -59,10 +60,6 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel(size=1, rank=0)
-
-
-def disable_nvlink_multicast() -> None:
-    os.environ.update(NO_MULTICAST)
 
 
 def backend_for(device: torch.device) -> str:
@@ -256,17 +253,6 @@ def serve(engine, tp: TensorParallel) -> None:
             return
         name, args = box[0]
         run_call(engine, name, args)
-
-
-def exit_with_parent(interval_s: float = 1.0) -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def helper_main() -> int:
