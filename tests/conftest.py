@@ -71,7 +71,11 @@ def build_model(out_dir: Path, tokenizer, arch: str, seed: int, layers: int = 2,
             num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
             eos_token_id=tokenizer.eos_token_id, **spec,
         )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)
+    return save_random_model(AutoModelForCausalLM.from_config(config), tokenizer, out_dir)
+
+
+def save_random_model(model, tokenizer, out_dir: Path) -> Path:
+    """Re-initialise model's weights, give it both EOS ids, save it with the tokenizer."""
     # Larger weights than the default init give peaked, diverse next-token distributions.
     with torch.no_grad():
         for p in model.parameters():

@@ -135,10 +135,10 @@ pytestmark = pytest.mark.vllm
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from conftest import SPECIALS, build_tokenizer  # noqa: E402
+from conftest import build_tokenizer, save_random_model  # noqa: E402
 from reference_math import alpha_reference, log_q, log_softmax  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from optimal_sampling import MixConfig, OptimalSampler  # noqa: E402
 from optimal_sampling.integrations.vllm import ARCHITECTURE, write_vllm_model_dir  # noqa: E402
@@ -158,19 +158,7 @@ def build_model(out: Path, tokenizer, name: str, seed: int) -> str:
         eos_token_id=tokenizer.eos_token_id,
         **spec,
     )
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # peaked, diverse next-token distributions, as in conftest
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-        model.get_output_embeddings().weight.normal_(0.0, 0.5)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in SPECIALS[:2]],
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(out / name)
-    tokenizer.save_pretrained(out / name)
-    return str(out / name)
+    return str(save_random_model(AutoModelForCausalLM.from_config(config), tokenizer, out / name))
 
 
 @pytest.fixture(scope="session")
