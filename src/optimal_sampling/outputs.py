@@ -10,7 +10,7 @@ sequence importance weight pi_base(y) / q(y); likewise for the teacher.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -30,7 +30,6 @@ class Sample:
     kl_q_base: list[float] | None = None
     kl_q_teacher: list[float] | None = None
     stop_reason: str | int | None = None  # the stop string or EOS id that ended the sample
-    extras: dict = field(default_factory=dict)
 
     @property
     def sum_logprob_base(self) -> float:
@@ -57,8 +56,6 @@ class Sample:
     def to_record(self) -> dict:
         """A JSON-able dict (non-finite floats become None in JSON writers that need it)."""
         record = asdict(self)
-        record.pop("extras")
-        record.update(self.extras)
         record["num_tokens"] = len(self.token_ids)
         record["sum_logprob_base"] = self.sum_logprob_base
         record["sum_logprob_teacher"] = self.sum_logprob_teacher
