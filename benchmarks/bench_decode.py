@@ -8,7 +8,10 @@ download), prompts of 128 tokens. Measured in the same process:
   the same steps without the sampler (models only) for the share of the step outside the models,
   and the fused sampler kernel alone;
 - the fast engine on a variable-length workload: 1,024 requests, output lengths uniform in
-  32..512, continuous batching over 256 slots (refill as soon as a slot frees);
+  32..512, continuous batching over 256 slots (refill once the sampler's group of slots is free,
+  and, for comparison, as soon as any slot frees);
+- the fixed batches again with both models on one CUDA stream (the engine runs the teacher on a
+  second stream);
 - the reference engine (transformers models + DynamicCache + sample_step), a few steps per batch;
 - transformers generate() of the base alone and of the teacher alone (greedy, 32 new tokens).
 Prints a table, then one JSON line last.
@@ -32,6 +35,7 @@ from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.mixing_fast import fused_outputs
 from optimal_sampling.engines.reference import ReferenceEngine
+from optimal_sampling.sampler import admit_group
 from optimal_sampling.step import sample_step
 
 VOCAB = 151936
@@ -234,10 +238,23 @@ def fast_sections(
         lambda: {b: bench_sampler_kernel(b, mix, params) for b in (1, 64, 256)},
         None,
     )
-    section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=16), partial)
+    group = admit_group(256)  # the sampler's refill rule
+    section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=group), partial)
     section(
         out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial
     )
+    section(out, "fast_one_stream", lambda: bench_one_stream(engine, loop, steps), partial)
+
+
+def bench_one_stream(engine: FastEngine, loop: FastLoop, steps: int) -> dict:
+    """The fixed-batch steps with both models on one stream (what the two-stream step saves)."""
+    stream, engine.teacher_stream = engine.teacher_stream, None
+    engine.graphs.entries.clear()
+    try:
+        return {b: bench_fast_fixed(engine, loop, b, steps) for b in (1, 64, 256)}
+    finally:
+        engine.teacher_stream = stream
+        engine.graphs.entries.clear()
 
 
 def main() -> None:
@@ -292,6 +309,11 @@ def report(out: dict) -> None:
     for b, r in out["fast"].items():
         print(
             f"{'fast engine':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
+            f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
+        )
+    for b, r in (out.get("fast_one_stream") or {}).items():
+        print(
+            f"{'fast, models on one stream':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
     for name in ("variable", "variable_refill_each_step"):

@@ -22,6 +22,7 @@ from optimal_sampling.engines.fast import FastEngine, supports
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.alpha import solve_alpha
 from optimal_sampling.mixing.logprobs import tempered_logprobs
+from optimal_sampling.sampler import admit_group
 from optimal_sampling.step import sample_step
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -111,6 +112,24 @@ def test_sampler_refill_gives_same_tokens_as_alone(tiny_pair):
         alone = sampler.generate_iter([text], max_tokens=12, n=2, prompt_indices=[index])
         for sample in alone:
             assert sample.token_ids == together[2 * index + sample.sample_index].token_ids
+
+
+def test_refills_wait_for_a_group_of_free_slots_and_keep_tokens(tiny_pair):
+    base_dir, teacher_dir = tiny_pair("qwen2")
+    sampler = OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=32, seed=5)
+    group = admit_group(32)
+    assert group == 2
+    sizes = []
+    add = sampler.engine.add
+    sampler.engine.add = lambda requests: sizes.append(len(requests)) or add(requests)
+    texts = TEXTS * 8  # 40 requests through 32 slots; stop strings end them at different steps
+    together = sampler.generate(texts, max_tokens=16, stop=["a", "e"]).samples
+    assert len({len(s.token_ids) for s in together}) > 1
+    assert sizes[0] == 32 and sum(sizes) == 40 and len(sizes) > 1
+    assert all(size >= group for size in sizes[1:-1])
+    for index in (0, 33, 39):
+        (alone,) = sampler.generate_iter([texts[index]], max_tokens=16, stop=["a", "e"], prompt_indices=[index])
+        assert alone.token_ids == together[index].token_ids
 
 
 def test_fast_and_reference_samplers_agree(tiny_pair):

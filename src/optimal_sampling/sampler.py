@@ -23,6 +23,12 @@ from .sampling import request_seed
 from .step import sample_step
 
 
+def admit_group(max_slots: int) -> int:
+    """Free slots to wait for before a refill (or all that are waiting): one prefill and one
+    first-token draw then serve many requests, instead of a small prefill on almost every step."""
+    return max(1, min(16, max_slots // 16))
+
+
 def eos_ids_of(loaded: LoadedModel) -> set[int]:
     """Every end-of-sequence id the tokenizer and the generation config name."""
     ids: set[int] = set()
@@ -284,16 +290,18 @@ class OptimalSampler:
         waiting = deque(requests)
         free = list(range(engine.max_slots - 1, -1, -1))
         active: dict[int, RequestState] = {}  # slot -> state, in the engine's row order
+        group = admit_group(engine.max_slots)
         while waiting or active:
-            # 1. admit waiting requests into free slots and draw their first tokens
-            if waiting and free and (engine.supports_refill or not active):
+            # 1. admit waiting requests into free slots (a group at a time) and draw their first tokens
+            refill = engine.supports_refill and len(free) >= min(group, len(waiting))
+            if waiting and free and (refill or not active):
                 admitted = {}
                 while waiting and free:
                     admitted[free.pop()] = RequestState(waiting.popleft())
                 logits_b, logits_t = engine.add(
                     [SlotRequest(s, st.request.base_ids, st.request.teacher_ids) for s, st in admitted.items()]
                 )
-                self._advance(admitted, logits_b, logits_t, params)
+                self._append(admitted, self._sample(admitted, logits_b, logits_t, params))
                 active.update(admitted)
                 yield from self._retire(active, free, checker, params)
                 if on_tokens:
@@ -301,20 +309,39 @@ class OptimalSampler:
             if not active:
                 continue
             # 2. one decode step for every active slot
-            slots = torch.tensor(list(active), dtype=torch.long, device=engine.device)
-            last = torch.tensor([st.tokens[-1] for st in active.values()], dtype=torch.long, device=engine.device)
-            logits_b, logits_t = engine.decode(slots, last)
-            self._advance(active, logits_b, logits_t, params)
+            decoded = len(active)
+            self._append(active, self._decode(active, params))
             # 3. retire finished requests
             yield from self._retire(active, free, checker, params)
             if on_tokens:
-                on_tokens(len(slots))
+                on_tokens(decoded)
 
-    def _advance(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> None:
+    def _sample(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> dict:
+        """One token per row from given logits (after a prefill), by the engine's sampler if it has one."""
+        seeds = [st.request.seed for st in states.values()]
+        steps = [len(st.tokens) for st in states.values()]
+        engine_sample = getattr(self.engine, "sample", None)
+        if engine_sample is not None:
+            return engine_sample(logits_b, logits_t, seeds, steps, self.mix, params).to_host()
         device = logits_b.device
-        seeds = torch.tensor([st.request.seed for st in states.values()], dtype=torch.long, device=device)
-        steps = torch.tensor([len(st.tokens) for st in states.values()], dtype=torch.long, device=device)
-        result = sample_step(logits_b, logits_t.to(device), seeds, steps, self.mix, params).to_host()
+        seeds_t = torch.tensor(seeds, dtype=torch.long, device=device)
+        steps_t = torch.tensor(steps, dtype=torch.long, device=device)
+        return sample_step(logits_b, logits_t.to(device), seeds_t, steps_t, self.mix, params).to_host()
+
+    def _decode(self, active: dict[int, RequestState], params: SamplingParams) -> dict:
+        """One token for every active slot, as one captured step where the engine offers it."""
+        engine = self.engine
+        last = [st.tokens[-1] for st in active.values()]
+        if hasattr(engine, "decode_and_sample"):
+            seeds = [st.request.seed for st in active.values()]
+            steps = [len(st.tokens) for st in active.values()]
+            return engine.decode_and_sample(list(active), last, seeds, steps, self.mix, params).to_host()
+        slots = torch.tensor(list(active), dtype=torch.long, device=engine.device)
+        logits_b, logits_t = engine.decode(slots, torch.tensor(last, dtype=torch.long, device=engine.device))
+        return self._sample(active, logits_b, logits_t, params)
+
+    @staticmethod
+    def _append(states: dict[int, RequestState], result: dict) -> None:
         for row, state in enumerate(states.values()):
             state.append(result, row)
 

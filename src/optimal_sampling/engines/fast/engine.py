@@ -12,6 +12,10 @@ Invariants:
   one CUDA graph per (batch bucket, attention-width buckets[, sampling options]).
 - requests may be added while other slots decode (continuous batching); identical prompt pairs
   are prefilled once and their cache rows copied.
+- on CUDA the two models run on two streams (the teacher on a side stream joined before the
+  sampler), so inside a graph they are parallel branches: at small batches, where each kernel
+  fills a fraction of the GPU and launch latency dominates, the step costs about the longer model
+  rather than the sum. Tensor parallelism keeps one stream (its collectives must stay in order).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
 
 class FastEngine(Engine):
     supports_refill = True
+    concurrent_models = True  # base and teacher on two CUDA streams (see the module docstring)
 
     def __init__(
         self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
@@ -84,6 +89,7 @@ class FastEngine(Engine):
         else:
             self.decode_attention = decode_attention_sdpa
         self.samplers: dict[tuple, StepSampler] = {}
+        self.teacher_stream = torch.cuda.Stream(self.device) if on_cuda and self.concurrent_models else None
 
     def max_context(self) -> int:
         return min(self.max_len, self.base.net.spec.context, self.teacher.net.spec.context)
@@ -111,11 +117,29 @@ class FastEngine(Engine):
         normed = m.net.forward(ids, positions, rows, m.k, m.v, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]
 
+    def both_models(self, run_base: Callable, run_teacher: Callable) -> tuple:
+        """(run_base(), run_teacher()), the teacher on the side stream where there is one.
+
+        The side stream waits for the current stream before and is joined after, so in a graph
+        the two models are parallel branches between the inputs and the sampler; anything it
+        allocates is freed before later side-stream work, which is ordered after that join."""
+        if self.teacher_stream is None:
+            return run_base(), run_teacher()
+        main = torch.cuda.current_stream(self.device)
+        self.teacher_stream.wait_stream(main)
+        with torch.cuda.stream(self.teacher_stream):
+            out_t = run_teacher()
+        out_b = run_base()
+        main.wait_stream(self.teacher_stream)
+        return out_b, out_t
+
     def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
         def step(packed: torch.Tensor):  # [6, B]: slots, tokens, pos_base, pos_teacher, seeds, steps
             slots, tokens, pos_b, pos_t, seeds, steps = packed.unbind(0)
-            logits_b = self.decode_model(self.base, slots, tokens, pos_b, width_b)
-            logits_t = self.decode_model(self.teacher, slots, tokens, pos_t, width_t)
+            logits_b, logits_t = self.both_models(
+                lambda: self.decode_model(self.base, slots, tokens, pos_b, width_b),
+                lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width_t),
+            )
             if sampler is None:
                 return logits_b, logits_t
             return sampler(logits_b, logits_t, seeds, steps)
@@ -241,9 +265,10 @@ class FastEngine(Engine):
         inputs = [ids_b.to(self.device), ids_t.to(self.device), meta.to(self.device)]
 
         def prefill_both(ids_b, ids_t, meta):
-            logits_b = self.prefill_model(self.base, ids_b, meta[0], meta[1])
-            logits_t = self.prefill_model(self.teacher, ids_t, meta[0], meta[2])
-            return logits_b, logits_t
+            return self.both_models(
+                lambda: self.prefill_model(self.base, ids_b, meta[0], meta[1]),
+                lambda: self.prefill_model(self.teacher, ids_t, meta[0], meta[2]),
+            )
 
         def scratch():
             meta = torch.zeros(3, padded, dtype=torch.long, device=self.device)

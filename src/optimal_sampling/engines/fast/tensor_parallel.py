@@ -150,7 +150,12 @@ class TensorParallelModel(CompactModel):
 
 
 class TensorParallelEngine(FastEngine):
-    """FastEngine over this rank's shards (TensorParallelModel); every method is FastEngine's."""
+    """FastEngine over this rank's shards (TensorParallelModel); every method is FastEngine's.
+
+    One stream: both models' all-reduces go through one communicator, which needs them in the
+    same order on every rank."""
+
+    concurrent_models = False
 
     def __init__(self, base: TensorParallelModel, teacher: TensorParallelModel, *args, **kwargs):
         super().__init__(base, teacher, *args, **kwargs)
