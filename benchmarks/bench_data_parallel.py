@@ -42,6 +42,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 
+from optimal_sampling.io import read_records
+
 VOCAB = 151936
 SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
@@ -134,7 +136,7 @@ def run_generate(args, pair: tuple[Path, Path], prompts: Path, out: Path, worker
     rates = RATE_LINE.findall(done.stderr)
     if not rates:
         raise RuntimeError(f"no rate line in the output of --data-parallel {workers}: {done.stderr[-2000:]}")
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    records = read_records(out)  # not str.splitlines: generated text may hold U+2028 and the like
     summed = SUM_LINE.findall(done.stderr)
     return {
         "tok_s": float(summed[-1]) if summed else float(rates[-1][2]), "clock_tok_s": float(rates[-1][2]),

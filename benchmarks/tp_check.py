@@ -31,6 +31,7 @@ from optimal_sampling.distributed import init_world, new_tp_groups
 from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.tensor_parallel import build_tensor_parallel_engine
+from optimal_sampling.engines.reference import ReferenceEngine
 
 QWEN = dict(model_type="qwen2", vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
             rms_norm_eps=1e-6, tie_word_embeddings=True)  # fmt: skip
@@ -101,33 +102,48 @@ def mixture_greedy(logits_b: torch.Tensor, logits_t: torch.Tensor) -> torch.Tens
 
 
 def check_correctness(args, tp, device, dtype) -> None:
+    """TP=2 against TP=1 (and, for scale, the transformers reference against TP=1), teacher-forced.
+
+    Random deep networks amplify rounding differences from layer to layer, so in bfloat16 the
+    TP=2 differences are judged against those of the reference engine on the same weights; in
+    float32 they must be small outright."""
     base, teacher = (random_model(n, device, dtype, tp) for n in args.pair)
     vocab = config_of(args.pair[0]).vocab_size
     single = FastEngine(base, teacher, vocab, max_slots=8, max_len=256, use_graphs=False)
     sharded = build_tensor_parallel_engine(base, teacher, vocab, EngineConfig(max_batch_size=8, use_cuda_graphs=False),
                                            tp, device, max_len=256)  # fmt: skip
+    reference = ReferenceEngine(base, teacher, vocab, 8)
     reqs = requests(8, 24, vocab)
     slots = torch.arange(8, device=device)
-    worst, same, total, free_same = 0.0, 0, 0, True
+    worst = {"tp2": 0.0, "reference": 0.0}
+    same = {"tp2": 0, "reference": 0}
+    total = 0
     with torch.no_grad():
-        one, two = single.add(reqs), sharded.add(reqs)
-        tokens_one = tokens_two = None
+        outs = {"tp1": single.add(reqs), "tp2": sharded.add(reqs), "reference": reference.add(reqs)}
         for _ in range(args.steps):
-            for a, b in zip(one, two, strict=True):
-                diff = (a.float().log_softmax(-1) - b.float().log_softmax(-1)).abs().max().item()
-                worst = max(worst, diff)
-            tokens_one, tokens_two = mixture_greedy(*one), mixture_greedy(*two)
-            same += int((tokens_one == tokens_two).sum())
-            total += tokens_one.numel()
-            free_same = free_same and bool((tokens_one == tokens_two).all())
-            one = single.decode(slots, tokens_one)
-            two = sharded.decode(slots, tokens_one)  # teacher-forced on TP=1's tokens: compare like with like
-    RESULTS["correctness"] = {
-        "pair": list(args.pair), "dtype": str(dtype), "steps": args.steps, "batch": 8,
-        "max_abs_logprob_diff": round(worst, 5), "greedy_token_agreement": round(same / total, 5),
-        "greedy_identical_all_steps": free_same, "ok": worst < args.tolerance and same / total >= 0.98,
+            tokens = mixture_greedy(*outs["tp1"])
+            total += tokens.numel()
+            for name in ("tp2", "reference"):
+                for a, b in zip(outs["tp1"], outs[name], strict=True):
+                    diff = (a.float().log_softmax(-1) - b.float().log_softmax(-1)).abs().max().item()
+                    worst[name] = max(worst[name], diff)
+                same[name] += int((mixture_greedy(*outs[name]) == tokens).sum())
+            # every engine is fed TP=1's tokens: compare like with like
+            outs = {name: engine.decode(slots, tokens) for name, engine in
+                    (("tp1", single), ("tp2", sharded), ("reference", reference))}  # fmt: skip
+    agree = {name: round(same[name] / total, 5) for name in same}
+    if dtype == torch.float32:
+        ok = worst["tp2"] < 1e-2 and agree["tp2"] >= 0.99
+    else:
+        ok = worst["tp2"] <= 2 * worst["reference"] + 1e-3 and agree["tp2"] >= agree["reference"] - 0.05
+    RESULTS.setdefault("correctness", {})[str(dtype).removeprefix("torch.")] = {
+        "pair": list(args.pair), "steps": args.steps, "batch": 8,
+        "max_abs_logprob_diff_tp2_vs_tp1": round(worst["tp2"], 6),
+        "max_abs_logprob_diff_reference_vs_tp1": round(worst["reference"], 6),
+        "greedy_agreement_tp2_vs_tp1": agree["tp2"], "greedy_agreement_reference_vs_tp1": agree["reference"],
+        "ok": ok,
     }  # fmt: skip
-    del single, sharded, base, teacher
+    del single, sharded, reference, base, teacher
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -137,7 +153,7 @@ def check_correctness(args, tp, device, dtype) -> None:
 
 def decode_rate(engine, batch: int, steps: int, vocab: int, device) -> float:
     """tokens/s of engine.decode at `batch` rows, after a warm-up (graph capture included)."""
-    engine.add(requests(batch, 32, vocab, seed=batch))
+    engine.add(requests(batch, 70, vocab, seed=batch))  # 70..76 + 35 steps: one width bucket, no capture while timed
     slots = torch.arange(batch, device=device)
     tokens = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(3):
@@ -214,7 +230,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (a CPU smoke test)")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--tolerance", type=float, default=0.15, help="max |log-softmax diff| accepted (bf16)")
     p.add_argument("--skip-big", action="store_true")
     p.add_argument("--big-eager", dest="big_graphs", action="store_false", help="(c) without CUDA graphs")
     p.add_argument("--big-steps", type=int, default=16)
@@ -241,8 +256,9 @@ def main() -> None:
     RESULTS.update(bench="tp_check", world=tp.size, device=torch.cuda.get_device_name(device)
                    if device.type == "cuda" else "cpu", torch=torch.__version__)  # fmt: skip
     started = time.perf_counter()
-    check_correctness(args, tp, device, dtype)
-    emit()
+    for check_dtype in (torch.float32, dtype) if dtype != torch.float32 else (dtype,):
+        check_correctness(args, tp, device, check_dtype)
+        emit()
     check_speed(args, tp, device, dtype)
     if not args.skip_big:
         check_big_pair(args, tp, device, dtype)

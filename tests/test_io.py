@@ -30,6 +30,18 @@ def test_jsonl_records_strings_and_teacher_field(tmp_path):
     assert io.read_prompts(plain).prompts == ["x", "y"]
 
 
+def test_jsonl_text_with_unicode_line_separators_stays_one_record(tmp_path):
+    """Generated text may hold U+2028, U+0085, form feeds; JSON writes them raw, on one line."""
+    path = tmp_path / "samples.jsonl"
+    texts = ["a\u2028b", "c\x85d\x0ce", "f\u2029g\x1ch"]
+    path.write_bytes(b"".join(io.encode_record({"prompt": t, "n": i}) for i, t in enumerate(texts)))
+    assert io.read_prompts(path).prompts == texts
+    assert [r["prompt"] for r in io.read_records(path)] == texts
+    windows = tmp_path / "p.txt"
+    windows.write_bytes("one\u2028still one\r\ntwo\r\n".encode())
+    assert io.read_prompts(windows).prompts == ["one\u2028still one", "two"]
+
+
 def test_json_list_of_strings_or_records(tmp_path):
     strings, records = tmp_path / "s.json", tmp_path / "r.json"
     strings.write_text(json.dumps(["a", "b"]), encoding="utf-8")

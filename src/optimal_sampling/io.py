@@ -91,15 +91,21 @@ def _read_text(file: Path) -> str:
         raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at "\n" only (a trailing "\r" dropped): str.splitlines would also split at
+    U+2028, U+0085 and other characters that generated text (written raw in JSON) may hold."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _text_items(file: Path) -> Iterator[tuple[str, object]]:
     """One prompt per non-blank line; a literal backslash-n stays as typed."""
-    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(file)), start=1):
         if line.strip():
             yield f"{file}: line {number}", line
 
 
 def _jsonl_items(file: Path) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+    for number, line in enumerate(_lines(_read_text(file)), start=1):
         if not line.strip():
             continue
         try:

@@ -33,13 +33,14 @@ def pair(tiny_pair, arch: str, dtype: torch.dtype, graphs: bool = True, slots: i
     return reference, fast
 
 
-def run_greedy(engine, steps: int):
+def run_greedy(engine, steps: int, forced: list[torch.Tensor] | None = None):
+    """Logits of prefill + `steps` decodes, feeding the teacher's greedy tokens (or `forced` ones)."""
     requests = [SlotRequest(i, p, p) for i, p in enumerate(PROMPTS)]
     logits_b, logits_t = engine.add(requests)
     slots = torch.arange(len(PROMPTS), device="cuda")
     out = [(logits_b.float(), logits_t.float())]
-    for _ in range(steps):
-        tokens = out[-1][1].argmax(-1)
+    for step in range(steps):
+        tokens = out[-1][1].argmax(-1) if forced is None else forced[step]
         out.append(tuple(x.float() for x in engine.decode(slots, tokens)))
     return out
 
@@ -111,14 +112,18 @@ def test_sampler_refill_on_cuda_gives_same_tokens_as_alone(tiny_pair):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_fused_triton_layers_equal_torch_layers(tiny_pair, arch):
-    _, fused = pair(tiny_pair, arch, torch.bfloat16, graphs=False)
-    _, plain = pair(tiny_pair, arch, torch.bfloat16, graphs=False)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_fused_triton_layers_equal_torch_layers(tiny_pair, arch, dtype, tol):
+    """Teacher-forced on the plain model's tokens: a near-tie flipped by rounding must not fork the runs."""
+    _, fused = pair(tiny_pair, arch, dtype, graphs=False)
+    _, plain = pair(tiny_pair, arch, dtype, graphs=False)
     for m in (plain.base, plain.teacher):
         m.net.fused = False
-    for (pb, pt), (fb, ft) in zip(run_greedy(plain, 8), run_greedy(fused, 8), strict=True):
-        torch.testing.assert_close(fb, pb, atol=3e-2, rtol=2e-2)
-        torch.testing.assert_close(ft, pt, atol=3e-2, rtol=2e-2)
+    expected = run_greedy(plain, 8)
+    tokens = [teacher.argmax(-1) for _, teacher in expected[:-1]]
+    for (pb, pt), (fb, ft) in zip(expected, run_greedy(fused, 8, forced=tokens), strict=True):
+        torch.testing.assert_close(fb, pb, atol=tol, rtol=tol)
+        torch.testing.assert_close(ft, pt, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])

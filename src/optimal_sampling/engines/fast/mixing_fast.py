@@ -28,7 +28,10 @@ DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
 FIRST_POINTS = 8  # alpha values of the bracketing pass: 0, 1 and 6 over [alpha_min, alpha_max]
 POINTS = 8  # alpha values per refining pass: Newton from each end, secant, 5 evenly spaced
 REFINE = 3  # refining passes
-BLOCK = 512
+BLOCK = 512  # vocabulary entries per block of a (row, chunk) program
+PROGRAMS = 528  # (row, chunk) programs to aim for per pass (4 per SM of an H100)
+STATS_WARPS = 4
+SAMPLE_WARPS = 4
 
 
 def result_fields(params: SamplingParams) -> tuple[str, ...]:
@@ -86,10 +89,14 @@ def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.devi
     return StepSampler(mix, params)
 
 
-def split_count(batch: int, vocab: int, programs: int = 528) -> int:
-    """Chunks per row: about `programs` programs in all (4 per SM), at most 64, at least a block each."""
-    want = max(1, -(-programs // batch))
-    return max(1, min(64, want, -(-vocab // BLOCK)))
+def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
+    """Chunks per row: about `programs` programs in all, at most 64, at least a block each.
+
+    A power of two, because SPLITS is compiled into the kernels: a continuous-batching run sees
+    every batch size, and must not compile a kernel for each."""
+    want = max(1, -(-(programs or PROGRAMS) // batch))
+    most = min(64, want, -(-vocab // BLOCK))
+    return 1 << (most.bit_length() - 1)
 
 
 def fused_outputs(
@@ -121,6 +128,7 @@ def fused_outputs(
     tm.sample_kernel[(batch, splits)](
         *rows, vocab, chunk, chunk // BLOCK, inv_temp, row_seeds, steps, state, alpha, parts,
         SPLITS=splits, GREEDY=params.greedy, TEMPERED=params.temperature not in (0.0, 1.0), BLOCK=BLOCK,
+        num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
@@ -147,7 +155,7 @@ def solve_kl_symmetry(rows, vocab: int, chunk: int, splits: int, inv_temp: float
         parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
         tm.stats_kernel[(batch, splits)](
             *rows, vocab, chunk, chunk // BLOCK, inv_temp, points, parts, row_parts,
-            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, num_warps=4,
+            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
         tm.combine_kernel[(batch,)](
             parts, row_parts, points, later, state, alpha, lo, hi,

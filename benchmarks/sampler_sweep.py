@@ -1,0 +1,149 @@
+"""Tune the fused alpha/sampling kernel (issue 4): time and accuracy of its launch layouts and passes.
+
+On random bf16 logit rows of the real vocabulary width (151,936) at batch 64 and 256, for each
+configuration of mixing_fast's module constants (BLOCK, PROGRAMS, STATS_WARPS, SAMPLE_WARPS,
+REFINE, POINTS): ms per call (CUDA events over 20 calls) and the largest |alpha - alpha_float64|
+over those rows and the adversarial rows of the tests at two temperatures and brackets. Stage 1
+sweeps the layout with the default passes, stage 2 the passes with the fastest accurate layout.
+A torch profile of the default configuration at batch 256 says which kernel the time goes to.
+
+    PYTHONPATH=src python3 benchmarks/sampler_sweep.py        (a CUDA machine; prints JSON last)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import optimal_sampling.engines.fast.mixing_fast as mf
+from optimal_sampling.config import MixConfig, SamplingParams
+from optimal_sampling.mixing.alpha import solve_alpha
+from optimal_sampling.mixing.logprobs import tempered_logprobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_fast_engine import adversarial_logits  # noqa: E402
+
+VOCAB = 151936
+LAYOUTS = [  # BLOCK, PROGRAMS, STATS_WARPS, SAMPLE_WARPS
+    (512, 528, 4, 4), (256, 528, 4, 4), (256, 2112, 4, 4), (512, 2112, 8, 8),
+    (1024, 2112, 8, 8), (128, 4224, 2, 2), (256, 4224, 4, 4),
+]  # fmt: skip
+PASSES = [(3, 8), (2, 8), (3, 4), (2, 4), (4, 4)]  # REFINE, POINTS
+
+
+def configure(layout, passes) -> None:
+    mf.BLOCK, mf.PROGRAMS, mf.STATS_WARPS, mf.SAMPLE_WARPS = layout
+    mf.REFINE, mf.POINTS = passes
+
+
+def reference(base, teacher, mix, temperature) -> torch.Tensor:
+    exact = MixConfig(alpha_min=mix.alpha_min, alpha_max=mix.alpha_max, solver_iterations=80)
+    t = temperature or 1.0
+    return solve_alpha(tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), exact)
+
+
+def cases():
+    torch.manual_seed(0)
+    rows = []
+    for batch in (64, 256):
+        b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+        t = (b.float() + torch.randn(batch, VOCAB, device="cuda")).to(torch.bfloat16)
+        rows.append((f"random{batch}", b, t, 1.0, (0.5, 1.0)))
+    small_b, small_t = (x.cuda() for x in adversarial_logits())
+    for temperature in (1.0, 0.6):
+        for bracket in ((0.5, 1.0), (0.0, 1.0)):
+            rows.append((f"adversarial_T{temperature}_{bracket[0]}", small_b, small_t, temperature, bracket))
+    return rows
+
+
+def run(case) -> torch.Tensor:
+    _, b, t, temperature, bracket = case
+    mix, params = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]), SamplingParams(temperature=temperature)
+    seeds = torch.arange(b.shape[0], device="cuda")
+    return mf.fused_outputs(b, t, seeds, seeds, mix, params)
+
+
+def errors(all_cases, references) -> dict:
+    out = {}
+    for case, want in zip(all_cases, references, strict=True):
+        alpha = run(case)[4].double()
+        out[case[0]] = (alpha - want).abs().max().item()
+    return out
+
+
+def time_ms(case, repeat: int = 20) -> float:
+    run(case)
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        run(case)
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / repeat
+
+
+def measure(layout, passes, all_cases, references) -> dict:
+    configure(layout, passes)
+    try:
+        errs = errors(all_cases, references)
+        times = {name: time_ms(case) for case in all_cases if (name := case[0]).startswith("random")}
+    except Exception as err:  # a layout that does not compile or launch is reported, not fatal
+        return {"layout": layout, "passes": passes, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+    result = {"layout": layout, "passes": passes, "ms": times, "max_err": max(errs.values()), "errors": errs}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def torch_path_errors(all_cases, references) -> dict:
+    """The exact torch path's |alpha - alpha_float64| on the same rows (what float32 allows)."""
+    from optimal_sampling.step import sample_step
+
+    out = {}
+    for (name, b, t, temperature, bracket), want in zip(all_cases, references, strict=True):
+        mix = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1])
+        seeds = torch.arange(b.shape[0], device="cuda")
+        alpha = sample_step(b, t, seeds, seeds, mix, SamplingParams(temperature=temperature)).alpha
+        out[name] = (alpha.double() - want).abs().max().item()
+    return out
+
+
+def profile_default(case) -> list:
+    configure(LAYOUTS[0], PASSES[0])
+    run(case)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run(case)
+        torch.cuda.synchronize()
+    table = []
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA or getattr(event, "device_time_total", 0) > 0:
+            table.append((event.key[:60], round(event.device_time_total / 5 / 1e3, 4), event.count // 5))
+    table.sort(key=lambda row: -row[1])
+    for row in table[:12]:
+        print("profile", row, flush=True)
+    return table[:12]
+
+
+def main() -> None:
+    all_cases = cases()
+    references = [reference(c[1], c[2], MixConfig(alpha_min=c[4][0], alpha_max=c[4][1]), c[3]) for c in all_cases]
+    out: dict = {"card": torch.cuda.get_device_name()}
+    out["torch_path_errors"] = torch_path_errors(all_cases, references)
+    print("torch sample_step (float32) alpha errors:", out["torch_path_errors"], flush=True)
+    out["profile_b256"] = profile_default(all_cases[1])
+    stage1 = [measure(layout, PASSES[0], all_cases, references) for layout in LAYOUTS]
+    ran = [r for r in stage1 if "error" not in r]
+    ok = [r for r in ran if max(e for k, e in r["errors"].items() if k.startswith("random")) <= 1e-4] or ran
+    best = min(ok, key=lambda r: r["ms"]["random256"])["layout"]
+    stage2 = [measure(best, passes, all_cases, references) for passes in PASSES[1:]]
+    out.update(stage1=stage1, stage2=stage2, best_layout=best)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
