@@ -240,8 +240,15 @@ def fast_sections(
         None,
     )
     group = admit_group(256)  # the sampler's refill rule
-    # Warm-up, untimed: captures the graphs of every batch and width bucket the workloads meet.
-    section(out, "variable_warmup", lambda: bench_variable(loop, min(requests, 384), 256, refill_at=1), None)
+    # Warm-up, untimed, with both refill rules: captures the decode and prefill graphs of every
+    # batch and width bucket the timed runs meet, and compiles the sampler for every split count.
+    for rule in (1, group):
+        section(
+            out,
+            f"variable_warmup_{rule}",
+            lambda rule=rule: bench_variable(loop, min(requests, 384), 256, refill_at=rule),
+            None,
+        )
     section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=group), partial)
     section(
         out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial

@@ -62,7 +62,10 @@ def cases():
 
 def run(case) -> torch.Tensor:
     _, b, t, temperature, bracket = case
-    mix, params = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]), SamplingParams(temperature=temperature)
+    mix, params = (
+        MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]),
+        SamplingParams(temperature=temperature),
+    )
     seeds = torch.arange(b.shape[0], device="cuda")
     return mf.fused_outputs(b, t, seeds, seeds, mix, params)
 
@@ -131,9 +134,44 @@ def profile_default(case) -> list:
     return table[:12]
 
 
+def boundary_rows(seed: int = 256, batch: int = 256) -> dict:
+    """Rows where the kernel's alpha strays from float64 by > 1e-5: f = M'(s) in float64 at the
+    bound, at the kernel's alpha and at float64's, to tell a wrong f from a wrong root search."""
+    from optimal_sampling.mixing.alpha import TiltedFamily
+    from optimal_sampling.step import sample_step
+
+    torch.manual_seed(seed)
+    b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+    t = (b.float() + torch.randn(batch, VOCAB, device="cuda")).to(torch.bfloat16)
+    seeds = torch.arange(batch, device="cuda")
+    mix, params = MixConfig(), SamplingParams()
+    kernel = mf.fused_outputs(b, t, seeds, seeds, mix, params)[4].double()
+    torch32 = sample_step(b, t, seeds, seeds, mix, params).alpha.double()
+    want = solve_alpha(b.double(), t.double(), MixConfig(solver_iterations=80))
+    bad = ((kernel - want).abs() > 1e-5).nonzero().flatten().tolist()[:6]
+    rows = []
+    for row in bad:
+        family = TiltedFamily(
+            b[row : row + 1].double().log_softmax(-1), t[row : row + 1].double().log_softmax(-1)
+        )
+        f = {name: family.moments(torch.tensor([a], device="cuda", dtype=torch.float64))[1].item()
+             for name, a in (("lo", 0.5), ("kernel", kernel[row].item()), ("float64", want[row].item()))}  # fmt: skip
+        rows.append(dict(row=row, kernel=kernel[row].item(), torch32=torch32[row].item(), float64=want[row].item(),
+                         f=f, fprime_lo=family.moments(torch.tensor([0.5], device="cuda", dtype=torch.float64))[2].item()))  # fmt: skip
+    result = {"rows_off": len(bad), "worst": (kernel - want).abs().max().item(),
+              "torch32_worst": (torch32 - want).abs().max().item(), "detail": rows}  # fmt: skip
+    print("boundary", json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
+    if "--boundary" in sys.argv:
+        boundary_rows()
+        return
     all_cases = cases()
-    references = [reference(c[1], c[2], MixConfig(alpha_min=c[4][0], alpha_max=c[4][1]), c[3]) for c in all_cases]
+    references = [
+        reference(c[1], c[2], MixConfig(alpha_min=c[4][0], alpha_max=c[4][1]), c[3]) for c in all_cases
+    ]
     out: dict = {"card": torch.cuda.get_device_name()}
     out["torch_path_errors"] = torch_path_errors(all_cases, references)
     print("torch sample_step (float32) alpha errors:", out["torch_path_errors"], flush=True)
