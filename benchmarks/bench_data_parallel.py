@@ -15,7 +15,7 @@ Also reported: the share of samples whose tokens are identical in the two runs (
 randomness depends only on (seed, prompt, sample index); on a GPU, batched kernels may still
 round differently when the batch composition differs).
 
-    PYTHONPATH=src python3 benchmarks/bench_data_parallel.py [--prompts 512] [--quick]
+    PYTHONPATH=src python3 benchmarks/bench_data_parallel.py [--prompts 2048] [--max-tokens 256] [--quick]
 
 `--quick` runs tiny models on the CPU (a smoke test of the script). Prints a table, then one JSON
 line last. Needs 2 GPUs for the data-parallel run; the package need not be installed (the
@@ -153,12 +153,12 @@ def identical_share(a: dict, b: dict) -> float:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--prompts", type=int, default=2048)
     p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64, help="slots per worker")
     p.add_argument("--engine", default="auto")
-    p.add_argument("--timeout-s", type=float, default=150.0, help="per generate command")
+    p.add_argument("--timeout-s", type=float, default=200.0, help="per generate command")
     p.add_argument("--quick", action="store_true", help="tiny models on the CPU: a smoke test of this script")
     args = p.parse_args()
     args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"

@@ -9,5 +9,5 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>&1 | tee "$OUT/env.txt"
 timeout "${TP_TIMEOUT:-330}" torchrun --nproc-per-node 2 benchmarks/tp_check.py ${TP_ARGS:-} \
     2>&1 | tee "$OUT/tp_check.log"
-timeout "${DP_TIMEOUT:-240}" python3 benchmarks/bench_data_parallel.py ${DP_ARGS:-} \
+timeout "${DP_TIMEOUT:-300}" python3 benchmarks/bench_data_parallel.py ${DP_ARGS:-} \
     2>&1 | tee "$OUT/bench_data_parallel.log"
