@@ -324,18 +324,22 @@ def visible_gpus() -> list[str]:
     return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
 
 
-def gpu_plan(device: str, world: int, tp_size: int) -> list[str] | None:
-    """CUDA_VISIBLE_DEVICES of each rank (rank r gets GPUs r*T .. r*T+T-1), or None for CPU workers."""
+def uses_cuda(device: str, allowed: str) -> bool:
+    """Whether a parallel run on `device` places its processes on GPUs; `allowed` ends the error
+    for a device other than auto, cuda or cpu (a parallel run chooses each process's GPU itself)."""
     if device == "cpu":
-        return None
+        return False
     if device not in ("auto", "cuda"):
-        raise UsageError(
-            f"--device {device}: with --data-parallel give auto, cuda or cpu; each worker gets its own GPU"
-        )
+        raise UsageError(f"--device {device}: {allowed}")
     import torch
 
-    if not torch.cuda.is_available():
-        return None  # auto on a machine without CUDA ("cuda" was refused by the checks already)
+    return torch.cuda.is_available()
+
+
+def gpu_plan(device: str, world: int, tp_size: int) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES of each rank (rank r gets GPUs r*T .. r*T+T-1), or None for CPU workers."""
+    if not uses_cuda(device, "with --data-parallel give auto, cuda or cpu; each worker gets its own GPU"):
+        return None  # cpu, or auto on a machine without CUDA ("cuda" was refused by the checks already)
     gpus = visible_gpus()
     need = world * tp_size
     if need > len(gpus):
@@ -578,16 +582,10 @@ def run_torchrun_rank(args: argparse.Namespace, role: Role) -> int:
 
 def rank_device(device: str, local_rank: int) -> str:
     """cuda:LOCAL_RANK where CUDA is used; the device is the launcher's to choose, not the user's."""
-    if device == "cpu":
+    if not uses_cuda(device, "under torchrun give auto, cuda or cpu; rank uses cuda:LOCAL_RANK"):
         return device
-    if device not in ("auto", "cuda"):
-        raise UsageError(
-            f"--device {device}: under torchrun give auto, cuda or cpu; rank uses cuda:LOCAL_RANK"
-        )
     import torch
 
-    if not torch.cuda.is_available():
-        return device
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"
 
