@@ -34,10 +34,9 @@ LAYOUTS = [  # BLOCK, PROGRAMS, STATS_WARPS, SAMPLE_WARPS
 PASSES = [(3, 8), (2, 8), (3, 4), (2, 4), (4, 4)]  # REFINE, POINTS
 
 
-def configure(layout, passes, precise: bool = False) -> None:
+def configure(layout, passes) -> None:
     mf.BLOCK, mf.PROGRAMS, mf.STATS_WARPS, mf.SAMPLE_WARPS = layout
     mf.REFINE, mf.POINTS = passes
-    mf.PRECISE_EXP = precise
 
 
 def reference(base, teacher, mix, temperature) -> torch.Tensor:
@@ -90,14 +89,14 @@ def time_ms(case, repeat: int = 20) -> float:
     return start.elapsed_time(stop) / repeat
 
 
-def measure(layout, passes, all_cases, references, precise: bool = False) -> dict:
-    configure(layout, passes, precise)
+def measure(layout, passes, all_cases, references) -> dict:
+    configure(layout, passes)
     try:
         errs = errors(all_cases, references)
         times = {name: time_ms(case) for case in all_cases if (name := case[0]).startswith("random")}
     except Exception as err:  # a layout that does not compile or launch is reported, not fatal
         return {"layout": layout, "passes": passes, "error": f"{type(err).__name__}: {str(err)[:200]}"}
-    result = {"layout": layout, "passes": passes, "precise_exp": precise, "ms": times,
+    result = {"layout": layout, "passes": passes, "ms": times,
               "max_err": max(errs.values()), "errors": errs}  # fmt: skip
     print(json.dumps(result), flush=True)
     return result
@@ -175,9 +174,8 @@ def main() -> None:
     out: dict = {"card": torch.cuda.get_device_name()}
     out["torch_path_errors"] = torch_path_errors(all_cases, references)
     print("torch sample_step (float32) alpha errors:", out["torch_path_errors"], flush=True)
-    if "--quick" in sys.argv:  # the shipped layout, its passes and one fewer, fast and precise exp
-        runs = [measure(LAYOUTS[0], passes, all_cases, references, precise)
-                for passes in PASSES[:2] for precise in (False, True)]  # fmt: skip
+    if "--quick" in sys.argv:  # the shipped layout with its passes and with one fewer
+        runs = [measure(LAYOUTS[0], passes, all_cases, references) for passes in PASSES[:2]]
         out.update(quick=runs)
         print(json.dumps(out))
         return

@@ -31,7 +31,6 @@ REFINE = 3  # refining passes
 BLOCK = 512  # vocabulary entries per block of a (row, chunk) program
 PROGRAMS = 528  # (row, chunk) programs to aim for per pass (4 per SM of an H100)
 STATS_WARPS = 4
-PRECISE_EXP = False  # libdevice exp in the alpha passes instead of the hardware approximation
 SAMPLE_WARPS = 4
 
 
@@ -156,7 +155,7 @@ def solve_kl_symmetry(rows, vocab: int, chunk: int, splits: int, inv_temp: float
         parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
         tm.stats_kernel[(batch, splits)](
             *rows, vocab, chunk, chunk // BLOCK, inv_temp, points, parts, row_parts,
-            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, PRECISE=PRECISE_EXP, num_warps=STATS_WARPS,
+            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
         tm.combine_kernel[(batch,)](
             parts, row_parts, points, later, state, alpha, lo, hi,

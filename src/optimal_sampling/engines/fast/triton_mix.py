@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 NEG_INF = tl.constexpr(float("-inf"))
 STATS = 4  # per (row, split, point): max, weight, mean (float64), squared deviations
@@ -58,19 +57,10 @@ def _chan(m, w, mean, m2, m_b, w_b, mean_b, m2_b):
 
 
 @triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    """exp: the fast hardware approximation, or libdevice's correctly rounded-ish one (slower)."""
-    if PRECISE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _expm1(d, PRECISE: tl.constexpr):
+def _expm1(d):
     """exp(d) - 1 to ~1e-6 relative for |d| <= 10 (Taylor near 0, where exp(d) - 1 cancels)."""
     taylor = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0))))
-    return tl.where(tl.abs(d) < 0.1, taylor, _exp(d, PRECISE) - 1.0)
+    return tl.where(tl.abs(d) < 0.1, taylor, tl.exp(d) - 1.0)
 
 
 @triton.jit
@@ -81,7 +71,7 @@ def _load_rows(zb_ptr, zt_ptr, idx, ok, inv_temp):
 
 
 @triton.jit
-def _block_stats(zb, zt, s_pts, PRECISE: tl.constexpr):
+def _block_stats(zb, zt, s_pts):
     """One block [BLOCK] at points s_pts [K] -> (max, weight, float64 mean, squared deviations) [K]."""
     zb2 = zb[None, :] + 0.0 * s_pts[:, None]  # [K, BLOCK]; 2-D from the start (Triton 3.6 layout bug)
     zt2 = zt[None, :] + 0.0 * s_pts[:, None]
@@ -89,7 +79,7 @@ def _block_stats(zb, zt, s_pts, PRECISE: tl.constexpr):
     d = tl.where(joint, zt2 - zb2, 0.0)
     x = tl.where(joint, zb2 + s_pts[:, None] * d, NEG_INF)
     m = tl.max(x, axis=1)
-    e = _exp(x - _safe(m)[:, None], PRECISE)
+    e = tl.exp(x - _safe(m)[:, None])
     w = tl.sum(e, axis=1)
     ed = e * d
     mean = tl.sum(ed.to(tl.float64), axis=1) / tl.where(w > 0, w, 1.0).to(tl.float64)
@@ -114,7 +104,6 @@ def _lse(m, s):
 def stats_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, pts_ptr, part_ptr, row_part_ptr,
     SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr,
-    PRECISE: tl.constexpr = False,
 ):  # fmt: skip
     """Partial statistics of one (row, chunk) at the row's K points; in pass 1 also the row sums."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -135,7 +124,7 @@ def stats_kernel(
         idx = split * chunk + i * BLOCK + tl.arange(0, BLOCK)
         ok = idx < end
         zb, zt = _load_rows(zb_ptr, zt_ptr, idx, ok, inv_temp)
-        bm, bw, bmean, bm2 = _block_stats(zb, zt, s_pts, PRECISE)
+        bm, bw, bmean, bm2 = _block_stats(zb, zt, s_pts)
         m, w, mean, m2 = _chan(m, w, mean, m2, bm, bw, bmean, bm2)
         if FIRST:
             joint = (zb > NEG_INF) & (zt > NEG_INF)
@@ -144,8 +133,8 @@ def stats_kernel(
                 ((zb > NEG_INF) != (zt > NEG_INF)).to(tl.int32) + (tl.abs(d) > 10.0).to(tl.int32), axis=0
             )
             mb_new = tl.maximum(mb, tl.max(zb, axis=0))
-            pb = _exp(zb - _safe(mb_new), PRECISE)
-            terms = tl.where(joint, pb * _expm1(d, PRECISE), 0.0).to(tl.float64)
+            pb = tl.exp(zb - _safe(mb_new))
+            terms = tl.where(joint, pb * _expm1(d), 0.0).to(tl.float64)
             excess = excess * tl.exp(mb - _safe(mb_new)).to(tl.float64) + tl.sum(terms, axis=0)
             sb = sb * tl.exp(mb - _safe(mb_new)) + tl.sum(pb, axis=0)
             mb = mb_new
