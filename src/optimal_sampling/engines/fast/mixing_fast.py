@@ -7,10 +7,10 @@ CUDA graph as the two forward passes.
 
 The fused kernels (triton_mix.py) cover the common case: alpha_method kl_symmetry or fixed, no
 teacher constraint, no top-k/top-p/min-p, no diagnostics. They keep |alpha - alpha_float64| <=
-1e-4 (tested against the float64 reference) with 1 + REFINE passes of a few points instead of 24
-Newton iterations over [B, V] tensors, spread every row over the whole GPU, and never write a
-[B, V] tensor. Other configurations use
-the exact `optimal_sampling.step.sample_step`.
+1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
+refining passes of a few points, which rows already solved skip, instead of 24 Newton
+iterations over [B, V] tensors; they spread every row over the whole GPU and never write a
+[B, V] tensor. Other configurations use the exact `optimal_sampling.step.sample_step`.
 
 For the sampler: `fused_sample_step` has the signature of `step.sample_step`; select it where
 `fused_supported(mix, params)` and the logits are on CUDA.
@@ -25,11 +25,11 @@ from ...step import StepResult, sample_step
 
 BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
 DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
-FIRST_POINTS = 8  # alpha values of the bracketing pass: 0, 1 and 6 over [alpha_min, alpha_max]
-POINTS = 8  # alpha values per refining pass: Newton from each end, secant, 5 evenly spaced
-REFINE = 3  # refining passes
-BLOCK = 512  # vocabulary entries per block of a (row, chunk) program
+GRID_POINTS = 8  # the bracketing pass: evenly spaced over [alpha_min, alpha_max], with 0 and 1
+REFINE_POINTS = (4, 4, 8, 8)  # points per refining pass; a row whose bracket is tight skips the rest
+BLOCK = 512  # vocabulary entries per step of a (row, chunk) program
 PROGRAMS = 528  # (row, chunk) programs to aim for per pass (4 per SM of an H100)
+ROW_WARPS = 4
 STATS_WARPS = 4
 SAMPLE_WARPS = 4
 
@@ -99,6 +99,16 @@ def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
     return 1 << (most.bit_length() - 1)
 
 
+def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
+    """Where the grid pass puts its points: [lo, hi] evenly from FIRST_IN on, 0 and 1 before it
+    where the bracket lacks them (f(1) - f(0) is the Jeffreys divergence of the two rows)."""
+    extras = [v for v in (0.0, 1.0) if v not in (lo, hi)]
+    first = len(extras)
+    zero = extras.index(0.0) if 0.0 in extras else (first if lo == 0.0 else points - 1)
+    one = extras.index(1.0) if 1.0 in extras else (points - 1 if hi == 1.0 else first)
+    return {"FIRST_IN": first, "ZERO_AT": zero, "ONE_AT": one}
+
+
 def fused_outputs(
     logits_b: torch.Tensor,  # [B, V] (row stride may exceed V)
     logits_t: torch.Tensor,  # [B, V]
@@ -107,7 +117,7 @@ def fused_outputs(
     mix: MixConfig,
     params: SamplingParams,
 ) -> tuple[torch.Tensor, ...]:
-    """The fused sampler: 2 + 2 * REFINE small launches plus 2 for the draw; graph-capturable."""
+    """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge."""
     from . import triton_mix as tm
 
     batch, vocab = logits_b.shape
@@ -115,54 +125,65 @@ def fused_outputs(
     device = logits_b.device
     splits = split_count(batch, vocab)
     chunk = -(-vocab // (splits * BLOCK)) * BLOCK
-    rows = (logits_b, logits_t, logits_b.stride(0), logits_t.stride(0))
+    rows = (logits_b, logits_t, logits_b.stride(0), logits_t.stride(0), vocab, chunk, chunk // BLOCK)
     inv_temp = 1.0 / params.temperature if params.temperature > 0 else 1.0
-    state = torch.zeros(batch, tm.STATE, dtype=torch.float64, device=device)
+    tempered = params.temperature not in (0.0, 1.0)
+    lo, hi = mix.alpha_min, mix.alpha_max
+    solve = mix.alpha_method == "kl_symmetry" and lo < hi
+    layout = grid_layout(lo, hi)
+    state = torch.empty(batch, tm.STATE, dtype=torch.float64, device=device)
+    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=device)
+    maxima = torch.empty(batch, splits, GRID_POINTS, dtype=torch.float32, device=device)
+    grid_max = torch.empty(batch, GRID_POINTS, dtype=torch.float32, device=device)
+    tm.row_kernel[(batch, splits)](
+        *rows, inv_temp, lo, hi, row_parts, maxima, SPLITS=splits, K=GRID_POINTS, **layout,
+        MAXIMA=solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=ROW_WARPS,
+    )  # fmt: skip
+    tm.row_combine_kernel[(batch,)](
+        row_parts, maxima, grid_max, state, SPLITS=splits, K=GRID_POINTS, MAXIMA=solve, TEMPERED=tempered,
+        num_warps=1,
+    )  # fmt: skip
     alpha = torch.empty(batch, dtype=torch.float32, device=device)
-    if mix.alpha_method == "fixed":
-        alpha.fill_(mix.fixed_alpha)
-        tm.row_lse_kernel[(batch,)](*rows, vocab, inv_temp, state, BLOCK=1024, num_warps=8)
+    if solve:
+        solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha)
     else:
-        solve_kl_symmetry(rows, vocab, chunk, splits, inv_temp, state, alpha, mix)
-    parts = torch.empty(batch, splits, 8, dtype=torch.float32, device=device)
+        alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
+    parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
     tm.sample_kernel[(batch, splits)](
-        *rows, vocab, chunk, chunk // BLOCK, inv_temp, row_seeds, steps, state, alpha, parts,
-        SPLITS=splits, GREEDY=params.greedy, TEMPERED=params.temperature not in (0.0, 1.0), BLOCK=BLOCK,
-        num_warps=SAMPLE_WARPS,
+        *rows, inv_temp, row_seeds, steps, state, alpha, parts,
+        SPLITS=splits, GREEDY=params.greedy, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
     tm.finish_kernel[(batch,)](
-        *rows, inv_temp, state, alpha, parts, tokens, logprobs[0], logprobs[1], logprobs[2],
-        SPLITS=splits, TEMPERED=params.temperature not in (0.0, 1.0),
+        *rows[:4], inv_temp, state, alpha, parts, tokens, logprobs[0], logprobs[1], logprobs[2],
+        SPLITS=splits,
     )  # fmt: skip
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha
 
 
-def solve_kl_symmetry(rows, vocab: int, chunk: int, splits: int, inv_temp: float, state, alpha, mix) -> None:
-    """alpha [B] by one bracketing pass of FIRST_POINTS and REFINE passes of POINTS points."""
+def solve_kl_symmetry(rows, inv_temp: float, lo: float, hi: float, layout: dict, splits: int, state, grid_max, alpha):
+    """alpha [B]: the grid pass, then REFINE_POINTS passes (skipped by rows already done)."""
     from . import triton_mix as tm
 
     batch, device = alpha.shape[0], alpha.device
-    lo, hi = mix.alpha_min, mix.alpha_max
-    j = torch.arange(FIRST_POINTS, device=device, dtype=torch.float32)
-    grid = lo + (hi - lo) * (j - 2) / (FIRST_POINTS - 3)
-    points = torch.where(j == 0, 0.0, torch.where(j == 1, 1.0, grid)).expand(batch, FIRST_POINTS).contiguous()
-    later = torch.empty(batch, POINTS, dtype=torch.float32, device=device)
-    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=device)
-    for p in range(REFINE + 1):
-        k = FIRST_POINTS if p == 0 else POINTS
+    counts = (GRID_POINTS, *REFINE_POINTS)
+    points, refs = grid_max, grid_max  # the grid pass makes its own points; refs are the exact maxima
+    for p, k in enumerate(counts):
+        grid, last = p == 0, p == len(counts) - 1
+        kn = 4 if last else counts[p + 1]
         parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
         tm.stats_kernel[(batch, splits)](
-            *rows, vocab, chunk, chunk // BLOCK, inv_temp, points, parts, row_parts,
-            SPLITS=splits, K=k, FIRST=p == 0, BLOCK=BLOCK, num_warps=STATS_WARPS,
+            *rows, inv_temp, lo, hi, points, refs, state, parts,
+            SPLITS=splits, K=k, GRID=grid, **layout, BLOCK=BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
+        next_points = torch.empty(batch, kn, dtype=torch.float32, device=device)
+        next_refs = torch.empty(batch, kn, dtype=torch.float32, device=device)
         tm.combine_kernel[(batch,)](
-            parts, row_parts, points, later, state, alpha, lo, hi,
-            SPLITS=splits, K=k, KN=POINTS, FIRST=p == 0, LAST=p == REFINE, num_warps=1,
+            parts, grid_max, state, points, next_points, next_refs, alpha, lo, hi,
+            SPLITS=splits, K=k, KG=GRID_POINTS, KN=kn, GRID=grid, LAST=last, **layout, num_warps=1,
         )  # fmt: skip
-        points = later
-        later = torch.empty_like(later)
+        points, refs = next_points, next_refs
 
 
 def fused_sample_step(

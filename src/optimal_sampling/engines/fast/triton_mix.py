@@ -1,18 +1,25 @@
 """Fused alpha solve (kl_symmetry or fixed), mixing, Gumbel-max draw and importance data in Triton.
 
-Each row of the two logit matrices [B, V] is cut into `splits` contiguous chunks so that every
-batch size fills the GPU; a pass over the rows is one "partials" kernel over (row, chunk) and one
-small "combine" kernel per row. Nothing of size [B, V] is ever written. Passes:
-1. per point s in K points (0, 1 and K-2 evenly spaced over [alpha_min, alpha_max]): the weight,
-   mean and squared deviations of d = z_t - z_b under q_s ∝ exp(z_b + s d) on the joint support,
-   plus both full log-normalisers; f(s) = E_{q_s}[r] = mean - shift with shift = lse_t - lse_b,
-   taken as log E_base[exp(d)] through expm1 when the supports coincide and |d| <= 10, so that
-   near-identical policies keep f's tiny values exact; f'(s) = Var_{q_s}[r];
-2. REFINE passes of K points inside the current bracket: a Newton step from each end, the secant
-   point, and evenly spaced points; the bracket shrinks to the sign change;
-3. a last Newton/secant step gives alpha; one pass draws the token with the sampler's counter-based
-   noise (sampling.uniform_noise, bit for bit) and accumulates log Z_q.
-Means are merged in float64 (f is a tiny difference of O(|d|) terms near the root).
+Rows of the two logit matrices [B, V] are cut into `splits` chunks so that any batch fills the
+GPU; a pass is one kernel over (row, chunk) programs and one small per-row combine kernel.
+Programs keep per-lane accumulators over their whole chunk and reduce them once at the end, so a
+pass costs about one read of both rows and one exp per token and point. Nothing of size [B, V]
+is ever written. With x_s = z_b + s d, d = z_t - z_b (tempered) and q_s ∝ exp(x_s) on the joint
+support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Var_{q_s}[d]:
+1. row pass: per-lane online log-normalisers of both rows (and of the raw rows when tempered),
+   E_base[expm1(d - c)] for the precise shift, and the maxima of x_s at the grid points (no exp);
+2. grid pass: the weight, E[g] and E[g^2] of g = d - c - shift' under q_s at the grid points, each
+   relative to its exact maximum; the bracket shrinks to the sign change;
+3. refining passes of Newton-from-each-end, secant and evenly spaced points inside the bracket,
+   relative to the chord of the grid maxima (an upper bound: the max over tokens of x_s is
+   convex in s); a row whose bracket is narrower than DONE_WIDTH, or whose Newton step from an
+   end is below 1e-7, skips the passes left;
+4. a last Newton/secant step gives alpha; the draw pass takes the Gumbel-max token with the
+   sampler's counter-based noise (sampling.uniform_noise, bit for bit) and log Z_q.
+Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); c, the d
+of token 0, centres it; shift' = log E_base[exp(d - c)] goes through expm1 when the supports
+coincide and |d - c| <= 10, so that nearly identical policies keep f's tiny values; the partial
+sums are merged in float64.
 Invariant: logits are finite or -inf (model outputs); the joint support is where both are finite.
 """
 
@@ -22,9 +29,25 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
-STATS = 4  # per (row, split, point): max, weight, mean (float64), squared deviations
-ROW_STATS = 6  # per (row, split) in pass 1: max_b, sum_b, max_t, sum_t, excess, far
-STATE = 12  # per row: left, right, f_left, f_right, fp_left, fp_right, lse_b, lse_t, shift, outcome
+DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
+ROW_STATS = 11  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, excess, far, centre, raw m/s b, t
+STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
+STATE = 16  # per row, float64
+# state columns
+LEFT = tl.constexpr(0)
+RIGHT = tl.constexpr(1)
+F_LEFT = tl.constexpr(2)
+F_RIGHT = tl.constexpr(3)
+FP_LEFT = tl.constexpr(4)
+FP_RIGHT = tl.constexpr(5)
+LSE_B = tl.constexpr(6)
+LSE_T = tl.constexpr(7)
+CENTRE = tl.constexpr(8)
+SHIFT = tl.constexpr(9)
+OUTCOME = tl.constexpr(10)  # 0 root inside, 1 at alpha_min, 2 at alpha_max, 3 identical policies
+DONE = tl.constexpr(11)
+RAW_LSE_B = tl.constexpr(12)
+RAW_LSE_T = tl.constexpr(13)
 
 
 @triton.jit
@@ -42,57 +65,48 @@ def _safe(m):
 
 
 @triton.jit
-def _chan(m, w, mean, m2, m_b, w_b, mean_b, m2_b):
-    """Merge two groups of (max, weight relative to max, float64 mean, squared deviations)."""
-    m_new = tl.maximum(m, m_b)
-    sa = tl.exp(m - _safe(m_new))
-    sb = tl.exp(m_b - _safe(m_new))
-    wa, wb = w * sa, w_b * sb
-    total = wa + wb
-    frac = tl.where(total > 0, wb / tl.where(total > 0, total, 1.0), 0.0)
-    delta = mean_b - mean
-    mean = mean + delta * frac.to(tl.float64)
-    m2 = m2 * sa + m2_b * sb + (delta * delta).to(tl.float32) * wa * frac
-    return m_new, total, mean, m2
-
-
-@triton.jit
 def _expm1(d):
-    """exp(d) - 1 to ~1e-6 relative for |d| <= 10 (Taylor near 0, where exp(d) - 1 cancels)."""
-    taylor = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0))))
+    """exp(d) - 1 to ~1e-7 relative for |d| <= 10 (Taylor near 0, where exp(d) - 1 cancels)."""
+    taylor = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0)))))
     return tl.where(tl.abs(d) < 0.1, taylor, tl.exp(d) - 1.0)
 
 
 @triton.jit
-def _load_rows(zb_ptr, zt_ptr, idx, ok, inv_temp):
-    zb = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32) * inv_temp
-    zt = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32) * inv_temp
-    return zb, zt
+def _tempered(raw_b, raw_t, inv_temp):
+    """z_b / T, z_t / T, d = (z_t - z_b) / T and the joint support; on it z_t / T is z_b / T + d."""
+    joint = (raw_b > NEG_INF) & (raw_t > NEG_INF)
+    d = tl.where(joint, (raw_t - raw_b) * inv_temp, 0.0)
+    zb = raw_b * inv_temp
+    zt = tl.where(joint, zb + d, raw_t * inv_temp)
+    return zb, zt, d, joint
 
 
 @triton.jit
-def _block_stats(zb, zt, s_pts):
-    """One block [BLOCK] at points s_pts [K] -> (max, weight, float64 mean, squared deviations) [K]."""
-    zb2 = zb[None, :] + 0.0 * s_pts[:, None]  # [K, BLOCK]; 2-D from the start (Triton 3.6 layout bug)
-    zt2 = zt[None, :] + 0.0 * s_pts[:, None]
-    joint = (zb2 > NEG_INF) & (zt2 > NEG_INF)
-    d = tl.where(joint, zt2 - zb2, 0.0)
-    x = tl.where(joint, zb2 + s_pts[:, None] * d, NEG_INF)
-    m = tl.max(x, axis=1)
-    e = tl.exp(x - _safe(m)[:, None])
-    w = tl.sum(e, axis=1)
-    ed = e * d
-    mean = tl.sum(ed.to(tl.float64), axis=1) / tl.where(w > 0, w, 1.0).to(tl.float64)
-    m2 = tl.sum(ed * d, axis=1) - w * (mean * mean).to(tl.float32)  # a derivative only
-    return m, w, mean, tl.maximum(m2, 0.0)
+def _load(ptr, idx, ok):
+    return tl.load(ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
 
 
 @triton.jit
-def _lse_update(m, s, x):
-    """Online log-sum-exp of a block x [BLOCK] into scalars (m, s)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    s = s * tl.exp(m - _safe(m_new)) + tl.sum(tl.exp(x - _safe(m_new)), axis=0)
-    return m_new, s
+def _online(m, s, x):
+    """Per-lane running max m and sum s of exp(. - m) after x; also exp(-|x - m|) and x > m."""
+    m_new = tl.maximum(m, x)
+    t = tl.exp(tl.minimum(m, x) - _safe(m_new))
+    up = x > m
+    return m_new, tl.where(up, s * t + 1.0, s + t), t, up
+
+
+@triton.jit
+def _lanes(m, s):
+    """Reduce per-lane (max, sum) [BLOCK] to one (max, sum), and the lanes' rescale factors."""
+    top = tl.max(m, axis=0)
+    scale = tl.exp(m - _safe(top))
+    return top, tl.sum(s * scale, axis=0), scale
+
+
+@triton.jit
+def _merge_lse(m, s, m_b, s_b):
+    m_new = tl.maximum(m, m_b)
+    return m_new, s * tl.exp(m - _safe(m_new)) + s_b * tl.exp(m_b - _safe(m_new))
 
 
 @triton.jit
@@ -101,75 +115,187 @@ def _lse(m, s):
 
 
 @triton.jit
-def stats_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, pts_ptr, part_ptr, row_part_ptr,
-    SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Partial statistics of one (row, chunk) at the row's K points; in pass 1 also the row sums."""
-    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    zb_ptr += row * stride_b
-    zt_ptr += row * stride_t
-    j = tl.arange(0, K)
-    s_pts = tl.load(pts_ptr + row * K + j)
-    m = tl.full([K], NEG_INF, tl.float32)
-    w = tl.zeros([K], tl.float32)
-    mean = tl.zeros([K], tl.float64)
-    m2 = tl.zeros([K], tl.float32)
-    mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    excess = tl.zeros([], tl.float64)  # sum of exp(zb - mb) * expm1(d), rescaled with sb
-    far = tl.zeros([], tl.int32)  # tokens outside the joint support, or with |d| > 10
-    end = tl.minimum(split * chunk + chunk, V)
-    for i in range(0, n_blocks):
-        idx = split * chunk + i * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < end
-        zb, zt = _load_rows(zb_ptr, zt_ptr, idx, ok, inv_temp)
-        bm, bw, bmean, bm2 = _block_stats(zb, zt, s_pts)
-        m, w, mean, m2 = _chan(m, w, mean, m2, bm, bw, bmean, bm2)
-        if FIRST:
-            joint = (zb > NEG_INF) & (zt > NEG_INF)
-            d = tl.where(joint, zt - zb, 0.0)
-            far += tl.sum(
-                ((zb > NEG_INF) != (zt > NEG_INF)).to(tl.int32) + (tl.abs(d) > 10.0).to(tl.int32), axis=0
-            )
-            mb_new = tl.maximum(mb, tl.max(zb, axis=0))
-            pb = tl.exp(zb - _safe(mb_new))
-            terms = tl.where(joint, pb * _expm1(d), 0.0).to(tl.float64)
-            excess = excess * tl.exp(mb - _safe(mb_new)).to(tl.float64) + tl.sum(terms, axis=0)
-            sb = sb * tl.exp(mb - _safe(mb_new)) + tl.sum(pb, axis=0)
-            mb = mb_new
-            mt, st = _lse_update(mt, st, zt)
-    out = ((row * SPLITS + split) * K + j) * 4
-    tl.store(part_ptr + out, m.to(tl.float64))
-    tl.store(part_ptr + out + 1, w.to(tl.float64))
-    tl.store(part_ptr + out + 2, mean)
-    tl.store(part_ptr + out + 3, m2.to(tl.float64))
-    if FIRST:
-        base = (row * SPLITS + split) * 6
-        tl.store(row_part_ptr + base, mb.to(tl.float64))
-        tl.store(row_part_ptr + base + 1, sb.to(tl.float64))
-        tl.store(row_part_ptr + base + 2, mt.to(tl.float64))
-        tl.store(row_part_ptr + base + 3, st.to(tl.float64))
-        tl.store(row_part_ptr + base + 4, excess)
-        tl.store(row_part_ptr + base + 5, far.to(tl.float64))
+def _grid(j, lo, hi, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr):
+    """Grid points: K - FIRST_IN evenly spaced over [lo, hi] at FIRST_IN.., and 0 and 1 before them
+    where the bracket lacks them."""
+    steps = K - 1 - FIRST_IN
+    even = lo + (hi - lo) * (j - FIRST_IN).to(tl.float32) / steps
+    pts = tl.where(j == FIRST_IN, lo, tl.where(j == K - 1, hi, even))
+    pts = tl.where((j == ZERO_AT) & (j < FIRST_IN), 0.0, pts)
+    return tl.where((j == ONE_AT) & (j < FIRST_IN), 1.0, pts)
 
 
 @triton.jit
-def _merged(part_ptr, row, SPLITS: tl.constexpr, K: tl.constexpr):
-    """Merge the SPLITS partials of a row: (weight, float64 mean, squared deviations) per point [K]."""
+def row_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, part_ptr, max_ptr,
+    SPLITS: tl.constexpr, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr,
+    ONE_AT: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per (row, chunk): both log-normalisers, the precise-shift sums, and the grid maxima of x_s."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    b0, t0 = tl.load(zb_ptr).to(tl.float32), tl.load(zt_ptr).to(tl.float32)
+    centre = tl.where((b0 > NEG_INF) & (t0 > NEG_INF), (t0 - b0) * inv_temp, 0.0)
+    lanes = tl.arange(0, BLOCK)
+    mb = tl.full([BLOCK], NEG_INF, tl.float32)
+    sb = tl.zeros([BLOCK], tl.float32)
+    mt = tl.full([BLOCK], NEG_INF, tl.float32)
+    st = tl.zeros([BLOCK], tl.float32)
+    excess = tl.zeros([BLOCK], tl.float32)  # sum of exp(z_b - mb) expm1(d - c) on the joint support
+    far = tl.zeros([BLOCK], tl.int32)  # tokens outside the joint support, or with |d - c| > 10
+    rmb = tl.full([BLOCK], NEG_INF, tl.float32)
+    rsb = tl.zeros([BLOCK], tl.float32)
+    rmt = tl.full([BLOCK], NEG_INF, tl.float32)
+    rst = tl.zeros([BLOCK], tl.float32)
     j = tl.arange(0, K)
-    m = tl.full([K], NEG_INF, tl.float32)
-    w = tl.zeros([K], tl.float32)
-    mean = tl.zeros([K], tl.float64)
-    m2 = tl.zeros([K], tl.float32)
-    for sp in range(0, SPLITS):  # a loop, not unrolled: unrolling 64 fp64 merges takes ptxas minutes
-        at = ((row * SPLITS + sp) * K + j) * 4
-        pm = tl.load(part_ptr + at).to(tl.float32)
-        pw = tl.load(part_ptr + at + 1).to(tl.float32)
-        pmean = tl.load(part_ptr + at + 2)
-        pm2 = tl.load(part_ptr + at + 3).to(tl.float32)
-        m, w, mean, m2 = _chan(m, w, mean, m2, pm, pw, pmean, pm2)
-    return w, mean, m2
+    s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+    top = tl.full([K, BLOCK], NEG_INF, tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    for i in range(0, n_blocks):
+        idx = start + i * BLOCK + lanes
+        ok = idx < end
+        raw_b, raw_t = _load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok)
+        zb, zt, d, joint = _tempered(raw_b, raw_t, inv_temp)
+        dc = d - centre
+        far += ((raw_b > NEG_INF) != (raw_t > NEG_INF)).to(tl.int32) + (joint & (tl.abs(dc) > 10.0)).to(tl.int32)
+        mb, sb, t, up = _online(mb, sb, zb)
+        em1 = tl.where(joint, _expm1(dc), 0.0)
+        excess = tl.where(up, excess * t + em1, excess + t * em1)
+        mt, st, _, _ = _online(mt, st, zt)
+        if TEMPERED:
+            rmb, rsb, _, _ = _online(rmb, rsb, raw_b)
+            rmt, rst, _, _ = _online(rmt, rst, raw_t)
+        if MAXIMA:
+            x = tl.where(joint[None, :], zb[None, :] + s_pts[:, None] * d[None, :], NEG_INF)
+            top = tl.maximum(top, x)
+    out = part_ptr + (row * SPLITS + split) * 11  # float64: the precise shift is a ratio of these sums
+    m = tl.max(mb, axis=0)
+    scale = tl.exp(mb - _safe(m)).to(tl.float64)
+    tl.store(out, m.to(tl.float64))
+    tl.store(out + 1, tl.sum(sb.to(tl.float64) * scale, axis=0))
+    tl.store(out + 4, tl.sum(excess.to(tl.float64) * scale, axis=0))
+    m, s, _ = _lanes(mt, st)
+    tl.store(out + 2, m)
+    tl.store(out + 3, s)
+    tl.store(out + 5, tl.sum(far, axis=0).to(tl.float32))
+    tl.store(out + 6, centre)
+    if TEMPERED:
+        m, s, _ = _lanes(rmb, rsb)
+        tl.store(out + 7, m)
+        tl.store(out + 8, s)
+        m, s, _ = _lanes(rmt, rst)
+        tl.store(out + 9, m)
+        tl.store(out + 10, s)
+    if MAXIMA:
+        tl.store(max_ptr + (row * SPLITS + split) * K + j, tl.max(top, axis=1))
+
+
+@triton.jit
+def _log1p(r):
+    """log(1 + r) in float64 for |r| < 0.5 (atanh series, ~1e-13), else float32 log."""
+    y = r / (2.0 + r)
+    y2 = y * y
+    series = 2.0 * y * (1.0 + y2 * (1.0 / 3 + y2 * (1.0 / 5 + y2 * (1.0 / 7 + y2 * (1.0 / 9 + y2 * (
+        1.0 / 11 + y2 * (1.0 / 13 + y2 * (1.0 / 15 + y2 * (1.0 / 17 + y2 / 19)))))))))
+    return tl.where(tl.abs(r) < 0.5, series, tl.log(1.0 + r.to(tl.float32)).to(tl.float64))  # fmt: skip
+
+
+@triton.jit
+def row_combine_kernel(
+    part_ptr, max_ptr, gmax_ptr, state_ptr,
+    SPLITS: tl.constexpr, K: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr,
+):  # fmt: skip
+    """Merge a row's partials: log-normalisers, centre and precise shift, grid maxima; reset the solve."""
+    row = tl.program_id(0).to(tl.int64)
+    mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float64)
+    mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
+    rmb, rsb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
+    rmt, rst = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
+    excess = tl.zeros([], tl.float64)
+    far = tl.zeros([], tl.float32)
+    j = tl.arange(0, K)
+    top = tl.full([K], NEG_INF, tl.float32)
+    for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
+        at = part_ptr + (row * SPLITS + sp) * 11
+        pm = tl.load(at).to(tl.float32)
+        m_new = tl.maximum(mb, pm)
+        old, new = tl.exp(mb - _safe(m_new)).to(tl.float64), tl.exp(pm - _safe(m_new)).to(tl.float64)
+        sb = sb * old + tl.load(at + 1) * new
+        excess = excess * old + tl.load(at + 4) * new
+        mb = m_new
+        mt, st = _merge_lse(mt, st, tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32))
+        far += tl.load(at + 5).to(tl.float32)
+        if TEMPERED:
+            rmb, rsb = _merge_lse(rmb, rsb, tl.load(at + 7).to(tl.float32), tl.load(at + 8).to(tl.float32))
+            rmt, rst = _merge_lse(rmt, rst, tl.load(at + 9).to(tl.float32), tl.load(at + 10).to(tl.float32))
+        if MAXIMA:
+            top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
+    centre = tl.load(part_ptr + row * SPLITS * 11 + 6).to(tl.float32)
+    lse_b, lse_t = _lse(mb, sb.to(tl.float32)), _lse(mt, st)
+    ratio = excess / tl.where(sb > 0, sb, 1.0)  # E_base[expm1(d - c)]
+    rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)
+    shift = tl.where((far == 0) & (sb > 0), _log1p(ratio), rough)
+    st_ptr = state_ptr + row * 16
+    tl.store(st_ptr + LSE_B, lse_b.to(tl.float64))
+    tl.store(st_ptr + LSE_T, lse_t.to(tl.float64))
+    tl.store(st_ptr + CENTRE, centre.to(tl.float64))
+    tl.store(st_ptr + SHIFT, shift)
+    tl.store(st_ptr + OUTCOME, 0.0)
+    tl.store(st_ptr + DONE, 0.0)
+    if TEMPERED:
+        tl.store(st_ptr + RAW_LSE_B, _lse(rmb, rsb).to(tl.float64))
+        tl.store(st_ptr + RAW_LSE_T, _lse(rmt, rst).to(tl.float64))
+    else:
+        tl.store(st_ptr + RAW_LSE_B, lse_b.to(tl.float64))
+        tl.store(st_ptr + RAW_LSE_T, lse_t.to(tl.float64))
+    if MAXIMA:
+        tl.store(gmax_ptr + row * K + j, top)
+
+
+@triton.jit
+def stats_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, pts_ptr, refs_ptr,
+    state_ptr, part_ptr,
+    SPLITS: tl.constexpr, K: tl.constexpr, GRID: tl.constexpr, FIRST_IN: tl.constexpr,
+    ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per (row, chunk) and point s: sum of e, e g and e g^2 with e = exp(x_s - ref_s), g = d - c - shift'."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    st_ptr = state_ptr + row * 16
+    j = tl.arange(0, K)
+    if GRID:
+        s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+    else:
+        s_pts = tl.load(pts_ptr + row * K + j)
+    refs = tl.load(refs_ptr + row * K + j)
+    centre = tl.load(st_ptr + CENTRE).to(tl.float32)
+    shift = tl.load(st_ptr + SHIFT).to(tl.float32)
+    blocks = tl.where(tl.load(st_ptr + DONE) != 0, 0, n_blocks)
+    lanes = tl.arange(0, BLOCK)
+    w = tl.zeros([K, BLOCK], tl.float32)
+    s1 = tl.zeros([K, BLOCK], tl.float32)
+    s2 = tl.zeros([K, BLOCK], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    for i in range(0, blocks):
+        idx = start + i * BLOCK + lanes
+        ok = idx < end
+        zb, _, d, joint = _tempered(_load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok), inv_temp)
+        g = tl.where(joint, (d - centre) - shift, 0.0)
+        x = (zb[None, :] - refs[:, None]) + s_pts[:, None] * d[None, :]  # near 0 where it matters
+        e = tl.where(joint[None, :], tl.exp(x), 0.0)
+        eg = e * g[None, :]
+        w += e
+        s1 += eg
+        s2 += eg * g[None, :]
+    out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
+    tl.store(out, tl.sum(w.to(tl.float64), axis=1))
+    tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
+    tl.store(out + 2, tl.sum(s2, axis=1).to(tl.float64))
 
 
 @triton.jit
@@ -181,18 +307,15 @@ def _narrow(s_pts, f, fp, left, right, f_left, f_right, fp_left, fp_right, valid
     new_right = tl.min(tl.where(pos, s_pts, float("inf")), axis=0)
     take_l = new_left > NEG_INF
     take_r = new_right < float("inf")
-    f_left = tl.where(take_l, tl.sum(tl.where(neg & (s_pts == new_left), f, 0.0), axis=0), f_left)
-    fp_left = tl.where(take_l, tl.max(tl.where(neg & (s_pts == new_left), fp, 0.0), axis=0), fp_left)
-    f_right = tl.where(take_r, tl.sum(tl.where(pos & (s_pts == new_right), f, 0.0), axis=0), f_right)
-    fp_right = tl.where(take_r, tl.max(tl.where(pos & (s_pts == new_right), fp, 0.0), axis=0), fp_right)
-    return (
-        tl.where(take_l, new_left, left),
-        tl.where(take_r, new_right, right),
-        f_left,
-        f_right,
-        fp_left,
-        fp_right,
-    )
+    at_l = neg & (s_pts == new_left)
+    at_r = pos & (s_pts == new_right)
+    f_left = tl.where(take_l, tl.max(tl.where(at_l, f, NEG_INF), axis=0), f_left)
+    fp_left = tl.where(take_l, tl.max(tl.where(at_l, fp, 0.0), axis=0), fp_left)
+    f_right = tl.where(take_r, tl.min(tl.where(at_r, f, float("inf")), axis=0), f_right)
+    fp_right = tl.where(take_r, tl.max(tl.where(at_r, fp, 0.0), axis=0), fp_right)
+    left = tl.where(take_l, new_left, left)
+    right = tl.where(take_r, new_right, right)
+    return left, right, f_left, f_right, fp_left, fp_right
 
 
 @triton.jit
@@ -203,75 +326,85 @@ def _inside(x, left, right):
 
 @triton.jit
 def _estimate(left, right, f_left, f_right, fp_left, fp_right):
-    """Best root estimate inside [left, right]: Newton from the end nearer the root, else secant."""
-    newton = tl.where(tl.abs(f_left) <= tl.abs(f_right), left - f_left / fp_left, right - f_right / fp_right)
+    """Best root estimate in [left, right]: Newton from the end with the shorter step, else secant.
+
+    The ends count as inside: a root within float32 rounding of an end is that end."""
+    step_l = tl.abs(f_left) / tl.where(fp_left > 0, fp_left, 1e-30)
+    step_r = tl.abs(f_right) / tl.where(fp_right > 0, fp_right, 1e-30)
+    newton = tl.where(step_l <= step_r, left - f_left / fp_left, right - f_right / fp_right)
     secant = left - f_left * (right - left) / (f_right - f_left)
-    ok = (newton > left) & (newton < right) & (newton == newton)
-    return tl.where(ok, newton, _inside(secant, left, right))
+    ok = (newton >= left) & (newton <= right) & (newton == newton)
+    fine = (secant >= left) & (secant <= right) & (secant == secant)
+    return tl.where(ok, newton, tl.where(fine, secant, 0.5 * (left + right)))
+
+
+@triton.jit
+def _converged(left, right, f_left, f_right, fp_left, fp_right):
+    """The bracket is narrower than DONE_WIDTH, or a Newton step from an end is below 1e-7."""
+    step_l = tl.abs(f_left) / tl.where(fp_left > 0, fp_left, 1e-30)
+    step_r = tl.abs(f_right) / tl.where(fp_right > 0, fp_right, 1e-30)
+    return (right - left <= DONE_WIDTH) | (step_l <= 1e-7) | (step_r <= 1e-7)
 
 
 @triton.jit
 def combine_kernel(
-    part_ptr, row_part_ptr, pts_ptr, next_ptr, state_ptr, alpha_ptr, lo, hi,
-    SPLITS: tl.constexpr, K: tl.constexpr, KN: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    part_ptr, gmax_ptr, state_ptr, pts_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
+    SPLITS: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, KN: tl.constexpr, GRID: tl.constexpr,
+    LAST: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr,
 ):  # fmt: skip
-    """Merge a pass's partials, narrow the bracket, and write the next points (or alpha)."""
+    """Merge a pass's partials, narrow the bracket, and write the next points and refs (or alpha)."""
     row = tl.program_id(0).to(tl.int64)
+    st = state_ptr + row * 16
     j = tl.arange(0, K)
-    st = state_ptr + row * 12
-    s_pts = tl.load(pts_ptr + row * K + j)
-    w, mean, m2 = _merged(part_ptr, row, SPLITS, K)
-    if FIRST:
-        mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-        mt, stt = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-        excess = tl.zeros([], tl.float64)
-        far = tl.zeros([], tl.float32)
-        for sp in range(0, SPLITS):  # a loop, not unrolled: unrolling 64 fp64 merges takes ptxas minutes
-            at = row_part_ptr + (row * SPLITS + sp) * 6
-            pmb, psb = tl.load(at).to(tl.float32), tl.load(at + 1).to(tl.float32)
-            pmt, pst = tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32)
-            m_new = tl.maximum(mb, pmb)
-            excess = excess * tl.exp(mb - _safe(m_new)).to(tl.float64) + tl.load(at + 4) * tl.exp(
-                pmb - _safe(m_new)
-            ).to(tl.float64)
-            sb = sb * tl.exp(mb - _safe(m_new)) + psb * tl.exp(pmb - _safe(m_new))
-            mb = m_new
-            m_new = tl.maximum(mt, pmt)
-            stt = stt * tl.exp(mt - _safe(m_new)) + pst * tl.exp(pmt - _safe(m_new))
-            mt = m_new
-            far += tl.load(at + 5).to(tl.float32)
-        lse_b, lse_t = _lse(mb, sb), _lse(mt, stt)
-        ratio = excess / tl.where(sb > 0, sb, 1.0).to(tl.float64)  # E_base[expm1(d)]
-        precise = tl.where(
-            tl.abs(ratio) < 1e-3, ratio * (1.0 - 0.5 * ratio), tl.log(1.0 + ratio.to(tl.float32))
-        )
-        shift = tl.where((far == 0) & (sb > 0), precise, (lse_t - lse_b).to(tl.float64))
-        f = (mean - shift).to(tl.float32)
-        fp = m2 / tl.where(w > 0, w, 1.0)
-        jeffreys = tl.sum(tl.where(j == 1, f, 0.0), axis=0) - tl.sum(tl.where(j == 0, f, 0.0), axis=0)
-        f_lo = tl.sum(tl.where(j == 2, f, 0.0), axis=0)
+    if GRID:
+        s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+    else:
+        s_pts = tl.load(pts_ptr + row * K + j)
+    w = tl.zeros([K], tl.float64)
+    s1 = tl.zeros([K], tl.float64)
+    s2 = tl.zeros([K], tl.float64)
+    for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
+        at = part_ptr + ((row * SPLITS + sp) * K + j) * 3
+        w += tl.load(at)
+        s1 += tl.load(at + 1)
+        s2 += tl.load(at + 2)
+    valid = w > 0
+    mean = s1 / tl.where(valid, w, 1.0)
+    f = mean.to(tl.float32)
+    fp = tl.maximum(s2 / tl.where(valid, w, 1.0) - mean * mean, 0.0).to(tl.float32)
+    done = tl.load(st + DONE) != 0
+    if GRID:
+        jeffreys = tl.sum(tl.where(j == ONE_AT, f, 0.0), axis=0) - tl.sum(tl.where(j == ZERO_AT, f, 0.0), axis=0)
+        f_lo = tl.sum(tl.where(j == FIRST_IN, f, 0.0), axis=0)
         f_hi = tl.sum(tl.where(j == K - 1, f, 0.0), axis=0)
+        fp_lo = tl.sum(tl.where(j == FIRST_IN, fp, 0.0), axis=0)
+        fp_hi = tl.sum(tl.where(j == K - 1, fp, 0.0), axis=0)
         same = (jeffreys <= 1e-9) | (tl.max(w, axis=0) <= 0)
         outcome = tl.where(same, 3.0, tl.where(f_lo >= 0, 1.0, tl.where(f_hi <= 0, 2.0, 0.0)))
         left, right, f_left, f_right, fp_left, fp_right = _narrow(
-            s_pts, f, fp, lo, hi, f_lo, f_hi, 1.0, 1.0, j >= 2
+            s_pts, f, fp, lo, hi, f_lo, f_hi, fp_lo, fp_hi, valid & (j >= FIRST_IN)
         )  # fmt: skip
-        tl.store(st + 6, lse_b.to(tl.float64))
-        tl.store(st + 7, lse_t.to(tl.float64))
-        tl.store(st + 8, shift)
-        tl.store(st + 9, outcome.to(tl.float64))
+        tl.store(st + OUTCOME, outcome.to(tl.float64))
+        done = (outcome != 0) | _converged(left, right, f_left, f_right, fp_left, fp_right)
     else:
-        shift = tl.load(st + 8)
-        f = (mean - shift).to(tl.float32)
-        fp = m2 / tl.where(w > 0, w, 1.0)
+        left, right = tl.load(st + LEFT).to(tl.float32), tl.load(st + RIGHT).to(tl.float32)
+        f_left, f_right = tl.load(st + F_LEFT).to(tl.float32), tl.load(st + F_RIGHT).to(tl.float32)
+        fp_left, fp_right = tl.load(st + FP_LEFT).to(tl.float32), tl.load(st + FP_RIGHT).to(tl.float32)
+        # a row already done skipped this pass: its sums are zero, so no point is valid
         left, right, f_left, f_right, fp_left, fp_right = _narrow(
-            s_pts, f, fp, tl.load(st).to(tl.float32), tl.load(st + 1).to(tl.float32),
-            tl.load(st + 2).to(tl.float32), tl.load(st + 3).to(tl.float32),
-            tl.load(st + 4).to(tl.float32), tl.load(st + 5).to(tl.float32), w > 0,
+            s_pts, f, fp, left, right, f_left, f_right, fp_left, fp_right, valid
         )  # fmt: skip
+        done = done | _converged(left, right, f_left, f_right, fp_left, fp_right)
+    tl.store(st + LEFT, left.to(tl.float64))
+    tl.store(st + RIGHT, right.to(tl.float64))
+    tl.store(st + F_LEFT, f_left.to(tl.float64))
+    tl.store(st + F_RIGHT, f_right.to(tl.float64))
+    tl.store(st + FP_LEFT, fp_left.to(tl.float64))
+    tl.store(st + FP_RIGHT, fp_right.to(tl.float64))
+    tl.store(st + DONE, done.to(tl.float64))
     if LAST:
         alpha = _estimate(left, right, f_left, f_right, fp_left, fp_right)
-        outcome = tl.load(st + 9).to(tl.float32)
+        outcome = tl.load(st + OUTCOME).to(tl.float32)
         alpha = tl.where(outcome == 1.0, lo, tl.where(outcome == 2.0, hi, alpha))
         tl.store(alpha_ptr + row, tl.where(outcome == 3.0, 0.5 * (lo + hi), alpha))
     else:
@@ -280,13 +413,16 @@ def combine_kernel(
         even = left + (right - left) * (jn - 2).to(tl.float32) / (KN - 2)
         cand = tl.where(jn == 0, left - f_left / fp_left, tl.where(jn == 1, right - f_right / fp_right, even))
         cand = _inside(tl.where(jn == 2, secant, cand), left, right)
+        # reference: the chord of the grid maxima over the bracket grid (evenly spaced on [lo, hi])
+        h = (hi - lo) / (KG - 1 - FIRST_IN)
+        pos = (cand - lo) / tl.where(h > 0, h, 1.0)
+        seg = tl.minimum(tl.maximum(pos.to(tl.int32), 0), KG - 2 - FIRST_IN)
+        g0 = tl.load(gmax_ptr + row * KG + FIRST_IN + seg)
+        g1 = tl.load(gmax_ptr + row * KG + FIRST_IN + seg + 1)
+        frac = tl.minimum(tl.maximum(pos - seg.to(tl.float32), 0.0), 1.0)
+        ref = g0 + (g1 - g0) * frac
         tl.store(next_ptr + row * KN + jn, cand)
-        tl.store(st, left.to(tl.float64))
-        tl.store(st + 1, right.to(tl.float64))
-        tl.store(st + 2, f_left.to(tl.float64))
-        tl.store(st + 3, f_right.to(tl.float64))
-        tl.store(st + 4, fp_left.to(tl.float64))
-        tl.store(st + 5, fp_right.to(tl.float64))
+        tl.store(next_refs_ptr + row * KN + jn, ref)
 
 
 @triton.jit
@@ -300,32 +436,29 @@ def _mixed(zb, zt, lse_b, lse_t, alpha):
 def sample_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr,
     state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, GREEDY: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): best Gumbel key and its index, log Z_q and (if tempered) raw log Z partials."""
+    """Per (row, chunk): best Gumbel key and its index, and log Z_q (per-lane, reduced once)."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(state_ptr + row * 12 + 6).to(tl.float32)
-    lse_t = tl.load(state_ptr + row * 12 + 7).to(tl.float32)
+    lse_b = tl.load(state_ptr + row * 16 + LSE_B).to(tl.float32)
+    lse_t = tl.load(state_ptr + row * 16 + LSE_T).to(tl.float32)
     row_key = _mix32(_mix32(tl.load(seeds_ptr + row).to(tl.uint32)) ^ tl.load(steps_ptr + row).to(tl.uint32))
-    best = tl.full([], NEG_INF, tl.float32)
-    best_idx = tl.zeros([], tl.int32)
-    mq, sq = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    rb, srb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    rt, srt = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    end = tl.minimum(split * chunk + chunk, V)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], NEG_INF, tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    mq = tl.full([BLOCK], NEG_INF, tl.float32)
+    sq = tl.zeros([BLOCK], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
     for i in range(0, n_blocks):
-        idx = split * chunk + i * BLOCK + tl.arange(0, BLOCK)
+        idx = start + i * BLOCK + lanes
         ok = idx < end
-        raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        u = tl.where(ok, _mixed(raw_b * inv_temp, raw_t * inv_temp, lse_b, lse_t, alpha), NEG_INF)
-        mq, sq = _lse_update(mq, sq, u)
-        if TEMPERED:
-            rb, srb = _lse_update(rb, srb, raw_b)
-            rt, srt = _lse_update(rt, srt, raw_t)
+        zb, zt, _, _ = _tempered(_load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok), inv_temp)
+        u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
+        mq, sq, _, _ = _online(mq, sq, u)
         if GREEDY:
             key = u
         else:
@@ -333,76 +466,43 @@ def sample_kernel(
             unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             key = u - tl.log(-tl.log(unif))
         key = tl.where(key == key, key, NEG_INF)
-        blk_best = tl.max(key, axis=0)
-        blk_idx = tl.min(tl.where(key == blk_best, idx, 2147483647), axis=0)
-        better = blk_best > best
-        best_idx = tl.where(better, blk_idx, best_idx)
-        best = tl.where(better, blk_best, best)
-    at = part_ptr + (row * SPLITS + split) * 8
-    tl.store(at, best)
-    tl.store(at + 1, best_idx.to(tl.float32))  # exact: V < 2**24
-    tl.store(at + 2, mq)
-    tl.store(at + 3, sq)
-    tl.store(at + 4, rb)
-    tl.store(at + 5, srb)
-    tl.store(at + 6, rt)
-    tl.store(at + 7, srt)
+        better = key > best  # indices rise along a lane: the first index wins ties
+        best_idx = tl.where(better, idx, best_idx)
+        best = tl.where(better, key, best)
+    top = tl.max(best, axis=0)
+    at = part_ptr + (row * SPLITS + split) * 4
+    tl.store(at, top)
+    tl.store(at + 1, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0).to(tl.float32))  # exact: V < 2**24
+    m, s, _ = _lanes(mq, sq)
+    tl.store(at + 2, m)
+    tl.store(at + 3, s)
 
 
 @triton.jit
 def finish_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
     tok_ptr, lp_base_ptr, lp_teacher_ptr, lp_q_ptr,
-    SPLITS: tl.constexpr, TEMPERED: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
     """Merge the sampling partials of a row: the token (first index on ties) and its log-probs."""
     row = tl.program_id(0).to(tl.int64)
     best = tl.full([], NEG_INF, tl.float32)
     best_idx = tl.zeros([], tl.int32)
     mq, sq = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    rb, srb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    rt, srt = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    for sp in range(0, SPLITS):  # a loop, not unrolled: unrolling 64 fp64 merges takes ptxas minutes
-        at = part_ptr + (row * SPLITS + sp) * 8
+    for sp in range(0, SPLITS):
+        at = part_ptr + (row * SPLITS + sp) * 4
         value = tl.load(at)
         better = value > best
         best_idx = tl.where(better, tl.load(at + 1).to(tl.int32), best_idx)
         best = tl.where(better, value, best)
         mq, sq = _merge_lse(mq, sq, tl.load(at + 2), tl.load(at + 3))
-        rb, srb = _merge_lse(rb, srb, tl.load(at + 4), tl.load(at + 5))
-        rt, srt = _merge_lse(rt, srt, tl.load(at + 6), tl.load(at + 7))
+    st = state_ptr + row * 16
     alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(state_ptr + row * 12 + 6).to(tl.float32)
-    lse_t = tl.load(state_ptr + row * 12 + 7).to(tl.float32)
-    if TEMPERED:
-        raw_lse_b, raw_lse_t = _lse(rb, srb), _lse(rt, srt)
-    else:
-        raw_lse_b, raw_lse_t = lse_b, lse_t
+    lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
     tb = tl.load(zb_ptr + row * stride_b + best_idx).to(tl.float32)
     tt = tl.load(zt_ptr + row * stride_t + best_idx).to(tl.float32)
-    u_tok = _mixed(tb * inv_temp, tt * inv_temp, lse_b, lse_t, alpha)
+    zb, zt, _, _ = _tempered(tb, tt, inv_temp)
     tl.store(tok_ptr + row, best_idx.to(tl.int64))
-    tl.store(lp_base_ptr + row, tb - raw_lse_b)
-    tl.store(lp_teacher_ptr + row, tt - raw_lse_t)
-    tl.store(lp_q_ptr + row, u_tok - _lse(mq, sq))
-
-
-@triton.jit
-def _merge_lse(m, s, m_b, s_b):
-    m_new = tl.maximum(m, m_b)
-    return m_new, s * tl.exp(m - _safe(m_new)) + s_b * tl.exp(m_b - _safe(m_new))
-
-
-@triton.jit
-def row_lse_kernel(zb_ptr, zt_ptr, stride_b, stride_t, V, inv_temp, state_ptr, BLOCK: tl.constexpr):
-    """Fixed alpha: only the two log-normalisers are needed (one program per row)."""
-    row = tl.program_id(0).to(tl.int64)
-    mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        zb, zt = _load_rows(zb_ptr + row * stride_b, zt_ptr + row * stride_t, idx, idx < V, inv_temp)
-        mb, sb = _lse_update(mb, sb, zb)
-        mt, st = _lse_update(mt, st, zt)
-    tl.store(state_ptr + row * 12 + 6, _lse(mb, sb).to(tl.float64))
-    tl.store(state_ptr + row * 12 + 7, _lse(mt, st).to(tl.float64))
+    tl.store(lp_base_ptr + row, tb - tl.load(st + RAW_LSE_B).to(tl.float32))
+    tl.store(lp_teacher_ptr + row, tt - tl.load(st + RAW_LSE_T).to(tl.float32))
+    tl.store(lp_q_ptr + row, _mixed(zb, zt, lse_b, lse_t, alpha) - _lse(mq, sq))
