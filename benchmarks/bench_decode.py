@@ -141,12 +141,18 @@ def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int)
 
 
 def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> float:
-    """ms of the fused sampler alone on random bf16 logits [batch, V]."""
+    """ms of the fused sampler alone on random bf16 logits [batch, V], replayed from a CUDA graph."""
     logits_b = torch.randn(batch, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
     logits_t = logits_b + torch.randn_like(logits_b)
     seeds = torch.arange(batch, device="cuda")
     fused_outputs(logits_b, logits_t, seeds, seeds, mix, params)
-    return 1e3 * timed(lambda: fused_outputs(logits_b, logits_t, seeds, seeds, mix, params), 20)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()  # GPU time, as in the engine's step
+    with torch.cuda.stream(stream):
+        fused_outputs(logits_b, logits_t, seeds, seeds, mix, params)
+        with torch.cuda.graph(graph, stream=stream):
+            fused_outputs(logits_b, logits_t, seeds, seeds, mix, params)
+    graph.replay()
+    return 1e3 * timed(graph.replay, 20)
 
 
 def bench_variable(
@@ -159,19 +165,27 @@ def bench_variable(
     waiting = list(zip(prompts(requests, 7), lengths, strict=True))[::-1]
     free = list(range(slots - 1, -1, -1))
     active: dict[int, list] = {}  # slot -> [tokens so far, target length, last token]
-    produced, steps = 0, 0
+    produced, steps, refills = 0, 0, 0
+    refill_s, tail_s, tail_tokens = 0.0, 0.0, 0  # time in prefill + first draw; after the queue empties
     sync()
     start = time.perf_counter()
     while waiting or active:
         if waiting and free and (len(free) >= min(refill_at, len(waiting)) or not active):
+            began = time.perf_counter()
             admitted = [free.pop() for _ in range(min(len(free), len(waiting)))]
             jobs = [waiting.pop() for _ in admitted]
             firsts = loop.start(admitted, [p for p, _ in jobs])
             for slot, (_, target), token in zip(admitted, jobs, firsts, strict=True):
                 active[slot] = [1, target, token]
             produced += len(admitted)
+            refills += 1
+            refill_s += time.perf_counter() - began
         slot_list = list(active)
+        began = time.perf_counter()
         tokens = loop.step(slot_list, [active[s][2] for s in slot_list], [active[s][0] for s in slot_list])
+        if not waiting:
+            tail_s += time.perf_counter() - began
+            tail_tokens += len(slot_list)
         steps += 1
         produced += len(slot_list)
         for slot, token in zip(slot_list, tokens, strict=True):
@@ -182,7 +196,10 @@ def bench_variable(
                 free.append(slot)
         loop.engine.release([s for s in slot_list if s not in active])
     seconds = time.perf_counter() - start
-    return dict(tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at)
+    return dict(
+        tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at,
+        refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
+    )  # fmt: skip
 
 
 def bench_reference(base, teacher, batch: int, steps: int, mix: MixConfig, params: SamplingParams) -> dict:

@@ -39,33 +39,36 @@ def kernel_trace(b, t, mix, params):
     rows = (b, t, b.stride(0), t.stride(0), vocab, chunk, chunk // mf.BLOCK)
     lo, hi = mix.alpha_min, mix.alpha_max
     layout = mf.grid_layout(lo, hi)
-    state = torch.empty(batch, tm.STATE, dtype=torch.float64, device="cuda")
-    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device="cuda")
-    maxima = torch.empty(batch, splits, mf.GRID_POINTS, dtype=torch.float32, device="cuda")
-    gmax = torch.empty(batch, mf.GRID_POINTS, dtype=torch.float32, device="cuda")
+    state = torch.empty(batch, tm.STATE, dtype=torch.float64, device=b.device)
+    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=b.device)
+    maxima = torch.empty(batch, splits, mf.GRID_POINTS, dtype=torch.float32, device=b.device)
+    gmax = torch.empty(batch, mf.GRID_POINTS, dtype=torch.float32, device=b.device)
     tm.row_kernel[(batch, splits)](*rows, 1.0, lo, hi, row_parts, maxima, SPLITS=splits, K=mf.GRID_POINTS,
                                    **layout, MAXIMA=True, TEMPERED=False, BLOCK=mf.BLOCK, num_warps=mf.ROW_WARPS)
     tm.row_combine_kernel[(batch,)](row_parts, maxima, gmax, state, SPLITS=splits, K=mf.GRID_POINTS,
                                     MAXIMA=True, TEMPERED=False, num_warps=1)
     trace = [{"state0": state.clone()}]
-    alpha = torch.empty(batch, device="cuda")
+    alpha = torch.empty(batch, device=b.device)
     counts = (mf.GRID_POINTS, *mf.REFINE_POINTS)
-    j = torch.arange(mf.GRID_POINTS, device="cuda", dtype=torch.float32)
+    j = torch.arange(mf.GRID_POINTS, device=b.device, dtype=torch.float32)
     first = layout["FIRST_IN"]
     grid = lo + (hi - lo) * (j - first) / (mf.GRID_POINTS - 1 - first)
-    grid[:first] = torch.tensor([v for v in (0.0, 1.0) if v not in (lo, hi)], device="cuda")
+    grid[:first] = torch.tensor([v for v in (0.0, 1.0) if v not in (lo, hi)], device=b.device)
     points, refs = gmax, gmax
+    shift_parts = torch.empty(batch, splits, tm.SHIFT_STATS, dtype=torch.float64, device=b.device)
     for p, k in enumerate(counts):
         g, last = p == 0, p == len(counts) - 1
         kn = 4 if last else counts[p + 1]
-        parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device="cuda")
-        tm.stats_kernel[(batch, splits)](*rows, 1.0, lo, hi, points, refs, state, parts, SPLITS=splits, K=k,
+        parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=b.device)
+        tm.stats_kernel[(batch, splits)](*rows, 1.0, lo, hi, points, refs, state, parts, shift_parts, SPLITS=splits, K=k,
                                          GRID=g, **layout, BLOCK=mf.BLOCK, num_warps=mf.STATS_WARPS)
-        nxt, nref = (torch.empty(batch, kn, device="cuda") for _ in range(2))
-        tm.combine_kernel[(batch,)](parts, gmax, state, points, nxt, nref, alpha, lo, hi, SPLITS=splits, K=k,
+        nxt, nref = (torch.empty(batch, kn, device=b.device) for _ in range(2))
+        tm.combine_kernel[(batch,)](parts, shift_parts, gmax, state, points, nxt, nref, alpha, lo, hi, SPLITS=splits, K=k,
                                     KG=mf.GRID_POINTS, KN=kn, GRID=g, LAST=last, **layout, num_warps=1)
         sums = parts.sum(1)
         f = sums[..., 1] / sums[..., 0]
+        if g:
+            trace[0]["shift_parts"] = shift_parts.sum(1)
         trace.append({"points": (grid.expand(batch, -1) if g else points).clone(), "f": f, "w": sums[..., 0],
                       "refs": refs.clone(), "state": state.clone()})
         points, refs = nxt, nref
@@ -100,14 +103,14 @@ def diagnose(name, b, t, mix, limit=3):
 
 def main():
     torch.manual_seed(256)
-    b = (torch.randn(256, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+    b = (torch.randn(256, VOCAB, device=b.device) * 3).to(torch.bfloat16)
     t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
     diagnose("random256_seed256", b, t, MixConfig())
     torch.manual_seed(0)
     for _ in range(2):
-        torch.randn(256, VOCAB, device="cuda")  # the sweep's random rows come first
-    b = torch.randn(64, VOCAB, device="cuda") * 2
-    b[:, :64] += 12 * torch.rand(64, 64, device="cuda")
+        torch.randn(256, VOCAB, device=b.device)  # the sweep's random rows come first
+    b = torch.randn(64, VOCAB, device=b.device) * 2
+    b[:, :64] += 12 * torch.rand(64, 64, device=b.device)
     diagnose("near_identical64", b, b + 1e-2 * torch.randn_like(b), MixConfig())
 
 

@@ -234,14 +234,38 @@ def check_decode_attention(device: str) -> None:
 
 
 def run_kernel_checks(device: str) -> None:
-    """Every configuration on CUDA; on the (slow) CPU interpreter the two that cover the most code."""
-    configs = [(t, b) for t in (1.0, 0.6, 0.0) for b in ((0.5, 1.0), (0.0, 1.0))]
+    """Every configuration on CUDA; on the (slow) CPU interpreter one per grid layout (0 and 1 in
+    the bracket, neither, and a single-point bracket, which skips the solve)."""
+    configs = [(t, b) for t in (1.0, 0.6, 0.0) for b in ((0.5, 1.0), (0.0, 1.0), (0.2, 0.8), (0.7, 0.7))]
     if device == "cpu":
-        configs = [(0.6, (0.0, 1.0))]
+        configs = [(0.6, (0.0, 1.0)), (1.0, (0.2, 0.8)), (0.3, (0.7, 0.7))]
     for temperature, bracket in configs:
         check_fused_sampler(device, temperature, bracket)
     check_fixed_alpha_one_is_the_teacher(device)
     check_decode_attention(device)
+
+
+@pytest.mark.parametrize(
+    "bracket, layout",
+    [
+        ((0.0, 1.0), {"FIRST_IN": 0, "ZERO_AT": 0, "ONE_AT": 7}),
+        ((0.5, 1.0), {"FIRST_IN": 1, "ZERO_AT": 0, "ONE_AT": 7}),
+        ((0.0, 0.6), {"FIRST_IN": 1, "ZERO_AT": 1, "ONE_AT": 0}),
+        ((0.2, 0.8), {"FIRST_IN": 2, "ZERO_AT": 0, "ONE_AT": 1}),
+    ],
+)
+def test_grid_holds_the_bracket_and_both_policies(bracket, layout):
+    """The grid pass evaluates 0 and 1 (Jeffreys) and [lo, hi] evenly, each point once."""
+    from optimal_sampling.engines.fast.mixing_fast import GRID_POINTS, grid_layout
+
+    got = grid_layout(*bracket)
+    assert got == layout
+    lo, hi = bracket
+    first = got["FIRST_IN"]
+    points = [lo + (hi - lo) * (j - first) / (GRID_POINTS - 1 - first) for j in range(first, GRID_POINTS)]
+    points = [v for v in (0.0, 1.0) if v not in bracket] + points
+    assert points[got["ZERO_AT"]] == 0.0 and abs(points[got["ONE_AT"]] - 1.0) < 1e-12
+    assert len(set(points)) == GRID_POINTS
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

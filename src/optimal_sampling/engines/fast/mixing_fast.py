@@ -27,8 +27,8 @@ BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha"
 DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
 GRID_POINTS = 8  # the bracketing pass: evenly spaced over [alpha_min, alpha_max], with 0 and 1
 REFINE_POINTS = (4, 4, 8, 8)  # points per refining pass; a row whose bracket is tight skips the rest
-BLOCK = 512  # vocabulary entries per step of a (row, chunk) program
-PROGRAMS = 528  # (row, chunk) programs to aim for per pass (4 per SM of an H100)
+BLOCK = 256  # vocabulary entries per step of a (row, chunk) program
+PROGRAMS = 2112  # (row, chunk) programs to aim for per pass (16 per SM of an H100)
 ROW_WARPS = 4
 STATS_WARPS = 4
 SAMPLE_WARPS = 4
@@ -169,18 +169,19 @@ def solve_kl_symmetry(rows, inv_temp: float, lo: float, hi: float, layout: dict,
     batch, device = alpha.shape[0], alpha.device
     counts = (GRID_POINTS, *REFINE_POINTS)
     points, refs = grid_max, grid_max  # the grid pass makes its own points; refs are the exact maxima
+    shift_parts = torch.empty(batch, splits, tm.SHIFT_STATS, dtype=torch.float64, device=device)
     for p, k in enumerate(counts):
         grid, last = p == 0, p == len(counts) - 1
         kn = 4 if last else counts[p + 1]
         parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
         tm.stats_kernel[(batch, splits)](
-            *rows, inv_temp, lo, hi, points, refs, state, parts,
+            *rows, inv_temp, lo, hi, points, refs, state, parts, shift_parts,
             SPLITS=splits, K=k, GRID=grid, **layout, BLOCK=BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
         next_points = torch.empty(batch, kn, dtype=torch.float32, device=device)
         next_refs = torch.empty(batch, kn, dtype=torch.float32, device=device)
         tm.combine_kernel[(batch,)](
-            parts, grid_max, state, points, next_points, next_refs, alpha, lo, hi,
+            parts, shift_parts, grid_max, state, points, next_points, next_refs, alpha, lo, hi,
             SPLITS=splits, K=k, KG=GRID_POINTS, KN=kn, GRID=grid, LAST=last, **layout, num_warps=1,
         )  # fmt: skip
         points, refs = next_points, next_refs

@@ -30,7 +30,8 @@ import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
 DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
-ROW_STATS = 11  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, excess, far, centre, raw m/s b, t
+ROW_STATS = 11  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, -, raw m/s b, t
+SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), tokens that could overflow
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
 STATE = 16  # per row, float64
 # state columns
@@ -48,6 +49,7 @@ OUTCOME = tl.constexpr(10)  # 0 root inside, 1 at alpha_min, 2 at alpha_max, 3 i
 DONE = tl.constexpr(11)
 RAW_LSE_B = tl.constexpr(12)
 RAW_LSE_T = tl.constexpr(13)
+FAR = tl.constexpr(14)  # tokens in one support only: the shift is then lse_t - lse_b - c, not precise
 
 
 @triton.jit
@@ -66,9 +68,8 @@ def _safe(m):
 
 @triton.jit
 def _expm1(d):
-    """exp(d) - 1 to ~1e-7 relative for |d| <= 10 (Taylor near 0, where exp(d) - 1 cancels)."""
-    taylor = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0)))))
-    return tl.where(tl.abs(d) < 0.1, taylor, tl.exp(d) - 1.0)
+    """exp(d) - 1 for |d| < 0.1 to ~1e-9 relative (Taylor: exp(d) - 1 cancels there)."""
+    return d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0)))))
 
 
 @triton.jit
@@ -82,8 +83,11 @@ def _tempered(raw_b, raw_t, inv_temp):
 
 
 @triton.jit
-def _load(ptr, idx, ok):
-    return tl.load(ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+def _fetch(zb_ptr, zt_ptr, idx, end):
+    """Issue the loads of the block at idx, unconverted: the loop uses them one step later, so
+    the next block's memory latency hides behind this block's arithmetic."""
+    ok = idx < end
+    return tl.load(zb_ptr + idx, mask=ok, other=NEG_INF), tl.load(zt_ptr + idx, mask=ok, other=NEG_INF), ok
 
 
 @triton.jit
@@ -135,15 +139,13 @@ def row_kernel(
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    b0, t0 = tl.load(zb_ptr).to(tl.float32), tl.load(zt_ptr).to(tl.float32)
-    centre = tl.where((b0 > NEG_INF) & (t0 > NEG_INF), (t0 - b0) * inv_temp, 0.0)
     lanes = tl.arange(0, BLOCK)
     mb = tl.full([BLOCK], NEG_INF, tl.float32)
     sb = tl.zeros([BLOCK], tl.float32)
     mt = tl.full([BLOCK], NEG_INF, tl.float32)
     st = tl.zeros([BLOCK], tl.float32)
-    excess = tl.zeros([BLOCK], tl.float32)  # sum of exp(z_b - mb) expm1(d - c) on the joint support
-    far = tl.zeros([BLOCK], tl.int32)  # tokens outside the joint support, or with |d - c| > 10
+    d_top = tl.zeros([BLOCK], tl.float32)  # d where the lane's z_b is largest: the centre c
+    far = tl.zeros([BLOCK], tl.int32)  # tokens in one support only
     rmb = tl.full([BLOCK], NEG_INF, tl.float32)
     rsb = tl.zeros([BLOCK], tl.float32)
     rmt = tl.full([BLOCK], NEG_INF, tl.float32)
@@ -153,16 +155,14 @@ def row_kernel(
     top = tl.full([K, BLOCK], NEG_INF, tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        idx = start + i * BLOCK + lanes
-        ok = idx < end
-        raw_b, raw_t = _load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, zt, d, joint = _tempered(raw_b, raw_t, inv_temp)
-        dc = d - centre
-        far += ((raw_b > NEG_INF) != (raw_t > NEG_INF)).to(tl.int32) + (joint & (tl.abs(dc) > 10.0)).to(tl.int32)
-        mb, sb, t, up = _online(mb, sb, zb)
-        em1 = tl.where(joint, _expm1(dc), 0.0)
-        excess = tl.where(up, excess * t + em1, excess + t * em1)
+        far += ((raw_b > NEG_INF) != (raw_t > NEG_INF)).to(tl.int32)
+        mb, sb, _, up = _online(mb, sb, zb)
+        d_top = tl.where(up, d, d_top)
         mt, st, _, _ = _online(mt, st, zt)
         if TEMPERED:
             rmb, rsb, _, _ = _online(rmb, rsb, raw_b)
@@ -175,12 +175,11 @@ def row_kernel(
     scale = tl.exp(mb - _safe(m)).to(tl.float64)
     tl.store(out, m.to(tl.float64))
     tl.store(out + 1, tl.sum(sb.to(tl.float64) * scale, axis=0))
-    tl.store(out + 4, tl.sum(excess.to(tl.float64) * scale, axis=0))
+    tl.store(out + 4, tl.max(tl.where(mb == m, d_top, NEG_INF), axis=0))
     m, s, _ = _lanes(mt, st)
     tl.store(out + 2, m)
     tl.store(out + 3, s)
     tl.store(out + 5, tl.sum(far, axis=0).to(tl.float32))
-    tl.store(out + 6, centre)
     if TEMPERED:
         m, s, _ = _lanes(rmb, rsb)
         tl.store(out + 7, m)
@@ -213,7 +212,7 @@ def row_combine_kernel(
     mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
     rmb, rsb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
     rmt, rst = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    excess = tl.zeros([], tl.float64)
+    centre = tl.zeros([], tl.float32)  # d at the row's largest z_b
     far = tl.zeros([], tl.float32)
     j = tl.arange(0, K)
     top = tl.full([K], NEG_INF, tl.float32)
@@ -223,7 +222,7 @@ def row_combine_kernel(
         m_new = tl.maximum(mb, pm)
         old, new = tl.exp(mb - _safe(m_new)).to(tl.float64), tl.exp(pm - _safe(m_new)).to(tl.float64)
         sb = sb * old + tl.load(at + 1) * new
-        excess = excess * old + tl.load(at + 4) * new
+        centre = tl.where(pm > mb, tl.load(at + 4).to(tl.float32), centre)
         mb = m_new
         mt, st = _merge_lse(mt, st, tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32))
         far += tl.load(at + 5).to(tl.float32)
@@ -232,16 +231,14 @@ def row_combine_kernel(
             rmt, rst = _merge_lse(rmt, rst, tl.load(at + 9).to(tl.float32), tl.load(at + 10).to(tl.float32))
         if MAXIMA:
             top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
-    centre = tl.load(part_ptr + row * SPLITS * 11 + 6).to(tl.float32)
     lse_b, lse_t = _lse(mb, sb.to(tl.float32)), _lse(mt, st)
-    ratio = excess / tl.where(sb > 0, sb, 1.0)  # E_base[expm1(d - c)]
-    rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)
-    shift = tl.where((far == 0) & (sb > 0), _log1p(ratio), rough)
+    rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)  # the grid pass refines it
     st_ptr = state_ptr + row * 16
     tl.store(st_ptr + LSE_B, lse_b.to(tl.float64))
     tl.store(st_ptr + LSE_T, lse_t.to(tl.float64))
     tl.store(st_ptr + CENTRE, centre.to(tl.float64))
-    tl.store(st_ptr + SHIFT, shift)
+    tl.store(st_ptr + SHIFT, rough)
+    tl.store(st_ptr + FAR, far.to(tl.float64))
     tl.store(st_ptr + OUTCOME, 0.0)
     tl.store(st_ptr + DONE, 0.0)
     if TEMPERED:
@@ -257,11 +254,14 @@ def row_combine_kernel(
 @triton.jit
 def stats_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, pts_ptr, refs_ptr,
-    state_ptr, part_ptr,
+    state_ptr, part_ptr, shift_ptr,
     SPLITS: tl.constexpr, K: tl.constexpr, GRID: tl.constexpr, FIRST_IN: tl.constexpr,
     ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk) and point s: sum of e, e g and e g^2 with e = exp(x_s - ref_s), g = d - c - shift'."""
+    """Per (row, chunk) and point s: sum of e, e g and e g^2 with e = exp(x_s - ref_s), g = d - c - shift'.
+
+    The grid pass does not know shift' yet (g = d - c there); it sums the precise shift's terms with
+    the weights of its s = 0 point, p_b = exp(z_b - ref_0), so that f and the shift agree."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -273,18 +273,27 @@ def stats_kernel(
         s_pts = tl.load(pts_ptr + row * K + j)
     refs = tl.load(refs_ptr + row * K + j)
     centre = tl.load(st_ptr + CENTRE).to(tl.float32)
-    shift = tl.load(st_ptr + SHIFT).to(tl.float32)
+    if GRID:
+        shift = 0.0
+        ref0 = tl.load(refs_ptr + row * K + ZERO_AT)
+    else:
+        shift = tl.load(st_ptr + SHIFT).to(tl.float32)
+        ref0 = 0.0
     blocks = tl.where(tl.load(st_ptr + DONE) != 0, 0, n_blocks)
     lanes = tl.arange(0, BLOCK)
     w = tl.zeros([K, BLOCK], tl.float32)
     s1 = tl.zeros([K, BLOCK], tl.float32)
     s2 = tl.zeros([K, BLOCK], tl.float32)
+    p_sum = tl.zeros([BLOCK], tl.float32)
+    p_em1 = tl.zeros([BLOCK], tl.float32)
+    risky = tl.zeros([BLOCK], tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, blocks):
-        idx = start + i * BLOCK + lanes
-        ok = idx < end
-        zb, _, d, joint = _tempered(_load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok), inv_temp)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        zb, _, d, joint = _tempered(raw_b, raw_t, inv_temp)
         g = tl.where(joint, (d - centre) - shift, 0.0)
         x = (zb[None, :] - refs[:, None]) + s_pts[:, None] * d[None, :]  # near 0 where it matters
         e = tl.where(joint[None, :], tl.exp(x), 0.0)
@@ -292,6 +301,19 @@ def stats_kernel(
         w += e
         s1 += eg
         s2 += eg * g[None, :]
+        if GRID:  # p_b expm1(d - c): Taylor where d - c is small, else exp(z_b - ref_0 + d - c) - p_b
+            zr = zb - ref0
+            pb = tl.where(joint, tl.exp(zr), 0.0)
+            big = zr + g  # log of the teacher-side term; it overflows float32 above ~88
+            em1 = tl.where(tl.abs(g) < 0.1, pb * _expm1(g), tl.exp(tl.minimum(big, 80.0)) - pb)
+            p_sum += pb
+            p_em1 += tl.where(joint, em1, 0.0)
+            risky += (joint & (big > 80.0)).to(tl.int32)
+    if GRID:
+        at = shift_ptr + (row * SPLITS + split) * 3
+        tl.store(at, tl.sum(p_sum.to(tl.float64), axis=0))
+        tl.store(at + 1, tl.sum(p_em1.to(tl.float64), axis=0))
+        tl.store(at + 2, tl.sum(risky, axis=0).to(tl.float64))
     out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
     tl.store(out, tl.sum(w.to(tl.float64), axis=1))
     tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
@@ -348,7 +370,7 @@ def _converged(left, right, f_left, f_right, fp_left, fp_right):
 
 @triton.jit
 def combine_kernel(
-    part_ptr, gmax_ptr, state_ptr, pts_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
+    part_ptr, shift_ptr, gmax_ptr, state_ptr, pts_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
     SPLITS: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, KN: tl.constexpr, GRID: tl.constexpr,
     LAST: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr,
 ):  # fmt: skip
@@ -370,8 +392,24 @@ def combine_kernel(
         s2 += tl.load(at + 2)
     valid = w > 0
     mean = s1 / tl.where(valid, w, 1.0)
-    f = mean.to(tl.float32)
     fp = tl.maximum(s2 / tl.where(valid, w, 1.0) - mean * mean, 0.0).to(tl.float32)
+    if GRID:  # the shift: precise from this pass's sums where the supports agree, else lse_t - lse_b - c
+        p_sum = tl.zeros([], tl.float64)
+        p_em1 = tl.zeros([], tl.float64)
+        risky = tl.zeros([], tl.float64)
+        for sp in range(0, SPLITS):
+            at = shift_ptr + (row * SPLITS + sp) * 3
+            p_sum += tl.load(at)
+            p_em1 += tl.load(at + 1)
+            risky += tl.load(at + 2)
+        precise = (tl.load(st + FAR) == 0) & (risky == 0) & (p_sum > 0)
+        shift = tl.where(precise, _log1p(p_em1 / tl.where(p_sum > 0, p_sum, 1.0)), tl.load(st + SHIFT))
+        tl.store(st + SHIFT, shift)
+        mean = mean - shift
+    else:  # the stats pass took g = d - c - float32(shift'): take off what float32 rounded away
+        shift = tl.load(st + SHIFT)
+        mean = mean - (shift - shift.to(tl.float32).to(tl.float64))
+    f = mean.to(tl.float32)
     done = tl.load(st + DONE) != 0
     if GRID:
         jeffreys = tl.sum(tl.where(j == ONE_AT, f, 0.0), axis=0) - tl.sum(tl.where(j == ZERO_AT, f, 0.0), axis=0)
@@ -453,10 +491,12 @@ def sample_kernel(
     sq = tl.zeros([BLOCK], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        idx = start + i * BLOCK + lanes
-        ok = idx < end
-        zb, zt, _, _ = _tempered(_load(zb_ptr, idx, ok), _load(zt_ptr, idx, ok), inv_temp)
+        idx, ok = start + i * BLOCK + lanes, next_ok
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
+        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         mq, sq, _, _ = _online(mq, sq, u)
         if GREEDY:
