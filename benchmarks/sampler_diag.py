@@ -103,14 +103,14 @@ def diagnose(name, b, t, mix, limit=3):
 
 def main():
     torch.manual_seed(256)
-    b = (torch.randn(256, VOCAB, device=b.device) * 3).to(torch.bfloat16)
+    b = (torch.randn(256, VOCAB, device="cuda") * 3).to(torch.bfloat16)
     t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
     diagnose("random256_seed256", b, t, MixConfig())
     torch.manual_seed(0)
     for _ in range(2):
-        torch.randn(256, VOCAB, device=b.device)  # the sweep's random rows come first
-    b = torch.randn(64, VOCAB, device=b.device) * 2
-    b[:, :64] += 12 * torch.rand(64, 64, device=b.device)
+        torch.randn(256, VOCAB, device="cuda")  # the sweep's random rows come first
+    b = torch.randn(64, VOCAB, device="cuda") * 2
+    b[:, :64] += 12 * torch.rand(64, 64, device="cuda")
     diagnose("near_identical64", b, b + 1e-2 * torch.randn_like(b), MixConfig())
 
 
