@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_fast_engine import adversarial_logits  # noqa: E402
 
 VOCAB = 151936
-LAYOUTS = [  # BLOCK, PROGRAMS, ROW_WARPS, STATS_WARPS, SAMPLE_WARPS; BLOCK = 32 * warps: one entry per thread
-    (128, 2112, 4, 4, 4), (256, 2112, 8, 8, 8), (128, 4224, 4, 4, 4), (256, 1056, 8, 8, 8),
-    (512, 1056, 16, 16, 16), (256, 4224, 8, 8, 8), (256, 2112, 4, 4, 4),
+LAYOUTS = [  # BLOCK, PROGRAMS, ROW_WARPS, STATS_WARPS, SAMPLE_WARPS; the first is mixing_fast's default
+    (256, 2112, 4, 4, 4), (512, 528, 4, 4, 4), (512, 2112, 4, 4, 4), (256, 4224, 2, 2, 2),
+    (1024, 1056, 8, 8, 8), (128, 2112, 4, 4, 4), (128, 4224, 4, 4, 4), (512, 1056, 16, 16, 16),
 ]  # fmt: skip
 PASSES = [(4, 4, 8, 8), (4, 4, 8)]  # REFINE_POINTS
 

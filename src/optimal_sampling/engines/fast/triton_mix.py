@@ -1,25 +1,27 @@
 """Fused alpha solve (kl_symmetry or fixed), mixing, Gumbel-max draw and importance data in Triton.
 
 Rows of the two logit matrices [B, V] are cut into `splits` chunks so that any batch fills the
-GPU; a pass is one kernel over (row, chunk) programs and one small per-row combine kernel.
+GPU; a pass is one kernel over (row, chunk) programs and one small per-row merge kernel.
 Programs keep per-lane accumulators over their whole chunk and reduce them once at the end, so a
 pass costs about one read of both rows and one exp per token and point. Nothing of size [B, V]
 is ever written. With x_s = z_b + s d, d = z_t - z_b (tempered) and q_s ∝ exp(x_s) on the joint
 support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Var_{q_s}[d]:
 1. row pass: per-lane online log-normalisers of both rows (and of the raw rows when tempered),
-   E_base[expm1(d - c)] for the precise shift, and the maxima of x_s at the grid points (no exp);
-2. grid pass: the weight, E[g] and E[g^2] of g = d - c - shift' under q_s at the grid points, each
-   relative to its exact maximum; the bracket shrinks to the sign change;
+   the d of the base's top token (the centre c), and the maxima of x_s at the grid points (no exp);
+2. grid pass: the weight, E[d - c] and E[(d - c)^2] under q_s at the grid points, each relative
+   to its exact maximum, and the precise shift' = log E_base[exp(d - c)] summed with the weights
+   of its own s = 0 point; f = E[d - c] - shift'; the bracket shrinks to the sign change;
 3. refining passes of Newton-from-each-end, secant and evenly spaced points inside the bracket,
    relative to the chord of the grid maxima (an upper bound: the max over tokens of x_s is
    convex in s); a row whose bracket is narrower than DONE_WIDTH, or whose Newton step from an
    end is below 1e-7, skips the passes left;
 4. a last Newton/secant step gives alpha; the draw pass takes the Gumbel-max token with the
    sampler's counter-based noise (sampling.uniform_noise, bit for bit) and log Z_q.
-Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); c, the d
-of token 0, centres it; shift' = log E_base[exp(d - c)] goes through expm1 when the supports
-coincide and |d - c| <= 10, so that nearly identical policies keep f's tiny values; the partial
-sums are merged in float64.
+Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); centring
+at the top token and taking the shift from the same weights as f keep the tiny f of nearly
+identical policies; expm1 is a Taylor series where d - c is small; the partial sums are merged in
+float64, and the float32 rounding of shift' is taken off in the merge. Where one support lacks a
+token (or a term could overflow) the shift is lse_t - lse_b - c instead.
 Invariant: logits are finite or -inf (model outputs); the joint support is where both are finite.
 """
 
@@ -135,7 +137,7 @@ def row_kernel(
     SPLITS: tl.constexpr, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr,
     ONE_AT: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): both log-normalisers, the precise-shift sums, and the grid maxima of x_s."""
+    """Per (row, chunk): both log-normalisers, the d at the largest z_b, and the grid maxima of x_s."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -206,7 +208,7 @@ def row_combine_kernel(
     part_ptr, max_ptr, gmax_ptr, state_ptr,
     SPLITS: tl.constexpr, K: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr,
 ):  # fmt: skip
-    """Merge a row's partials: log-normalisers, centre and precise shift, grid maxima; reset the solve."""
+    """Merge a row's partials: log-normalisers, centre, rough shift, grid maxima; reset the solve."""
     row = tl.program_id(0).to(tl.int64)
     mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float64)
     mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
