@@ -161,10 +161,11 @@ def _patch_interpreter_for_numpy2() -> None:
 
 
 def adversarial_logits(vocab: int = 1536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows: ordinary, peaked, nearly identical, identical, huge ranges, -inf entries, disjoint tops."""
+    """Rows: ordinary, peaked, nearly identical, identical, huge ranges, -inf entries, disjoint tops,
+    a scaled copy, and two nearly identical peaked heads (one whose tail the teacher rejects)."""
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(8, vocab, generator=g)
-    teacher = base + torch.randn(8, vocab, generator=g)
+    base = torch.randn(10, vocab, generator=g)
+    teacher = base + torch.randn(10, vocab, generator=g)
     base[1] *= 12
     teacher[1] = base[1] + 6 * torch.randn(vocab, generator=g)
     # Nearly identical (Jeffreys ~1e-6); at ~1e-8 fp32 itself cannot resolve alpha to 1e-4.
@@ -176,6 +177,13 @@ def adversarial_logits(vocab: int = 1536) -> tuple[torch.Tensor, torch.Tensor]:
     teacher[5, vocab // 2 :] = float("-inf")
     base[6, 0], teacher[6, 1] = 30.0, 30.0  # each model sure of a different token
     teacher[7] = 0.2 * base[7] + 3.0
+    # Language-model-like heads on which the two policies nearly agree (Var_q(d) ~ 1e-5): alpha
+    # then hangs on f's last digits. Row 9's teacher also rejects some tail tokens outright.
+    for row in (8, 9):
+        base[row] = 2 * torch.randn(vocab, generator=g)
+        base[row, :16] += 8 * torch.rand(16, generator=g)
+        teacher[row] = base[row] + 0.03 * torch.randn(vocab, generator=g)
+    teacher[9, 100:110] -= 15.0
     return base, teacher
 
 
@@ -191,7 +199,8 @@ def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, f
     base, teacher = (x.to(device) for x in adversarial_logits())
     mix = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1])
     params = SamplingParams(temperature=temperature)
-    seeds, steps = torch.arange(8, device=device) * 7919 + 1, torch.arange(8, device=device)
+    rows = base.shape[0]
+    seeds, steps = torch.arange(rows, device=device) * 7919 + 1, torch.arange(rows, device=device)
     fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
     exact = sample_step(base, teacher, seeds, steps, mix, params)
     t = temperature or 1.0
@@ -211,7 +220,8 @@ def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
 
     base, teacher = (x.to(device) for x in adversarial_logits())
     mix, params = MixConfig(alpha_method="fixed", fixed_alpha=1.0), SamplingParams()
-    seeds, steps = torch.arange(8, device=device) + 11, torch.zeros(8, dtype=torch.long, device=device)
+    rows = base.shape[0]
+    seeds, steps = torch.arange(rows, device=device) + 11, torch.zeros(rows, dtype=torch.long, device=device)
     fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
     exact = sample_step(base, teacher, seeds, steps, mix, params)
     assert fused.tokens.tolist() == exact.tokens.tolist()
