@@ -177,13 +177,13 @@ def adversarial_logits(vocab: int = 1536) -> tuple[torch.Tensor, torch.Tensor]:
     teacher[5, vocab // 2 :] = float("-inf")
     base[6, 0], teacher[6, 1] = 30.0, 30.0  # each model sure of a different token
     teacher[7] = 0.2 * base[7] + 3.0
-    # Language-model-like heads on which the two policies nearly agree (Var_q(d) ~ 1e-5): alpha
-    # then hangs on f's last digits. Row 9's teacher also rejects some tail tokens outright.
-    for row in (8, 9):
-        base[row] = 2 * torch.randn(vocab, generator=g)
-        base[row, :16] += 8 * torch.rand(16, generator=g)
-        teacher[row] = base[row] + 0.03 * torch.randn(vocab, generator=g)
-    teacher[9, 100:110] -= 15.0
+    # A language-model-like head on which the two policies nearly agree (Var_q(d) ~ 3e-3 at the
+    # root), and the same row with tail tokens the teacher rejects outright.
+    base[8] = 2 * torch.randn(vocab, generator=g)
+    base[8, :16] += 6 * torch.rand(16, generator=g)
+    teacher[8] = base[8] + 0.05 * torch.randn(vocab, generator=g)
+    base[9], teacher[9] = base[8], teacher[8]
+    teacher[9, base[9].argsort()[:10]] -= 15.0  # tail tokens of negligible mass: alpha barely moves
     return base, teacher
 
 
