@@ -1,12 +1,15 @@
 """Diagnose rows where the fused alpha strays from float64: the kernel's row state, its f at the
 grid points and at the bracket ends, against the same quantities in float64.
 
-    PYTHONPATH=src python3 benchmarks/sampler_diag.py   (a CUDA machine; prints JSON lines)
+    PYTHONPATH=src python3 benchmarks/sampler_diag.py [--passes]   (a CUDA machine; JSON lines)
+
+--passes: the GPU time of each launch of one call at batch 256, and how many rows each pass settles.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
@@ -101,7 +104,30 @@ def diagnose(name, b, t, mix, limit=3):
         print(json.dumps(out), flush=True)
 
 
+def pass_profile(batch: int = 256) -> None:
+    """GPU time of each launch of one fused call, and the share of rows done after each pass."""
+    torch.manual_seed(0)
+    b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+    t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
+    seeds = torch.arange(batch, device="cuda")
+    mix, params = MixConfig(), SamplingParams()
+    for _ in range(2):
+        mf.fused_outputs(b, t, seeds, seeds, mix, params)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        mf.fused_outputs(b, t, seeds, seeds, mix, params)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = [(e.name[:24], round(e.time_range.elapsed_us() / 1e3, 4)) for e in kernels]
+    _, trace = kernel_trace(b, t, mix, params)
+    done = [round(tr["state"][:, 11].mean().item(), 3) for tr in trace[1:]]
+    print("passes", json.dumps({"launch_ms": launches, "rows_done_after_each_alpha_pass": done}), flush=True)
+
+
 def main():
+    if "--passes" in sys.argv:
+        pass_profile()
+        return
     torch.manual_seed(256)
     b = (torch.randn(256, VOCAB, device="cuda") * 3).to(torch.bfloat16)
     t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)

@@ -104,9 +104,9 @@ def _online(m, s, x):
 @triton.jit
 def _lanes(m, s):
     """Reduce per-lane (max, sum) [BLOCK] to one (max, sum), and the lanes' rescale factors."""
-    top = tl.max(m, axis=0)
+    top = tl.max(m)
     scale = tl.exp(m - _safe(top))
-    return top, tl.sum(s * scale, axis=0), scale
+    return top, tl.sum(s * scale), scale
 
 
 @triton.jit
@@ -141,17 +141,17 @@ def row_kernel(
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    lanes = tl.arange(0, BLOCK)
-    mb = tl.full([BLOCK], NEG_INF, tl.float32)
-    sb = tl.zeros([BLOCK], tl.float32)
-    mt = tl.full([BLOCK], NEG_INF, tl.float32)
-    st = tl.zeros([BLOCK], tl.float32)
-    d_top = tl.zeros([BLOCK], tl.float32)  # d where the lane's z_b is largest: the centre c
-    far = tl.zeros([BLOCK], tl.int32)  # tokens in one support only
-    rmb = tl.full([BLOCK], NEG_INF, tl.float32)
-    rsb = tl.zeros([BLOCK], tl.float32)
-    rmt = tl.full([BLOCK], NEG_INF, tl.float32)
-    rst = tl.zeros([BLOCK], tl.float32)
+    lanes = tl.arange(0, BLOCK)[None, :]  # 2-D from the load on: no layout conversion in the loop
+    mb = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    sb = tl.zeros([1, BLOCK], tl.float32)
+    mt = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    st = tl.zeros([1, BLOCK], tl.float32)
+    d_top = tl.zeros([1, BLOCK], tl.float32)  # d where the lane's z_b is largest: the centre c
+    far = tl.zeros([1, BLOCK], tl.int32)  # tokens in one support only
+    rmb = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    rsb = tl.zeros([1, BLOCK], tl.float32)
+    rmt = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    rst = tl.zeros([1, BLOCK], tl.float32)
     j = tl.arange(0, K)
     s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
     top = tl.full([K, BLOCK], NEG_INF, tl.float32)
@@ -170,18 +170,17 @@ def row_kernel(
             rmb, rsb, _, _ = _online(rmb, rsb, raw_b)
             rmt, rst, _, _ = _online(rmt, rst, raw_t)
         if MAXIMA:
-            x = tl.where(joint[None, :], zb[None, :] + s_pts[:, None] * d[None, :], NEG_INF)
-            top = tl.maximum(top, x)
+            top = tl.maximum(top, tl.where(joint, zb, NEG_INF) + s_pts[:, None] * d)  # d = 0 off joint
     out = part_ptr + (row * SPLITS + split) * 11  # float64: the precise shift is a ratio of these sums
-    m = tl.max(mb, axis=0)
+    m = tl.max(mb)
     scale = tl.exp(mb - _safe(m)).to(tl.float64)
     tl.store(out, m.to(tl.float64))
-    tl.store(out + 1, tl.sum(sb.to(tl.float64) * scale, axis=0))
-    tl.store(out + 4, tl.max(tl.where(mb == m, d_top, NEG_INF), axis=0))
+    tl.store(out + 1, tl.sum(sb.to(tl.float64) * scale))
+    tl.store(out + 4, tl.max(tl.where(mb == m, d_top, NEG_INF)))
     m, s, _ = _lanes(mt, st)
     tl.store(out + 2, m)
     tl.store(out + 3, s)
-    tl.store(out + 5, tl.sum(far, axis=0).to(tl.float32))
+    tl.store(out + 5, tl.sum(far).to(tl.float32))
     if TEMPERED:
         m, s, _ = _lanes(rmb, rsb)
         tl.store(out + 7, m)
@@ -282,13 +281,13 @@ def stats_kernel(
         shift = tl.load(st_ptr + SHIFT).to(tl.float32)
         ref0 = 0.0
     blocks = tl.where(tl.load(st_ptr + DONE) != 0, 0, n_blocks)
-    lanes = tl.arange(0, BLOCK)
+    lanes = tl.arange(0, BLOCK)[None, :]  # 2-D from the load on: no layout conversion in the loop
     w = tl.zeros([K, BLOCK], tl.float32)
     s1 = tl.zeros([K, BLOCK], tl.float32)
     s2 = tl.zeros([K, BLOCK], tl.float32)
-    p_sum = tl.zeros([BLOCK], tl.float32)
-    p_em1 = tl.zeros([BLOCK], tl.float32)
-    risky = tl.zeros([BLOCK], tl.int32)
+    p_sum = tl.zeros([1, BLOCK], tl.float32)
+    p_em1 = tl.zeros([1, BLOCK], tl.float32)
+    risky = tl.zeros([1, BLOCK], tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
@@ -297,12 +296,12 @@ def stats_kernel(
         next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, _, d, joint = _tempered(raw_b, raw_t, inv_temp)
         g = tl.where(joint, (d - centre) - shift, 0.0)
-        x = (zb[None, :] - refs[:, None]) + s_pts[:, None] * d[None, :]  # near 0 where it matters
-        e = tl.where(joint[None, :], tl.exp(x), 0.0)
-        eg = e * g[None, :]
+        zj = tl.where(joint, zb, NEG_INF)  # off the joint support: exp(-inf) = 0 and d = g = 0
+        e = tl.exp((zj - _safe(refs)[:, None]) + s_pts[:, None] * d)  # the exponent is near 0 where it matters
+        eg = e * g
         w += e
         s1 += eg
-        s2 += eg * g[None, :]
+        s2 += eg * g
         if GRID:  # p_b expm1(d - c): Taylor where d - c is small, else exp(z_b - ref_0 + d - c) - p_b
             zr = zb - ref0
             pb = tl.where(joint, tl.exp(zr), 0.0)
@@ -313,9 +312,9 @@ def stats_kernel(
             risky += (joint & (big > 80.0)).to(tl.int32)
     if GRID:
         at = shift_ptr + (row * SPLITS + split) * 3
-        tl.store(at, tl.sum(p_sum.to(tl.float64), axis=0))
-        tl.store(at + 1, tl.sum(p_em1.to(tl.float64), axis=0))
-        tl.store(at + 2, tl.sum(risky, axis=0).to(tl.float64))
+        tl.store(at, tl.sum(p_sum.to(tl.float64)))
+        tl.store(at + 1, tl.sum(p_em1.to(tl.float64)))
+        tl.store(at + 2, tl.sum(risky).to(tl.float64))
     out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
     tl.store(out, tl.sum(w.to(tl.float64), axis=1))
     tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
