@@ -35,47 +35,19 @@ def f64(b, t, s):
 
 
 def kernel_trace(b, t, mix, params):
-    """Run the fused solve step by step and keep every pass's points and f."""
-    batch, vocab = b.shape
-    splits = mf.split_count(batch, vocab)
-    chunk = -(-vocab // (splits * mf.BLOCK)) * mf.BLOCK
-    rows = (b, t, b.stride(0), t.stride(0), vocab, chunk, chunk // mf.BLOCK)
-    lo, hi = mix.alpha_min, mix.alpha_max
-    layout = mf.grid_layout(lo, hi)
-    state = torch.empty(batch, tm.STATE, dtype=torch.float64, device=b.device)
-    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=b.device)
-    maxima = torch.empty(batch, splits, mf.GRID_POINTS, dtype=torch.float32, device=b.device)
-    gmax = torch.empty(batch, mf.GRID_POINTS, dtype=torch.float32, device=b.device)
-    tm.row_kernel[(batch, splits)](*rows, 1.0, lo, hi, row_parts, maxima, SPLITS=splits, K=mf.GRID_POINTS,
-                                   **layout, MAXIMA=True, TEMPERED=False, BLOCK=mf.BLOCK, num_warps=mf.ROW_WARPS)
-    tm.row_combine_kernel[(batch,)](row_parts, maxima, gmax, state, SPLITS=splits, K=mf.GRID_POINTS,
-                                    MAXIMA=True, TEMPERED=False, num_warps=1)
-    trace = [{"state0": state.clone()}]
-    alpha = torch.empty(batch, device=b.device)
-    counts = (mf.GRID_POINTS, *mf.REFINE_POINTS)
-    j = torch.arange(mf.GRID_POINTS, device=b.device, dtype=torch.float32)
-    first = layout["FIRST_IN"]
-    grid = lo + (hi - lo) * (j - first) / (mf.GRID_POINTS - 1 - first)
-    grid[:first] = torch.tensor([v for v in (0.0, 1.0) if v not in (lo, hi)], device=b.device)
-    points, refs = gmax, gmax
-    shift_parts = torch.empty(batch, splits, tm.SHIFT_STATS, dtype=torch.float64, device=b.device)
-    for p, k in enumerate(counts):
-        g, last = p == 0, p == len(counts) - 1
-        kn = 4 if last else counts[p + 1]
-        parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=b.device)
-        tm.stats_kernel[(batch, splits)](*rows, 1.0, lo, hi, points, refs, state, parts, shift_parts, SPLITS=splits, K=k,
-                                         GRID=g, **layout, BLOCK=mf.BLOCK, num_warps=mf.STATS_WARPS)
-        nxt, nref = (torch.empty(batch, kn, device=b.device) for _ in range(2))
-        tm.combine_kernel[(batch,)](parts, shift_parts, gmax, state, points, nxt, nref, alpha, lo, hi, SPLITS=splits, K=k,
-                                    KG=mf.GRID_POINTS, KN=kn, GRID=g, LAST=last, **layout, num_warps=1)
-        sums = parts.sum(1)
-        f = sums[..., 1] / sums[..., 0]
-        if g:
-            trace[0]["shift_parts"] = shift_parts.sum(1)
-        trace.append({"points": (grid.expand(batch, -1) if g else points).clone(), "f": f, "w": sums[..., 0],
-                      "refs": refs.clone(), "state": state.clone()})
-        points, refs = nxt, nref
-    return alpha, trace
+    """alpha and, per alpha pass, the points, the kernel's f, the weight and the row state."""
+    seeds = torch.arange(b.shape[0], device=b.device)
+    passes: list = []
+    alpha = mf.fused_outputs(b, t, seeds, seeds, mix, params, trace=passes)[4]
+    shift = passes[0]["state"][:, tm.SHIFT.value]  # the precise shift, from the grid pass on
+    for p, tr in enumerate(passes):
+        sums = tr["parts"].sum(1)
+        mean = sums[..., 1] / sums[..., 0]
+        # the grid pass sums d - c; the others d - c - float32(shift'), as combine_kernel takes them
+        taken = torch.zeros_like(shift) if p == 0 else shift.float().double()
+        tr["f"] = mean - (shift - taken)[:, None]
+        tr["w"] = sums[..., 0]
+    return alpha, passes
 
 
 def diagnose(name, b, t, mix, limit=3):
@@ -85,21 +57,21 @@ def diagnose(name, b, t, mix, limit=3):
     err = (alpha.double() - want).abs()
     print(name, "max err", err.max().item(), "rows > 1e-5:", (err > 1e-5).sum().item(), flush=True)
     for row in err.argsort(descending=True)[:limit].tolist():
-        st = trace[0]["state0"][row]
+        st = trace[0]["state"][row]
         bb, tt = b[row].double(), t[row].double()
         lse_b, lse_t = torch.logsumexp(bb, 0).item(), torch.logsumexp(tt, 0).item()
-        c = st[8].item()
+        c = st[tm.CENTRE.value].item()
         out = {"case": name, "row": row, "alpha": alpha[row].item(), "alpha64": want[row].item(),
-               "lse_b": [st[6].item(), lse_b], "lse_t": [st[7].item(), lse_t], "centre": c,
-               "shift": [st[9].item(), lse_t - lse_b - c]}
+               "lse_b": [st[tm.LSE_B.value].item(), lse_b], "lse_t": [st[tm.LSE_T.value].item(), lse_t],
+               "centre": c, "shift": [st[tm.SHIFT.value].item(), lse_t - lse_b - c]}
         passes = []
-        for tr in trace[1:]:
+        for tr in trace:
             pts = tr["points"][row].tolist()
             exact = f64(b[row], t[row], pts)
             passes.append({"s": [round(x, 7) for x in pts], "f": tr["f"][row].tolist(),
                            "f64": [e[0] for e in exact], "fp64": [e[1] for e in exact],
-                           "w": tr["w"][row].tolist(),
-                           "bracket": tr["state"][row, :4].tolist(), "done": tr["state"][row, 11].item()})
+                           "w": tr["w"][row].tolist(), "bracket": tr["state"][row, :4].tolist(),
+                           "done": tr["state"][row, tm.DONE.value].item()})
         out["passes"] = passes
         print(json.dumps(out), flush=True)
 
@@ -120,7 +92,7 @@ def pass_profile(batch: int = 256) -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     launches = [(e.name[:24], round(e.time_range.elapsed_us() / 1e3, 4)) for e in kernels]
     _, trace = kernel_trace(b, t, mix, params)
-    done = [round(tr["state"][:, 11].mean().item(), 3) for tr in trace[1:]]
+    done = [round(tr["state"][:, tm.DONE.value].mean().item(), 3) for tr in trace]
     print("passes", json.dumps({"launch_ms": launches, "rows_done_after_each_alpha_pass": done}), flush=True)
 
 

@@ -26,6 +26,7 @@ from optimal_sampling.mixing.alpha import solve_alpha
 from optimal_sampling.mixing.logprobs import tempered_logprobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_decode import graph_ms, timed  # noqa: E402  (benchmarks/ is the script's directory)
 from test_fast_engine import adversarial_logits  # noqa: E402
 
 VOCAB = 151936
@@ -83,26 +84,8 @@ def errors(all_cases, references) -> dict:
     return out
 
 
-def time_ms(case, repeat: int = 20) -> float:
-    """GPU time per call: the call captured in a CUDA graph and replayed (as the engine runs it), so
-    that Python's per-launch overhead does not count."""
-    run(case)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        run(case)  # allocations of the first call stay out of the pool the graph records into
-        with torch.cuda.graph(graph, stream=stream):
-            run(case)
-    torch.cuda.synchronize()
-    graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
+def time_ms(case) -> float:
+    return graph_ms(lambda: run(case))
 
 
 def measure(layout, passes, all_cases, references) -> dict:
@@ -139,14 +122,7 @@ def torch_path_ms(case, repeat: int = 5) -> float:
     mix, params = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]), SamplingParams(temperature=temperature)
     seeds = torch.arange(b.shape[0], device="cuda")
     sample_step(b, t, seeds, seeds, mix, params)
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        sample_step(b, t, seeds, seeds, mix, params)
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
+    return 1e3 * timed(lambda: sample_step(b, t, seeds, seeds, mix, params), repeat)
 
 
 def profile_default(case) -> list:
@@ -167,40 +143,7 @@ def profile_default(case) -> list:
     return table[:12]
 
 
-def boundary_rows(seed: int = 256, batch: int = 256) -> dict:
-    """Rows where the kernel's alpha strays from float64 by > 1e-5: f = M'(s) in float64 at the
-    bound, at the kernel's alpha and at float64's, to tell a wrong f from a wrong root search."""
-    from optimal_sampling.mixing.alpha import TiltedFamily
-    from optimal_sampling.step import sample_step
-
-    torch.manual_seed(seed)
-    b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
-    t = (b.float() + torch.randn(batch, VOCAB, device="cuda")).to(torch.bfloat16)
-    seeds = torch.arange(batch, device="cuda")
-    mix, params = MixConfig(), SamplingParams()
-    kernel = mf.fused_outputs(b, t, seeds, seeds, mix, params)[4].double()
-    torch32 = sample_step(b, t, seeds, seeds, mix, params).alpha.double()
-    want = solve_alpha(b.double(), t.double(), MixConfig(solver_iterations=80))
-    bad = ((kernel - want).abs() > 1e-5).nonzero().flatten().tolist()[:6]
-    rows = []
-    for row in bad:
-        family = TiltedFamily(
-            b[row : row + 1].double().log_softmax(-1), t[row : row + 1].double().log_softmax(-1)
-        )
-        f = {name: family.moments(torch.tensor([a], device="cuda", dtype=torch.float64))[1].item()
-             for name, a in (("lo", 0.5), ("kernel", kernel[row].item()), ("float64", want[row].item()))}  # fmt: skip
-        rows.append(dict(row=row, kernel=kernel[row].item(), torch32=torch32[row].item(), float64=want[row].item(),
-                         f=f, fprime_lo=family.moments(torch.tensor([0.5], device="cuda", dtype=torch.float64))[2].item()))  # fmt: skip
-    result = {"rows_off": len(bad), "worst": (kernel - want).abs().max().item(),
-              "torch32_worst": (torch32 - want).abs().max().item(), "detail": rows}  # fmt: skip
-    print("boundary", json.dumps(result), flush=True)
-    return result
-
-
 def main() -> None:
-    if "--boundary" in sys.argv:
-        boundary_rows()
-        return
     all_cases = cases()
     references = [
         reference(c[1], c[2], MixConfig(alpha_min=c[4][0], alpha_max=c[4][1]), c[3]) for c in all_cases

@@ -266,16 +266,14 @@ def run_kernel_checks(device: str) -> None:
 )
 def test_grid_holds_the_bracket_and_both_policies(bracket, layout):
     """The grid pass evaluates 0 and 1 (Jeffreys) and [lo, hi] evenly, each point once."""
-    from optimal_sampling.engines.fast.mixing_fast import GRID_POINTS, grid_layout
+    from optimal_sampling.engines.fast.mixing_fast import GRID_POINTS, grid_layout, grid_points
 
     got = grid_layout(*bracket)
     assert got == layout
-    lo, hi = bracket
-    first = got["FIRST_IN"]
-    points = [lo + (hi - lo) * (j - first) / (GRID_POINTS - 1 - first) for j in range(first, GRID_POINTS)]
-    points = [v for v in (0.0, 1.0) if v not in bracket] + points
+    points = grid_points(*bracket)
+    assert (points[got["FIRST_IN"]], points[-1]) == bracket
     assert points[got["ZERO_AT"]] == 0.0 and abs(points[got["ONE_AT"]] - 1.0) < 1e-12
-    assert len(set(points)) == GRID_POINTS
+    assert len(set(points)) == len(points) == GRID_POINTS
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

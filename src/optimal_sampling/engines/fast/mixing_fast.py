@@ -99,6 +99,14 @@ def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
     return 1 << (most.bit_length() - 1)
 
 
+def grid_points(lo: float, hi: float, points: int = GRID_POINTS) -> list[float]:
+    """The grid pass's points as the kernel makes them (triton_mix._grid), for checks and traces."""
+    layout = grid_layout(lo, hi, points)
+    first = layout["FIRST_IN"]
+    extras = [v for v in (0.0, 1.0) if v not in (lo, hi)]
+    return extras + [lo + (hi - lo) * (j - first) / (points - 1 - first) for j in range(first, points)]
+
+
 def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
     """Where the grid pass puts its points: [lo, hi] evenly from FIRST_IN on, 0 and 1 before it
     where the bracket lacks them (f(1) - f(0) is the Jeffreys divergence of the two rows)."""
@@ -116,8 +124,12 @@ def fused_outputs(
     steps: torch.Tensor,  # [B] int64
     mix: MixConfig,
     params: SamplingParams,
+    trace: list | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge."""
+    """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge.
+
+    trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
+    eager only; benchmarks/sampler_diag.py)."""
     from . import triton_mix as tm
 
     batch, vocab = logits_b.shape
@@ -145,7 +157,7 @@ def fused_outputs(
     )  # fmt: skip
     alpha = torch.empty(batch, dtype=torch.float32, device=device)
     if solve:
-        solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha)
+        solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha, trace)
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
@@ -162,7 +174,9 @@ def fused_outputs(
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha
 
 
-def solve_kl_symmetry(rows, inv_temp: float, lo: float, hi: float, layout: dict, splits: int, state, grid_max, alpha):
+def solve_kl_symmetry(
+    rows, inv_temp: float, lo: float, hi: float, layout: dict, splits: int, state, grid_max, alpha, trace=None
+):
     """alpha [B]: the grid pass, then REFINE_POINTS passes (skipped by rows already done)."""
     from . import triton_mix as tm
 
@@ -184,6 +198,9 @@ def solve_kl_symmetry(rows, inv_temp: float, lo: float, hi: float, layout: dict,
             parts, shift_parts, grid_max, state, points, next_points, next_refs, alpha, lo, hi,
             SPLITS=splits, K=k, KG=GRID_POINTS, KN=kn, GRID=grid, LAST=last, **layout, num_warps=1,
         )  # fmt: skip
+        if trace is not None:
+            evaluated = torch.tensor(grid_points(lo, hi), device=device).expand(batch, k) if grid else points
+            trace.append({"points": evaluated, "parts": parts, "state": state.clone()})
         points, refs = next_points, next_refs
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
 DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
-ROW_STATS = 11  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, -, raw m/s b, t
+ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
 SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), tokens that could overflow
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
 STATE = 16  # per row, float64
@@ -89,7 +89,7 @@ def _fetch(zb_ptr, zt_ptr, idx, end):
     """Issue the loads of the block at idx, unconverted: the loop uses them one step later, so
     the next block's memory latency hides behind this block's arithmetic."""
     ok = idx < end
-    return tl.load(zb_ptr + idx, mask=ok, other=NEG_INF), tl.load(zt_ptr + idx, mask=ok, other=NEG_INF), ok
+    return tl.load(zb_ptr + idx, mask=ok, other=NEG_INF), tl.load(zt_ptr + idx, mask=ok, other=NEG_INF)
 
 
 @triton.jit
@@ -157,10 +157,10 @@ def row_kernel(
     top = tl.full([K, BLOCK], NEG_INF, tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, zt, d, joint = _tempered(raw_b, raw_t, inv_temp)
         far += ((raw_b > NEG_INF) != (raw_t > NEG_INF)).to(tl.int32)
         mb, sb, _, up = _online(mb, sb, zb)
@@ -171,7 +171,7 @@ def row_kernel(
             rmt, rst, _, _ = _online(rmt, rst, raw_t)
         if MAXIMA:
             top = tl.maximum(top, tl.where(joint, zb, NEG_INF) + s_pts[:, None] * d)  # d = 0 off joint
-    out = part_ptr + (row * SPLITS + split) * 11  # float64: the precise shift is a ratio of these sums
+    out = part_ptr + (row * SPLITS + split) * 10  # float64: the precise shift is a ratio of these sums
     m = tl.max(mb)
     scale = tl.exp(mb - _safe(m)).to(tl.float64)
     tl.store(out, m.to(tl.float64))
@@ -183,11 +183,11 @@ def row_kernel(
     tl.store(out + 5, tl.sum(far).to(tl.float32))
     if TEMPERED:
         m, s, _ = _lanes(rmb, rsb)
-        tl.store(out + 7, m)
-        tl.store(out + 8, s)
+        tl.store(out + 6, m)
+        tl.store(out + 7, s)
         m, s, _ = _lanes(rmt, rst)
-        tl.store(out + 9, m)
-        tl.store(out + 10, s)
+        tl.store(out + 8, m)
+        tl.store(out + 9, s)
     if MAXIMA:
         tl.store(max_ptr + (row * SPLITS + split) * K + j, tl.max(top, axis=1))
 
@@ -218,7 +218,7 @@ def row_combine_kernel(
     j = tl.arange(0, K)
     top = tl.full([K], NEG_INF, tl.float32)
     for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
-        at = part_ptr + (row * SPLITS + sp) * 11
+        at = part_ptr + (row * SPLITS + sp) * 10
         pm = tl.load(at).to(tl.float32)
         m_new = tl.maximum(mb, pm)
         old, new = tl.exp(mb - _safe(m_new)).to(tl.float64), tl.exp(pm - _safe(m_new)).to(tl.float64)
@@ -228,8 +228,8 @@ def row_combine_kernel(
         mt, st = _merge_lse(mt, st, tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32))
         far += tl.load(at + 5).to(tl.float32)
         if TEMPERED:
-            rmb, rsb = _merge_lse(rmb, rsb, tl.load(at + 7).to(tl.float32), tl.load(at + 8).to(tl.float32))
-            rmt, rst = _merge_lse(rmt, rst, tl.load(at + 9).to(tl.float32), tl.load(at + 10).to(tl.float32))
+            rmb, rsb = _merge_lse(rmb, rsb, tl.load(at + 6).to(tl.float32), tl.load(at + 7).to(tl.float32))
+            rmt, rst = _merge_lse(rmt, rst, tl.load(at + 8).to(tl.float32), tl.load(at + 9).to(tl.float32))
         if MAXIMA:
             top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
     lse_b, lse_t = _lse(mb, sb.to(tl.float32)), _lse(mt, st)
@@ -290,10 +290,10 @@ def stats_kernel(
     risky = tl.zeros([1, BLOCK], tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, blocks):
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, _, d, joint = _tempered(raw_b, raw_t, inv_temp)
         g = tl.where(joint, (d - centre) - shift, 0.0)
         zj = tl.where(joint, zb, NEG_INF)  # off the joint support: exp(-inf) = 0 and d = g = 0
@@ -492,11 +492,12 @@ def sample_kernel(
     sq = tl.zeros([BLOCK], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        idx, ok = start + i * BLOCK + lanes, next_ok
+        idx = start + i * BLOCK + lanes
+        ok = idx < end
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t, next_ok = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
+        next_b, next_t = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
         zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         mq, sq, _, _ = _online(mq, sq, u)
