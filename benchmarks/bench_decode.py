@@ -34,7 +34,7 @@ from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
-from optimal_sampling.engines.fast.mixing_fast import fused_outputs
+from optimal_sampling.engines.fast.mixing_fast import fused_outputs, gumbel_noise
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.sampler import admit_group
 from optimal_sampling.step import sample_step
@@ -162,11 +162,16 @@ def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int)
 
 
 def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> float:
-    """ms of the fused sampler alone on random bf16 logits [batch, V], replayed from a CUDA graph."""
+    """ms of the fused sampler alone on random bf16 logits [batch, V], replayed from a CUDA graph:
+    all its work in series, the Gumbel noise included (the engine overlaps that with the teacher)."""
     logits_b = torch.randn(batch, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
     logits_t = logits_b + torch.randn_like(logits_b)
     seeds = torch.arange(batch, device="cuda")
-    return graph_ms(lambda: fused_outputs(logits_b, logits_t, seeds, seeds, mix, params))
+    return graph_ms(
+        lambda: fused_outputs(
+            logits_b, logits_t, seeds, seeds, mix, params, noise=gumbel_noise(seeds, seeds, VOCAB)
+        )
+    )
 
 
 def bench_variable(
@@ -181,6 +186,7 @@ def bench_variable(
     active: dict[int, list] = {}  # slot -> [tokens so far, target length, last token]
     produced, steps, refills = 0, 0, 0
     refill_s, tail_s, tail_tokens = 0.0, 0.0, 0  # time in prefill + first draw; after the queue empties
+    captures = loop.engine.graphs.captures
     sync()
     start = time.perf_counter()
     while waiting or active:
@@ -213,6 +219,7 @@ def bench_variable(
     return dict(
         tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at,
         refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
+        graph_captures=loop.engine.graphs.captures - captures,
     )  # fmt: skip
 
 
@@ -271,15 +278,12 @@ def fast_sections(
         None,
     )
     group = admit_group(256)  # the sampler's refill rule
-    # Warm-up, untimed, with both refill rules: captures the decode and prefill graphs of every
-    # batch and width bucket the timed runs meet, and compiles the sampler for every split count.
+    # Warm-up, untimed: the same workload with both refill rules, so every decode and prefill
+    # graph the timed runs meet (batch bucket x attention widths) is captured and the sampler is
+    # compiled for every split count, as an engine would at start-up; graph_captures of the timed
+    # runs says whether any capture was left.
     for rule in (1, group):
-        section(
-            out,
-            f"variable_warmup_{rule}",
-            lambda rule=rule: bench_variable(loop, min(requests, 384), 256, refill_at=rule),
-            None,
-        )
+        section(out, f"variable_warmup_{rule}", lambda rule=rule: bench_variable(loop, requests, 256, refill_at=rule), None)
     section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=group), partial)
     section(
         out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial

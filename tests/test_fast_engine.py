@@ -21,7 +21,7 @@ from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine, supports
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.alpha import solve_alpha
-from optimal_sampling.mixing.logprobs import tempered_logprobs
+from optimal_sampling.mixing.logprobs import mix_logprobs, tempered_logprobs
 from optimal_sampling.sampler import admit_group
 from optimal_sampling.step import sample_step
 
@@ -194,7 +194,9 @@ def reference_alpha(lp_b: torch.Tensor, lp_t: torch.Tensor, mix: MixConfig) -> t
 
 
 def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, float]) -> None:
-    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+    from dataclasses import replace
+
+    from optimal_sampling.engines.fast.mixing_fast import fused_outputs, fused_sample_step, gumbel_noise
 
     base, teacher = (x.to(device) for x in adversarial_logits())
     mix = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1])
@@ -213,6 +215,17 @@ def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, f
     # Values that depend on alpha move by |d alpha| * |log-prob range| (up to ~1e3 on row 4).
     for name in ("logprob_base", "logprob_teacher", "logprob_q"):
         torch.testing.assert_close(getattr(fused, name), getattr(exact, name), atol=1e-3, rtol=1e-3, msg=name)
+    # log q at the kernel's own alpha against float64: a solved row takes log Z_q from the alpha
+    # passes' sums (a Taylor step from the nearer bracket end), not from a pass of its own.
+    lp64 = mix_logprobs(tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), fused.alpha.double())
+    want = lp64.gather(-1, fused.tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(fused.logprob_q.double(), want, atol=2e-5, rtol=1e-6, msg="log q vs float64")
+    # Noise made ahead (the engine makes it beside the teacher's forward pass) draws the same tokens.
+    noise = gumbel_noise(seeds, steps, base.shape[1])
+    ahead = fused_outputs(base, teacher, seeds, steps, mix, params, noise=noise)
+    assert ahead[0].tolist() == fused.tokens.tolist()
+    # The packed host rows hold exactly the five outputs.
+    assert fused.to_host() == replace(fused, host_rows=None).to_host()
 
 
 def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
@@ -274,6 +287,18 @@ def test_grid_holds_the_bracket_and_both_policies(bracket, layout):
     assert (points[got["FIRST_IN"]], points[-1]) == bracket
     assert points[got["ZERO_AT"]] == 0.0 and abs(points[got["ONE_AT"]] - 1.0) < 1e-12
     assert len(set(points)) == len(points) == GRID_POINTS
+
+
+def test_batch_buckets_pad_little():
+    """Powers of two up to 64 rows, then multiples of 32: never fewer rows than asked, and a
+    batch above 64 pads fewer than 32 rows (a draining batch of 129 does not run 256)."""
+    from optimal_sampling.engines.fast.graphs import batch_bucket
+
+    got = [batch_bucket(n, 256) for n in range(1, 257)]
+    assert all(b >= n for n, b in enumerate(got, 1))
+    assert sorted(set(got)) == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+    assert all(b - n < 32 for n, b in enumerate(got, 1) if n > 64)
+    assert batch_bucket(129, 256) == 160 and batch_bucket(200, 200) == 200
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -6,7 +6,7 @@ with its forward passes in a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -25,11 +25,17 @@ class StepResult:
     ess_ratio: torch.Tensor | None = None  # [B]
     kl_q_base: torch.Tensor | None = None
     kl_q_teacher: torch.Tensor | None = None
+    # The fields above that are set, already packed per row as [B, fields] float64 on the device
+    # (the fused sampler writes it): to_host then copies it without stacking first.
+    host_rows: torch.Tensor | None = field(default=None, repr=False)
 
     def to_host(self) -> dict[str, list]:
         """All fields as Python lists, in one device-to-host transfer."""
-        names = [n for n in self.__dataclass_fields__ if getattr(self, n) is not None]
-        stacked = torch.stack([getattr(self, n).double() for n in names]).cpu()
+        names = [f.name for f in fields(self) if f.name != "host_rows" and getattr(self, f.name) is not None]
+        if self.host_rows is not None and self.host_rows.shape[1] == len(names):
+            stacked = self.host_rows.cpu().T
+        else:
+            stacked = torch.stack([getattr(self, n).double() for n in names]).cpu()
         out = {n: row.tolist() for n, row in zip(names, stacked)}
         out["tokens"] = [int(t) for t in out["tokens"]]
         return out

@@ -22,11 +22,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     q: [n, T, heads, D]; k, v: [n, T, kv_heads, D] -> [n, T, heads * D]. Padding sits after each
     prompt's last token, so causality alone keeps it out of every real query's keys.
     """
-    groups = q.shape[2] // k.shape[2]
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(groups, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # [n, heads, T, D]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    # enable_gqa: each group of query heads reads its KV head in place (no repeated copy)
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)  # [n, heads, T, D]
     return out.transpose(1, 2).flatten(2)
 
 

@@ -29,7 +29,7 @@ from ...config import MixConfig, SamplingParams
 from ...step import StepResult
 from ..base import Engine, SlotRequest, unique_prompts
 from .attention import decode_attention_sdpa, prefill_attention
-from .graphs import GraphCache, bucket_of
+from .graphs import GraphCache, batch_bucket, bucket_of
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
 from .model import CompactModel
 
@@ -117,32 +117,41 @@ class FastEngine(Engine):
         normed = m.net.forward(ids, positions, rows, m.k, m.v, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]
 
-    def both_models(self, run_base: Callable, run_teacher: Callable) -> tuple:
-        """(run_base(), run_teacher()), the teacher on the side stream where there is one.
+    def both_models(self, run_base: Callable, run_teacher: Callable, after_base: Callable | None = None) -> tuple:
+        """(run_base(), run_teacher(), after_base()), the teacher on the side stream where there is one.
 
         The side stream waits for the current stream before and is joined after, so in a graph
         the two models are parallel branches between the inputs and the sampler; anything it
-        allocates is freed before later side-stream work, which is ordered after that join."""
+        allocates is freed before later side-stream work, which is ordered after that join.
+        after_base (work that needs no teacher logits) runs on the current stream after the base
+        model, i.e. beside the teacher's longer forward pass."""
+        extra = None
         if self.teacher_stream is None:
-            return run_base(), run_teacher()
+            out_b, out_t = run_base(), run_teacher()
+            if after_base is not None:
+                extra = after_base()
+            return out_b, out_t, extra
         main = torch.cuda.current_stream(self.device)
         self.teacher_stream.wait_stream(main)
         with torch.cuda.stream(self.teacher_stream):
             out_t = run_teacher()
         out_b = run_base()
+        if after_base is not None:
+            extra = after_base()
         main.wait_stream(self.teacher_stream)
-        return out_b, out_t
+        return out_b, out_t, extra
 
     def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
         def step(packed: torch.Tensor):  # [6, B]: slots, tokens, pos_base, pos_teacher, seeds, steps
             slots, tokens, pos_b, pos_t, seeds, steps = packed.unbind(0)
-            logits_b, logits_t = self.both_models(
+            logits_b, logits_t, prepared = self.both_models(
                 lambda: self.decode_model(self.base, slots, tokens, pos_b, width_b),
                 lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width_t),
+                None if sampler is None else lambda: sampler.prepare(seeds, steps, self.vocab_size),
             )
             if sampler is None:
                 return logits_b, logits_t
-            return sampler(logits_b, logits_t, seeds, steps)
+            return sampler(logits_b, logits_t, seeds, steps, prepared)
 
         return step
 
@@ -199,7 +208,7 @@ class FastEngine(Engine):
     def run_step(self, slots: list[int], tokens, row_seeds, steps, sampler: StepSampler | None):
         """Pack inputs, pick the bucket, run the (captured) step, advance the host lengths."""
         batch = len(slots)
-        padded = bucket_of(batch, self.max_slots)
+        padded = batch_bucket(batch, self.max_slots)
         pos_b = [self.base.lengths[s] for s in slots]
         pos_t = [self.teacher.lengths[s] for s in slots]
         if max(pos_b + pos_t) >= self.max_len:
@@ -268,7 +277,7 @@ class FastEngine(Engine):
             return self.both_models(
                 lambda: self.prefill_model(self.base, ids_b, meta[0], meta[1]),
                 lambda: self.prefill_model(self.teacher, ids_t, meta[0], meta[2]),
-            )
+            )[:2]
 
         def scratch():
             meta = torch.zeros(3, padded, dtype=torch.long, device=self.device)

@@ -39,7 +39,11 @@ def result_fields(params: SamplingParams) -> tuple[str, ...]:
 
 
 def result_from_tensors(outputs: tuple[torch.Tensor, ...], params: SamplingParams) -> StepResult:
-    return StepResult(**dict(zip(result_fields(params), outputs, strict=True)))
+    """outputs: the fields of `result_fields(params)`, then optionally the same rows packed as
+    [B, fields] float64 (the fused sampler's), which `StepResult.to_host` copies in one go."""
+    names = result_fields(params)
+    packed = outputs[len(names)] if len(outputs) > len(names) else None
+    return StepResult(**dict(zip(names, outputs[: len(names)], strict=True)), host_rows=packed)
 
 
 def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
@@ -67,20 +71,30 @@ def triton_available() -> bool:
 
 
 class StepSampler:
-    """A graph-capturable step sampler for one (mix, params) configuration."""
+    """A graph-capturable step sampler for one (mix, params) configuration.
+
+    `prepare(row_seeds, steps, vocab)` is the work that needs no logits; the engine runs it while
+    the teacher's forward pass still runs and hands its result to the call."""
 
     def __init__(self, mix: MixConfig, params: SamplingParams):
         self.mix, self.params = mix, params
         self.key = step_key(mix, params)
 
-    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
+    def prepare(self, row_seeds, steps, vocab: int):
+        return None
+
+    def __call__(self, logits_b, logits_t, row_seeds, steps, prepared=None) -> tuple[torch.Tensor, ...]:
         result = sample_step(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
         return tuple(getattr(result, name) for name in result_fields(self.params))
 
 
 class FusedStepSampler(StepSampler):
-    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
-        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
+    def prepare(self, row_seeds, steps, vocab: int) -> torch.Tensor | None:
+        """The draw's Gumbel noise [B, V] (none for greedy): a pure function of seeds and steps."""
+        return None if self.params.greedy else gumbel_noise(row_seeds, steps, vocab)
+
+    def __call__(self, logits_b, logits_t, row_seeds, steps, prepared=None) -> tuple[torch.Tensor, ...]:
+        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params, noise=prepared)
 
 
 def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.device) -> StepSampler:
@@ -117,6 +131,20 @@ def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
     return {"FIRST_IN": first, "ZERO_AT": zero, "ONE_AT": one}
 
 
+def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """-log(-log(sampling.uniform_noise(row_seeds, steps, vocab))) as the draw pass makes it, [B, V]."""
+    from . import triton_mix as tm
+
+    batch = row_seeds.shape[0]
+    splits = split_count(batch, vocab)
+    chunk = -(-vocab // (splits * BLOCK)) * BLOCK
+    noise = torch.empty(batch, vocab, dtype=torch.float32, device=row_seeds.device)
+    tm.noise_kernel[(batch, splits)](
+        row_seeds, steps, noise, vocab, chunk, chunk // BLOCK, BLOCK=BLOCK, num_warps=SAMPLE_WARPS
+    )
+    return noise
+
+
 def fused_outputs(
     logits_b: torch.Tensor,  # [B, V] (row stride may exceed V)
     logits_t: torch.Tensor,  # [B, V]
@@ -125,11 +153,14 @@ def fused_outputs(
     mix: MixConfig,
     params: SamplingParams,
     trace: list | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge.
+    Returns tokens, log pi_base, log pi_teacher, log q, alpha, and the five as [B, 5] float64.
 
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
-    eager only; benchmarks/sampler_diag.py)."""
+    eager only; benchmarks/sampler_diag.py). noise: `gumbel_noise(row_seeds, steps, V)` made
+    ahead (the draw then only loads it), or None to hash in the draw pass."""
     from . import triton_mix as tm
 
     batch, vocab = logits_b.shape
@@ -161,17 +192,22 @@ def fused_outputs(
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
+    use_noise = noise is not None and not params.greedy
+    if use_noise:
+        assert noise.shape == (batch, vocab) and noise.is_contiguous()
     tm.sample_kernel[(batch, splits)](
-        *rows, inv_temp, row_seeds, steps, state, alpha, parts,
-        SPLITS=splits, GREEDY=params.greedy, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
+        *rows, inv_temp, row_seeds, steps, noise if use_noise else alpha, state, alpha, parts,
+        SPLITS=splits, GREEDY=params.greedy, NOISE=use_noise, ONLINE_LSE=not solve, BLOCK=BLOCK,
+        num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
+    host = torch.empty(batch, 5, dtype=torch.float64, device=device)
     tm.finish_kernel[(batch,)](
-        *rows[:4], inv_temp, state, alpha, parts, tokens, logprobs[0], logprobs[1], logprobs[2],
-        SPLITS=splits,
+        *rows[:4], inv_temp, state, alpha, parts, tokens, logprobs, host, batch,
+        SPLITS=splits, ONLINE_LSE=not solve,
     )  # fmt: skip
-    return tokens, logprobs[0], logprobs[1], logprobs[2], alpha
+    return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
 
 
 def solve_kl_symmetry(
@@ -195,7 +231,7 @@ def solve_kl_symmetry(
         next_points = torch.empty(batch, kn, dtype=torch.float32, device=device)
         next_refs = torch.empty(batch, kn, dtype=torch.float32, device=device)
         tm.combine_kernel[(batch,)](
-            parts, shift_parts, grid_max, state, points, next_points, next_refs, alpha, lo, hi,
+            parts, shift_parts, grid_max, state, points, refs, next_points, next_refs, alpha, lo, hi,
             SPLITS=splits, K=k, KG=GRID_POINTS, KN=kn, GRID=grid, LAST=last, **layout, num_warps=1,
         )  # fmt: skip
         if trace is not None:

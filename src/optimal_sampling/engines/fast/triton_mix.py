@@ -35,7 +35,8 @@ DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| a
 ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
 SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), tokens that could overflow
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
-STATE = 16  # per row, float64
+STATE = 18  # per row, float64
+STATE_W = tl.constexpr(STATE)
 # state columns
 LEFT = tl.constexpr(0)
 RIGHT = tl.constexpr(1)
@@ -52,6 +53,9 @@ DONE = tl.constexpr(11)
 RAW_LSE_B = tl.constexpr(12)
 RAW_LSE_T = tl.constexpr(13)
 FAR = tl.constexpr(14)  # tokens in one support only: the shift is then lse_t - lse_b - c, not precise
+K_LEFT = tl.constexpr(15)  # K(s) = log sum over the joint support of exp(z_b + s d), at the bracket ends
+K_RIGHT = tl.constexpr(16)
+LOG_Z = tl.constexpr(17)  # log Z_q at alpha, from K at the nearer end (a solved row)
 
 
 @triton.jit
@@ -234,7 +238,7 @@ def row_combine_kernel(
             top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
     lse_b, lse_t = _lse(mb, sb.to(tl.float32)), _lse(mt, st)
     rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)  # the grid pass refines it
-    st_ptr = state_ptr + row * 16
+    st_ptr = state_ptr + row * STATE_W
     tl.store(st_ptr + LSE_B, lse_b.to(tl.float64))
     tl.store(st_ptr + LSE_T, lse_t.to(tl.float64))
     tl.store(st_ptr + CENTRE, centre.to(tl.float64))
@@ -266,7 +270,7 @@ def stats_kernel(
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    st_ptr = state_ptr + row * 16
+    st_ptr = state_ptr + row * STATE_W
     j = tl.arange(0, K)
     if GRID:
         s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
@@ -322,8 +326,9 @@ def stats_kernel(
 
 
 @triton.jit
-def _narrow(s_pts, f, fp, left, right, f_left, f_right, fp_left, fp_right, valid):
-    """Shrink [left, right] to the sign change among the evaluated points (f increasing)."""
+def _narrow(s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid):
+    """Shrink [left, right] to the sign change among the evaluated points (f increasing); f, f'
+    and K follow the ends."""
     neg = valid & (f <= 0) & (s_pts >= left)
     pos = valid & (f >= 0) & (s_pts <= right)
     new_left = tl.max(tl.where(neg, s_pts, NEG_INF), axis=0)
@@ -334,11 +339,13 @@ def _narrow(s_pts, f, fp, left, right, f_left, f_right, fp_left, fp_right, valid
     at_r = pos & (s_pts == new_right)
     f_left = tl.where(take_l, tl.max(tl.where(at_l, f, NEG_INF), axis=0), f_left)
     fp_left = tl.where(take_l, tl.max(tl.where(at_l, fp, 0.0), axis=0), fp_left)
+    k_left = tl.where(take_l, tl.max(tl.where(at_l, k, NEG_INF), axis=0), k_left)
     f_right = tl.where(take_r, tl.min(tl.where(at_r, f, float("inf")), axis=0), f_right)
     fp_right = tl.where(take_r, tl.max(tl.where(at_r, fp, 0.0), axis=0), fp_right)
+    k_right = tl.where(take_r, tl.max(tl.where(at_r, k, NEG_INF), axis=0), k_right)
     left = tl.where(take_l, new_left, left)
     right = tl.where(take_r, new_right, right)
-    return left, right, f_left, f_right, fp_left, fp_right
+    return left, right, f_left, f_right, fp_left, fp_right, k_left, k_right
 
 
 @triton.jit
@@ -371,13 +378,13 @@ def _converged(left, right, f_left, f_right, fp_left, fp_right):
 
 @triton.jit
 def combine_kernel(
-    part_ptr, shift_ptr, gmax_ptr, state_ptr, pts_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
+    part_ptr, shift_ptr, gmax_ptr, state_ptr, pts_ptr, refs_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
     SPLITS: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, KN: tl.constexpr, GRID: tl.constexpr,
     LAST: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr,
 ):  # fmt: skip
     """Merge a pass's partials, narrow the bracket, and write the next points and refs (or alpha)."""
     row = tl.program_id(0).to(tl.int64)
-    st = state_ptr + row * 16
+    st = state_ptr + row * STATE_W
     j = tl.arange(0, K)
     if GRID:
         s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
@@ -393,6 +400,7 @@ def combine_kernel(
         s2 += tl.load(at + 2)
     valid = w > 0
     mean = s1 / tl.where(valid, w, 1.0)
+    k = tl.load(refs_ptr + row * K + j).to(tl.float64) + tl.log(tl.where(valid, w, 1.0))  # K(s) where valid
     fp = tl.maximum(s2 / tl.where(valid, w, 1.0) - mean * mean, 0.0).to(tl.float32)
     if GRID:  # the shift: precise from this pass's sums where the supports agree, else lse_t - lse_b - c
         p_sum = tl.zeros([], tl.float64)
@@ -418,10 +426,12 @@ def combine_kernel(
         f_hi = tl.sum(tl.where(j == K - 1, f, 0.0), axis=0)
         fp_lo = tl.sum(tl.where(j == FIRST_IN, fp, 0.0), axis=0)
         fp_hi = tl.sum(tl.where(j == K - 1, fp, 0.0), axis=0)
+        k_lo = tl.sum(tl.where(j == FIRST_IN, k, 0.0), axis=0)
+        k_hi = tl.sum(tl.where(j == K - 1, k, 0.0), axis=0)
         same = (jeffreys <= 1e-9) | (tl.max(w, axis=0) <= 0)
         outcome = tl.where(same, 3.0, tl.where(f_lo >= 0, 1.0, tl.where(f_hi <= 0, 2.0, 0.0)))
-        left, right, f_left, f_right, fp_left, fp_right = _narrow(
-            s_pts, f, fp, lo, hi, f_lo, f_hi, fp_lo, fp_hi, valid & (j >= FIRST_IN)
+        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = _narrow(
+            s_pts, f, fp, k, lo, hi, f_lo, f_hi, fp_lo, fp_hi, k_lo, k_hi, valid & (j >= FIRST_IN)
         )  # fmt: skip
         tl.store(st + OUTCOME, outcome.to(tl.float64))
         done = (outcome != 0) | _converged(left, right, f_left, f_right, fp_left, fp_right)
@@ -429,9 +439,10 @@ def combine_kernel(
         left, right = tl.load(st + LEFT).to(tl.float32), tl.load(st + RIGHT).to(tl.float32)
         f_left, f_right = tl.load(st + F_LEFT).to(tl.float32), tl.load(st + F_RIGHT).to(tl.float32)
         fp_left, fp_right = tl.load(st + FP_LEFT).to(tl.float32), tl.load(st + FP_RIGHT).to(tl.float32)
+        k_left, k_right = tl.load(st + K_LEFT), tl.load(st + K_RIGHT)
         # a row already done skipped this pass: its sums are zero, so no point is valid
-        left, right, f_left, f_right, fp_left, fp_right = _narrow(
-            s_pts, f, fp, left, right, f_left, f_right, fp_left, fp_right, valid
+        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = _narrow(
+            s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid
         )  # fmt: skip
         done = done | _converged(left, right, f_left, f_right, fp_left, fp_right)
     tl.store(st + LEFT, left.to(tl.float64))
@@ -440,12 +451,26 @@ def combine_kernel(
     tl.store(st + F_RIGHT, f_right.to(tl.float64))
     tl.store(st + FP_LEFT, fp_left.to(tl.float64))
     tl.store(st + FP_RIGHT, fp_right.to(tl.float64))
+    tl.store(st + K_LEFT, k_left)
+    tl.store(st + K_RIGHT, k_right)
     tl.store(st + DONE, done.to(tl.float64))
     if LAST:
         alpha = _estimate(left, right, f_left, f_right, fp_left, fp_right)
         outcome = tl.load(st + OUTCOME).to(tl.float32)
         alpha = tl.where(outcome == 1.0, lo, tl.where(outcome == 2.0, hi, alpha))
-        tl.store(alpha_ptr + row, tl.where(outcome == 3.0, 0.5 * (lo + hi), alpha))
+        alpha = tl.where(outcome == 3.0, 0.5 * (lo + hi), alpha)
+        tl.store(alpha_ptr + row, alpha)
+        # log Z_q = K(alpha) - lse_b - alpha (lse_t - lse_b), K by Taylor from the nearer end,
+        # where K' = f + c + shift' and K'' = f'; at alpha 0 or 1, q is one of the policies.
+        at_left = tl.abs(alpha - left) <= tl.abs(right - alpha)
+        end = tl.where(at_left, left, right).to(tl.float64)
+        h = alpha.to(tl.float64) - end
+        slope = tl.where(at_left, f_left, f_right).to(tl.float64) + tl.load(st + CENTRE) + tl.load(st + SHIFT)
+        curve = tl.where(at_left, fp_left, fp_right).to(tl.float64)
+        k_alpha = tl.where(at_left, k_left, k_right) + h * (slope + 0.5 * h * curve)
+        lse_b, lse_t = tl.load(st + LSE_B), tl.load(st + LSE_T)
+        log_z = k_alpha - lse_b - alpha.to(tl.float64) * (lse_t - lse_b)
+        tl.store(st + LOG_Z, tl.where((alpha == 0.0) | (alpha == 1.0), 0.0, log_z))
     else:
         jn = tl.arange(0, KN)  # next points: Newton from each end, secant, evenly spaced
         secant = left - f_left * (right - left) / (f_right - f_left)
@@ -472,19 +497,49 @@ def _mixed(zb, zt, lse_b, lse_t, alpha):
 
 
 @triton.jit
+def _row_key(seeds_ptr, steps_ptr, row):
+    return _mix32(_mix32(tl.load(seeds_ptr + row).to(tl.uint32)) ^ tl.load(steps_ptr + row).to(tl.uint32))
+
+
+@triton.jit
+def _gumbel(row_key, idx):
+    """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
+    bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
+    unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(unif))
+
+
+@triton.jit
+def noise_kernel(seeds_ptr, steps_ptr, out_ptr, V, chunk, n_blocks, BLOCK: tl.constexpr):
+    """Per (row, chunk): the Gumbel noise of the draw, out [B, V] float32. It needs no logits, so
+    the engine runs it beside the teacher's forward pass and the draw pass only loads it."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    row_key = _row_key(seeds_ptr, steps_ptr, row)
+    lanes = tl.arange(0, BLOCK)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    for i in range(0, n_blocks):
+        idx = start + i * BLOCK + lanes
+        tl.store(out_ptr + row * V + idx, _gumbel(row_key, idx), mask=idx < end)
+
+
+@triton.jit
 def sample_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr, noise_ptr,
     state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, GREEDY: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr, GREEDY: tl.constexpr, NOISE: tl.constexpr, ONLINE_LSE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): best Gumbel key and its index, and log Z_q (per-lane, reduced once)."""
+    """Per (row, chunk): best Gumbel key and its index, and (ONLINE_LSE) log Z_q per lane, reduced
+    once. NOISE: load the noise that noise_kernel wrote instead of hashing here."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
+    noise_ptr += row * V
     alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(state_ptr + row * 16 + LSE_B).to(tl.float32)
-    lse_t = tl.load(state_ptr + row * 16 + LSE_T).to(tl.float32)
-    row_key = _mix32(_mix32(tl.load(seeds_ptr + row).to(tl.uint32)) ^ tl.load(steps_ptr + row).to(tl.uint32))
+    lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
+    lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
+    row_key = _row_key(seeds_ptr, steps_ptr, row)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
@@ -493,20 +548,26 @@ def sample_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    if NOISE:
+        next_g = tl.load(noise_ptr + start + lanes, mask=start + lanes < end, other=0.0)
     for i in range(0, n_blocks):
         idx = start + i * BLOCK + lanes
         ok = idx < end
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
+        if NOISE:
+            g = next_g
+            next_g = tl.load(noise_ptr + idx + BLOCK, mask=idx + BLOCK < end, other=0.0)
         zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
-        mq, sq, _, _ = _online(mq, sq, u)
+        if ONLINE_LSE:
+            mq, sq, _, _ = _online(mq, sq, u)
         if GREEDY:
             key = u
+        elif NOISE:
+            key = u + g
         else:
-            bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
-            unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            key = u - tl.log(-tl.log(unif))
+            key = u + _gumbel(row_key, idx)
         key = tl.where(key == key, key, NEG_INF)
         better = key > best  # indices rise along a lane: the first index wins ties
         best_idx = tl.where(better, idx, best_idx)
@@ -515,18 +576,20 @@ def sample_kernel(
     at = part_ptr + (row * SPLITS + split) * 4
     tl.store(at, top)
     tl.store(at + 1, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0).to(tl.float32))  # exact: V < 2**24
-    m, s, _ = _lanes(mq, sq)
-    tl.store(at + 2, m)
-    tl.store(at + 3, s)
+    if ONLINE_LSE:
+        m, s, _ = _lanes(mq, sq)
+        tl.store(at + 2, m)
+        tl.store(at + 3, s)
 
 
 @triton.jit
 def finish_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    tok_ptr, lp_base_ptr, lp_teacher_ptr, lp_q_ptr,
-    SPLITS: tl.constexpr,
+    tok_ptr, lp_ptr, host_ptr, B,
+    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr,
 ):  # fmt: skip
-    """Merge the sampling partials of a row: the token (first index on ties) and its log-probs."""
+    """Merge the sampling partials of a row: the token (first index on ties) and its log-probs
+    (lp [3, B]), and all five outputs again as host [B, 5] float64, for one copy to the host."""
     row = tl.program_id(0).to(tl.int64)
     best = tl.full([], NEG_INF, tl.float32)
     best_idx = tl.zeros([], tl.int32)
@@ -537,14 +600,28 @@ def finish_kernel(
         better = value > best
         best_idx = tl.where(better, tl.load(at + 1).to(tl.int32), best_idx)
         best = tl.where(better, value, best)
-        mq, sq = _merge_lse(mq, sq, tl.load(at + 2), tl.load(at + 3))
-    st = state_ptr + row * 16
+        if ONLINE_LSE:
+            mq, sq = _merge_lse(mq, sq, tl.load(at + 2), tl.load(at + 3))
+    st = state_ptr + row * STATE_W
     alpha = tl.load(alpha_ptr + row)
     lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
     tb = tl.load(zb_ptr + row * stride_b + best_idx).to(tl.float32)
     tt = tl.load(zt_ptr + row * stride_t + best_idx).to(tl.float32)
     zb, zt, _, _ = _tempered(tb, tt, inv_temp)
+    if ONLINE_LSE:
+        log_z = _lse(mq, sq).to(tl.float64)
+    else:
+        log_z = tl.load(st + LOG_Z)
+    lp_b = tb - tl.load(st + RAW_LSE_B).to(tl.float32)
+    lp_t = tt - tl.load(st + RAW_LSE_T).to(tl.float32)
+    lp_q = _mixed(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
     tl.store(tok_ptr + row, best_idx.to(tl.int64))
-    tl.store(lp_base_ptr + row, tb - tl.load(st + RAW_LSE_B).to(tl.float32))
-    tl.store(lp_teacher_ptr + row, tt - tl.load(st + RAW_LSE_T).to(tl.float32))
-    tl.store(lp_q_ptr + row, _mixed(zb, zt, lse_b, lse_t, alpha) - _lse(mq, sq))
+    tl.store(lp_ptr + row, lp_b)
+    tl.store(lp_ptr + B + row, lp_t)
+    tl.store(lp_ptr + 2 * B + row, lp_q.to(tl.float32))
+    host = host_ptr + row * 5
+    tl.store(host, best_idx.to(tl.float64))
+    tl.store(host + 1, lp_b.to(tl.float64))
+    tl.store(host + 2, lp_t.to(tl.float64))
+    tl.store(host + 3, lp_q.to(tl.float32).to(tl.float64))
+    tl.store(host + 4, alpha.to(tl.float64))

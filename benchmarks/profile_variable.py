@@ -1,0 +1,89 @@
+"""Where the variable-length workload's time goes (issue 4): prefill cost and kernels, decode step
+time by context length and by batch bucket, on the bench's random-weight Qwen2.5 0.5B/1.5B pair.
+
+    PYTHONPATH=src python benchmarks/profile_variable.py [--profile]
+
+Prints one JSON line last: prefill ms per chunk size, decode ms (models only and full step) per
+context, full step ms per batch; with --profile also the top prefill kernels (eager, no graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+from bench_decode import VOCAB, FastLoop, qwen_model, timed
+
+from optimal_sampling.config import MixConfig, SamplingParams
+from optimal_sampling.engines.base import SlotRequest
+from optimal_sampling.engines.fast import FastEngine
+from optimal_sampling.engines.fast.graphs import GraphCache
+
+
+def random_prompts(count: int, length: int, seed: int) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    return [tuple(rng.randrange(VOCAB) for _ in range(length)) for _ in range(count)]
+
+
+def prefill_ms(engine: FastEngine, count: int, length: int, repeat: int = 5) -> float:
+    requests = [SlotRequest(s, p, p) for s, p in enumerate(random_prompts(count, length, count))]
+    slots = [r.slot for r in requests]
+
+    def once():
+        engine.add(requests)
+        engine.release(slots)
+
+    once()
+    return 1e3 * timed(once, repeat)
+
+
+def decode_ms(engine: FastEngine, loop: FastLoop, batch: int, context: int, steps: int = 10) -> dict:
+    slots = list(range(batch))
+    tokens = loop.start(slots, random_prompts(batch, context, context + batch))
+    count = [1]
+
+    def full():
+        tokens[:] = loop.step(slots, tokens, [count[0]] * batch)
+        count[0] += 1
+
+    def models():
+        engine.run_step(slots, tokens, slots, [0] * batch, None)
+        torch.cuda.synchronize()
+
+    for _ in range(2):
+        full()
+        models()
+    out = dict(full=1e3 * timed(full, steps), models=1e3 * timed(models, steps))
+    engine.release(slots)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="also list the top prefill kernels")
+    args = parser.parse_args()
+    base, teacher = qwen_model("0.5b"), qwen_model("1.5b")
+    engine = FastEngine(base, teacher, VOCAB, max_slots=256, max_len=1024)
+    loop = FastLoop(engine, MixConfig(), SamplingParams(temperature=1.0))
+    out: dict = dict(card=torch.cuda.get_device_name())
+    out["prefill_ms"] = {f"{n}x128": prefill_ms(engine, n, 128) for n in (16, 32, 64)}
+    print(out, flush=True)
+    out["decode_b256_by_context"] = {c: decode_ms(engine, loop, 256, c) for c in (128, 320, 640)}
+    print(out, flush=True)
+    out["decode_by_batch_ctx320"] = {b: decode_ms(engine, loop, b, 320) for b in (1, 16, 32, 64, 128, 256)}
+    print(out, flush=True)
+    if args.profile:
+        engine.graphs = GraphCache(False)
+        requests = [SlotRequest(s, p, p) for s, p in enumerate(random_prompts(16, 128, 1))]
+        engine.add(requests)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.add(requests)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
