@@ -5,11 +5,13 @@ download), prompts of 128 tokens. Measured in the same process:
 - the weight-bandwidth floor: both models' weight bytes / a measured device-to-device copy rate;
 - the fast engine at batch 1, 64 and 256 (decode_and_sample: both models + alpha + q + draw +
   importance data in one CUDA graph, results copied to the host every step as the sampler does),
-  the same steps without the sampler (models only) for the share of the step outside the models,
+  the same steps without the sampler (models only) for the share of the step outside the models
+  (median of ROUNDS alternating rounds of each),
   and the fused sampler kernel alone;
 - the fast engine on a variable-length workload: 1,024 requests, output lengths uniform in
-  32..512, continuous batching over 256 slots (refill once the sampler's group of slots is free,
-  and, for comparison, as soon as any slot frees);
+  32..512, continuous batching over 256 slots as the sampler runs it (refill once the sampler's
+  group of slots is free, prefill beside the decode steps), and for comparison refilling as soon
+  as any slot frees, and refilling with the decode steps waiting for the prefill;
 - the fixed batches again with both models on one CUDA stream (the engine runs the teacher on a
   second stream);
 - the reference engine (transformers models + DynamicCache + sample_step), a few steps per batch;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 import traceback
 
@@ -45,6 +48,7 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
 }
+ROUNDS = 5  # alternating rounds of the full step and the models-only step, per fixed batch
 TARGETS = {"b1_tok_s": 400, "b1_vs_reference": 15, "b64_tok_s": 10_000, "b256_tok_s": 25_000}
 
 
@@ -129,6 +133,11 @@ class FastLoop:
         first = self.engine.sample(logits_b, logits_t, slots, [0] * len(slots), self.mix, self.params)
         return first.to_host()["tokens"]
 
+    def start_async(self, slots: list[int], batch_prompts: list[tuple[int, ...]]):
+        """start() on the engine's prefill stream: a handle with ready() and to_host()."""
+        requests = [SlotRequest(s, p, p) for s, p in zip(slots, batch_prompts, strict=True)]
+        return self.engine.add_async(requests, slots, [0] * len(slots), self.mix, self.params)
+
     def step(self, slots: list[int], tokens: list[int], steps: list[int]) -> list[int]:
         result = self.engine.decode_and_sample(slots, tokens, slots, steps, self.mix, self.params)
         return result.to_host()["tokens"]
@@ -151,9 +160,11 @@ def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int)
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         full()  # capture
-    step_s = timed(full, steps)
     models_only()
-    models_s = timed(models_only, steps)
+    # Rounds of each, alternating, and the median round of each: clock drift hits both alike.
+    rounds = [(timed(full, steps), timed(models_only, steps)) for _ in range(ROUNDS)]
+    step_s = statistics.median(r[0] for r in rounds)
+    models_s = statistics.median(r[1] for r in rounds)
     engine.release(slots)
     return dict(
         tok_s=batch / step_s, ms_step=1e3 * step_s, ms_models=1e3 * models_s,
@@ -175,35 +186,50 @@ def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> 
 
 
 def bench_variable(
-    loop: FastLoop, requests: int, slots: int, shortest: int = 32, longest: int = 512, refill_at: int = 1
-) -> dict:
-    """Continuous batching: free slots are refilled once `refill_at` of them (or all the waiting
-    requests) are free, in one prefill; refill_at=1 refills as soon as any slot frees."""
+    loop: FastLoop, requests: int, slots: int, shortest: int = 32, longest: int = 512, refill_at: int = 1,
+    overlap: bool = True,
+) -> dict:  # fmt: skip
+    """Continuous batching as the sampler runs it: free slots are refilled once `refill_at` of them
+    (or all the waiting requests) are free, in one prefill; refill_at=1 refills as soon as any slot
+    frees. overlap: the prefill and first draw run on the engine's prefill stream while the other
+    slots keep decoding (add_async, what the sampler does), else the decode steps wait for them."""
     rng = random.Random(0)
     lengths = [rng.randint(shortest, longest) for _ in range(requests)]
     waiting = list(zip(prompts(requests, 7), lengths, strict=True))[::-1]
     free = list(range(slots - 1, -1, -1))
     active: dict[int, list] = {}  # slot -> [tokens so far, target length, last token]
+    pending = None  # (slots, target lengths, handle) of an admission in flight
     produced, steps, refills = 0, 0, 0
-    refill_s, tail_s, tail_tokens = 0.0, 0.0, 0  # time in prefill + first draw; after the queue empties
-    captures = loop.engine.graphs.captures
+    refill_s, tail_s, tail_tokens = 0.0, 0.0, 0  # time the loop waits on refills; after the queue empties
+    captures = loop.engine.graphs.captures + loop.engine.prefill_graphs.captures
     sync()
     start = time.perf_counter()
-    while waiting or active:
-        if waiting and free and (len(free) >= min(refill_at, len(waiting)) or not active):
-            began = time.perf_counter()
+    while waiting or active or pending:
+        began = time.perf_counter()
+        if pending is None and waiting and free and (len(free) >= min(refill_at, len(waiting)) or not active):
             admitted = [free.pop() for _ in range(min(len(free), len(waiting)))]
             jobs = [waiting.pop() for _ in admitted]
-            firsts = loop.start(admitted, [p for p, _ in jobs])
-            for slot, (_, target), token in zip(admitted, jobs, firsts, strict=True):
+            batch_prompts = [p for p, _ in jobs]
+            if overlap:
+                handle = loop.start_async(admitted, batch_prompts)
+            else:
+                handle = FirstTokens(loop.start(admitted, batch_prompts))
+            pending = admitted, [target for _, target in jobs], handle
+            refills += 1
+        if pending is not None and (not active or pending[2].ready()):
+            admitted, targets, handle = pending
+            pending = None
+            firsts = handle.to_host()["tokens"]
+            for slot, target, token in zip(admitted, targets, firsts, strict=True):
                 active[slot] = [1, target, token]
             produced += len(admitted)
-            refills += 1
-            refill_s += time.perf_counter() - began
+        refill_s += time.perf_counter() - began
+        if not active:
+            continue
         slot_list = list(active)
         began = time.perf_counter()
         tokens = loop.step(slot_list, [active[s][2] for s in slot_list], [active[s][0] for s in slot_list])
-        if not waiting:
+        if not waiting and pending is None:
             tail_s += time.perf_counter() - began
             tail_tokens += len(slot_list)
         steps += 1
@@ -218,9 +244,22 @@ def bench_variable(
     seconds = time.perf_counter() - start
     return dict(
         tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at,
-        refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
-        graph_captures=loop.engine.graphs.captures - captures,
+        overlap=overlap, refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
+        graph_captures=loop.engine.graphs.captures + loop.engine.prefill_graphs.captures - captures,
     )  # fmt: skip
+
+
+class FirstTokens:
+    """A first draw already on the host (the non-overlapped refill)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+
+    def ready(self) -> bool:
+        return True
+
+    def to_host(self) -> dict:
+        return {"tokens": self.tokens}
 
 
 def bench_reference(base, teacher, batch: int, steps: int, mix: MixConfig, params: SamplingParams) -> dict:
@@ -282,11 +321,22 @@ def fast_sections(
     # graph the timed runs meet (batch bucket x attention widths) is captured and the sampler is
     # compiled for every split count, as an engine would at start-up; graph_captures of the timed
     # runs says whether any capture was left.
-    for rule in (1, group):
-        section(out, f"variable_warmup_{rule}", lambda rule=rule: bench_variable(loop, requests, 256, refill_at=rule), None)
+    for rule, overlap in ((1, True), (group, False), (group, True)):
+        section(
+            out,
+            f"variable_warmup_{rule}{'' if overlap else '_no_overlap'}",
+            lambda rule=rule, overlap=overlap: bench_variable(loop, requests, 256, refill_at=rule, overlap=overlap),
+            None,
+        )
     section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=group), partial)
     section(
         out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial
+    )
+    section(
+        out,
+        "variable_no_overlap",
+        lambda: bench_variable(loop, requests, 256, refill_at=group, overlap=False),
+        partial,
     )
     section(out, "fast_one_stream", lambda: bench_one_stream(engine, loop, steps), partial)
 
@@ -360,10 +410,10 @@ def report(out: dict) -> None:
             f"{'fast, models on one stream':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
-    for name in ("variable", "variable_refill_each_step"):
+    for name in ("variable", "variable_refill_each_step", "variable_no_overlap"):
         v = out.get(name)
         if v:
-            label = f"fast, 32..512, refill>={v['refill_at']}"
+            label = f"fast, 32..512, refill>={v['refill_at']}{'' if v['overlap'] else ', no overlap'}"
             print(f"{label:<28}{256:>6}{v['tok_s']:>12.0f}{1e3 * v['seconds'] / v['steps']:>10.3f}")
     for name in ("reference", "generate_base", "generate_teacher"):
         for b, r in out[name].items():

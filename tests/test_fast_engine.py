@@ -289,6 +289,46 @@ def test_grid_holds_the_bracket_and_both_policies(bracket, layout):
     assert len(set(points)) == len(points) == GRID_POINTS
 
 
+def check_add_async_beside_decode(engine: FastEngine) -> None:
+    """A request admitted with add_async while another slot decodes draws exactly the tokens it
+    draws alone (its own slot and seed), and so does the slot that kept decoding. On CUDA the
+    prefill runs on the prefill stream beside those decode steps; on CPU add_async is add + sample."""
+    mix, params, steps = MixConfig(), SamplingParams(temperature=0.9), 24
+    jobs = {0: (PROMPTS[0], 3), 1: (PROMPTS[2], 4)}  # slot: (prompt, seed)
+
+    def admit(slot):
+        prompt, seed = jobs[slot]
+        return engine.add_async([SlotRequest(slot, prompt, prompt)], [seed], [0], mix, params)
+
+    def decode(drawn: dict[int, list[int]]) -> None:
+        slots = [s for s in drawn if len(drawn[s]) < steps]
+        seeds, counts = [jobs[s][1] for s in slots], [len(drawn[s]) for s in slots]
+        result = engine.decode_and_sample(slots, [drawn[s][-1] for s in slots], seeds, counts, mix, params)
+        for slot, token in zip(slots, result.to_host()["tokens"], strict=True):
+            drawn[slot].append(token)
+
+    alone = {}
+    for slot in jobs:
+        alone[slot] = {slot: admit(slot).to_host()["tokens"]}
+        while len(alone[slot][slot]) < steps:
+            decode(alone[slot])
+        engine.release([slot])
+    together = {0: admit(0).to_host()["tokens"]}
+    pending = admit(1)
+    for _ in range(5):  # slot 0 decodes while slot 1 is being prefilled
+        decode(together)
+    together[1] = pending.to_host()["tokens"]
+    while any(len(t) < steps for t in together.values()):
+        decode(together)
+    engine.release([0, 1])
+    assert together == {slot: alone[slot][slot] for slot in jobs}
+
+
+def test_add_async_on_cpu_is_add_then_sample(tiny_pair):
+    base, teacher = (load(p) for p in tiny_pair("qwen2"))
+    check_add_async_beside_decode(FastEngine(base, teacher, 300, max_slots=4, max_len=128))
+
+
 def test_batch_buckets_pad_little():
     """Powers of two up to 64 rows, then multiples of 32: never fewer rows than asked, and a
     batch above 64 pads fewer than 32 rows (a draining batch of 129 does not run 256)."""

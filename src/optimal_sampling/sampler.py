@@ -23,6 +23,19 @@ from .sampling import request_seed
 from .step import sample_step
 
 
+class _Drawn:
+    """A first draw that is already on the host (engines without add_async)."""
+
+    def __init__(self, result: dict):
+        self.result = result
+
+    def ready(self) -> bool:
+        return True
+
+    def to_host(self) -> dict:
+        return self.result
+
+
 def admit_group(max_slots: int) -> int:
     """Free slots to wait for before a refill (or all that are waiting): one prefill and one
     first-token draw then serve many requests, instead of a small prefill on almost every step."""
@@ -290,31 +303,48 @@ class OptimalSampler:
         waiting = deque(requests)
         free = list(range(engine.max_slots - 1, -1, -1))
         active: dict[int, RequestState] = {}  # slot -> state, in the engine's row order
+        pending = None  # (admitted states, their first draw) while the engine prefills them
         group = admit_group(engine.max_slots)
-        while waiting or active:
-            # 1. admit waiting requests into free slots (a group at a time) and draw their first tokens
+        while waiting or active or pending:
+            # 1. admit waiting requests into free slots (a group at a time); the engine prefills
+            #    them and draws their first tokens, on the fast engine beside the decode steps
             refill = engine.supports_refill and len(free) >= min(group, len(waiting))
-            if waiting and free and (refill or not active):
+            if pending is None and waiting and free and (refill or not active):
                 admitted = {}
                 while waiting and free:
                     admitted[free.pop()] = RequestState(waiting.popleft())
-                logits_b, logits_t = engine.add(
-                    [SlotRequest(s, st.request.base_ids, st.request.teacher_ids) for s, st in admitted.items()]
-                )
-                self._append(admitted, self._sample(admitted, logits_b, logits_t, params))
+                pending = admitted, self._admit(admitted, params)
+            # 2. the admitted join once their first tokens are drawn (at once if nothing else runs)
+            if pending is not None and (not active or pending[1].ready()):
+                admitted, first = pending
+                pending = None
+                self._append(admitted, first.to_host())
                 active.update(admitted)
                 yield from self._retire(active, free, checker, params)
                 if on_tokens:
                     on_tokens(len(admitted))
             if not active:
                 continue
-            # 2. one decode step for every active slot
+            # 3. one decode step for every active slot
             decoded = len(active)
             self._append(active, self._decode(active, params))
-            # 3. retire finished requests
+            # 4. retire finished requests
             yield from self._retire(active, free, checker, params)
             if on_tokens:
                 on_tokens(decoded)
+
+    def _admit(self, admitted: dict[int, RequestState], params: SamplingParams):
+        """Prefill the admitted requests and draw their first tokens: a handle with ready() and
+        to_host(). The fast engine on CUDA runs it on its prefill stream (add_async); not the
+        tensor-parallel one, whose ranks must run every collective in one order."""
+        engine = self.engine
+        requests = [SlotRequest(s, st.request.base_ids, st.request.teacher_ids) for s, st in admitted.items()]
+        if getattr(engine, "overlaps_prefill", False):
+            seeds = [st.request.seed for st in admitted.values()]
+            steps = [len(st.tokens) for st in admitted.values()]
+            return engine.add_async(requests, seeds, steps, self.mix, params)
+        logits_b, logits_t = engine.add(requests)
+        return _Drawn(self._sample(admitted, logits_b, logits_t, params))
 
     def _sample(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> dict:
         """One token per row from given logits (after a prefill), by the engine's sampler if it has one."""

@@ -3,6 +3,9 @@ against eager, the fused step against `sample_step`, and continuous batching. Ru
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -109,6 +112,15 @@ def test_sampler_refill_on_cuda_gives_same_tokens_as_alone(tiny_pair):
     for index, text in enumerate(TEXTS):
         for sample in sampler.generate_iter([text], max_tokens=16, n=2, prompt_indices=[index]):
             assert sample.token_ids == together[2 * index + sample.sample_index].token_ids
+
+
+def test_add_async_beside_decode_steps_gives_the_same_tokens(tiny_pair):
+    """On the prefill stream, beside the decode steps of another slot (tests/test_fast_engine.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_fast_engine import check_add_async_beside_decode
+
+    _, engine = pair(tiny_pair, "qwen2", torch.float32)
+    check_add_async_beside_decode(engine)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

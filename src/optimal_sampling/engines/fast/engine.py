@@ -36,6 +36,35 @@ from .model import CompactModel
 MIN_WIDTH = 64  # smallest attention-width bucket
 
 
+def to_device(host: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """A host tensor (or int list) on `device` without blocking the host: a plain copy from
+    pageable memory waits for the current stream, i.e. for a prefill already queued on it."""
+    if isinstance(host, torch.Tensor):
+        if host.device.type != "cpu":
+            return host.to(device)
+    else:
+        host = torch.tensor(list(host), dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class PendingAdd:
+    """Requests being prefilled (and their first token drawn) on the prefill stream."""
+
+    def __init__(self, result: StepResult, done: torch.cuda.Event | None):
+        self.result, self.done = result, done
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def to_host(self) -> dict[str, list]:
+        """The first draw's results (waits for the prefill where it still runs)."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+        return self.result.to_host()
+
+
 @dataclass
 class CachedModel:
     net: CompactModel
@@ -65,6 +94,7 @@ def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
 class FastEngine(Engine):
     supports_refill = True
     concurrent_models = True  # base and teacher on two CUDA streams (see the module docstring)
+    overlaps_prefill = True  # add_async prefills on its own CUDA stream beside decode steps
 
     def __init__(
         self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
@@ -82,6 +112,9 @@ class FastEngine(Engine):
             raise ValueError("the fast engine needs both models on one device")
         on_cuda = self.device.type == "cuda"
         self.graphs = GraphCache(use_graphs and on_cuda)
+        # Prefill graphs have their own pool: `add_async` replays them while decode graphs run.
+        self.prefill_graphs = GraphCache(use_graphs and on_cuda)
+        self.prefill_stream = torch.cuda.Stream(self.device) if on_cuda and self.overlaps_prefill else None
         if on_cuda:
             from .triton_attention import decode_attention_triton
 
@@ -163,7 +196,7 @@ class FastEngine(Engine):
         for req in requests:
             self.base.lengths[req.slot] = len(req.base_ids)
             self.teacher.lengths[req.slot] = len(req.teacher_ids)
-        rows = torch.tensor(owner, device=self.device)
+        rows = to_device(owner, self.device)
         return logits_b[rows], logits_t[rows]
 
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +223,26 @@ class FastEngine(Engine):
         self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
     ) -> StepResult:
         """The step sampler this engine uses, on given logits (e.g. after `add`); eager."""
-        seeds = torch.as_tensor(row_seeds, dtype=torch.long, device=self.device)
-        counts = torch.as_tensor(steps, dtype=torch.long, device=self.device)
+        seeds, counts = to_device(row_seeds, self.device), to_device(steps, self.device)
         return result_from_tensors(self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts), params)
+
+    def add_async(
+        self, requests: list[SlotRequest], row_seeds: Sequence[int], steps: Sequence[int],
+        mix: MixConfig, params: SamplingParams,
+    ) -> PendingAdd:  # fmt: skip
+        """`add` and the first draw; on CUDA on the prefill stream, so that decode steps issued
+        meanwhile (other slots) run beside the prefill instead of waiting for it.
+
+        The new slots join decode steps once `ready()`; until then only the caller's other slots
+        may be decoded. Padding rows of both write the scratch slot, which nothing reads back."""
+        if self.prefill_stream is None:
+            return PendingAdd(self.sample(*self.add(requests), row_seeds, steps, mix, params), None)
+        self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.prefill_stream):
+            result = self.sample(*self.add(requests), row_seeds, steps, mix, params)
+            done = torch.cuda.Event()
+            done.record()
+        return PendingAdd(result, done)
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
@@ -219,7 +269,7 @@ class FastEngine(Engine):
         for row, values in enumerate((slots, None if on_device else tokens, pos_b, pos_t, row_seeds, steps)):
             if values is not None:
                 packed[row, :batch] = torch.as_tensor(values, dtype=torch.long)
-        packed = packed.to(self.device)
+        packed = to_device(packed, self.device)
         if on_device:
             packed[1, :batch] = tokens
         widths = (self.width_of(max(pos_b) + 1), self.width_of(max(pos_t) + 1))
@@ -271,7 +321,7 @@ class FastEngine(Engine):
             ids_b[row, : len(r.base_ids)] = torch.tensor(r.base_ids)
             ids_t[row, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
             meta[:, row] = torch.tensor([r.slot, len(r.base_ids) - 1, len(r.teacher_ids) - 1])
-        inputs = [ids_b.to(self.device), ids_t.to(self.device), meta.to(self.device)]
+        inputs = [to_device(ids_b, self.device), to_device(ids_t, self.device), to_device(meta, self.device)]
 
         def prefill_both(ids_b, ids_t, meta):
             return self.both_models(
@@ -285,7 +335,7 @@ class FastEngine(Engine):
             return [torch.zeros_like(inputs[0]), torch.zeros_like(inputs[1]), meta]
 
         key = ("prefill", padded, width_b, width_t)
-        logits_b, logits_t = self.graphs.run(key, prefill_both, inputs, scratch)
+        logits_b, logits_t = self.prefill_graphs.run(key, prefill_both, inputs, scratch)
         return logits_b[:n].clone(), logits_t[:n].clone()
 
     def copy_duplicates(
@@ -297,8 +347,8 @@ class FastEngine(Engine):
         ]
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        src = to_device([p[0] for p in pairs], self.device)
+        dst = to_device([p[1] for p in pairs], self.device)
         for m, ids in ((self.base, "base_ids"), (self.teacher, "teacher_ids")):
             width = max(len(getattr(firsts[o], ids)) for o in owner)
             m.k[:, dst, :width] = m.k[:, src, :width]

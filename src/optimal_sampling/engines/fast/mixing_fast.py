@@ -131,6 +131,22 @@ def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
     return {"FIRST_IN": first, "ZERO_AT": zero, "ONE_AT": one}
 
 
+_TOKEN_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """The per-token half of the noise hash, [vocab] int32, made once per (vocab, device).
+    Made eagerly (not inside a graph capture) the first time a sampler for it is built."""
+    key = (vocab, device)
+    if key not in _TOKEN_HASHES:
+        from . import triton_mix as tm
+
+        table = torch.empty(vocab, dtype=torch.int32, device=device)
+        tm.token_hash_kernel[(-(-vocab // 1024),)](table, vocab, BLOCK=1024)
+        _TOKEN_HASHES[key] = table
+    return _TOKEN_HASHES[key]
+
+
 def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """-log(-log(sampling.uniform_noise(row_seeds, steps, vocab))) as the draw pass makes it, [B, V]."""
     from . import triton_mix as tm
@@ -138,9 +154,10 @@ def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> to
     batch = row_seeds.shape[0]
     splits = split_count(batch, vocab)
     chunk = -(-vocab // (splits * BLOCK)) * BLOCK
+    hashes = token_hashes(vocab, row_seeds.device)
     noise = torch.empty(batch, vocab, dtype=torch.float32, device=row_seeds.device)
     tm.noise_kernel[(batch, splits)](
-        row_seeds, steps, noise, vocab, chunk, chunk // BLOCK, BLOCK=BLOCK, num_warps=SAMPLE_WARPS
+        row_seeds, steps, hashes, noise, vocab, chunk, chunk // BLOCK, BLOCK=BLOCK, num_warps=SAMPLE_WARPS
     )
     return noise
 

@@ -153,9 +153,10 @@ class TensorParallelEngine(FastEngine):
     """FastEngine over this rank's shards (TensorParallelModel); every method is FastEngine's.
 
     One stream: both models' all-reduces go through one communicator, which needs them in the
-    same order on every rank."""
+    same order on every rank (so no prefill beside decode steps either)."""
 
     concurrent_models = False
+    overlaps_prefill = False
 
     def __init__(self, base: TensorParallelModel, teacher: TensorParallelModel, *args, **kwargs):
         super().__init__(base, teacher, *args, **kwargs)

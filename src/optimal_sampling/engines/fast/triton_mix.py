@@ -502,17 +502,30 @@ def _row_key(seeds_ptr, steps_ptr, row):
 
 
 @triton.jit
-def _gumbel(row_key, idx):
-    """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
-    bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
+def _token_hash(idx):
+    return _mix32(idx.to(tl.uint32) * 0x9E37)
+
+
+@triton.jit
+def _gumbel(row_key, token_hash):
+    """The Gumbel noise of a token: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
+    bits = _mix32(_mix32(row_key ^ token_hash) ^ row_key)
     unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     return -tl.log(-tl.log(unif))
 
 
 @triton.jit
-def noise_kernel(seeds_ptr, steps_ptr, out_ptr, V, chunk, n_blocks, BLOCK: tl.constexpr):
+def token_hash_kernel(out_ptr, V, BLOCK: tl.constexpr):
+    """The row-independent part of the noise hash, per token: a [V] table made once."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + idx, _token_hash(idx).to(tl.int32, bitcast=True), mask=idx < V)
+
+
+@triton.jit
+def noise_kernel(seeds_ptr, steps_ptr, hash_ptr, out_ptr, V, chunk, n_blocks, BLOCK: tl.constexpr):
     """Per (row, chunk): the Gumbel noise of the draw, out [B, V] float32. It needs no logits, so
-    the engine runs it beside the teacher's forward pass and the draw pass only loads it."""
+    the engine runs it beside the teacher's forward pass and the draw pass only loads it; the
+    token half of the hash comes from the table (L2-resident, shared by all rows)."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     row_key = _row_key(seeds_ptr, steps_ptr, row)
     lanes = tl.arange(0, BLOCK)
@@ -520,7 +533,9 @@ def noise_kernel(seeds_ptr, steps_ptr, out_ptr, V, chunk, n_blocks, BLOCK: tl.co
     end = tl.minimum(start + chunk, V)
     for i in range(0, n_blocks):
         idx = start + i * BLOCK + lanes
-        tl.store(out_ptr + row * V + idx, _gumbel(row_key, idx), mask=idx < end)
+        ok = idx < end
+        token_hash = tl.load(hash_ptr + idx, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        tl.store(out_ptr + row * V + idx, _gumbel(row_key, token_hash), mask=ok)
 
 
 @triton.jit
@@ -567,7 +582,7 @@ def sample_kernel(
         elif NOISE:
             key = u + g
         else:
-            key = u + _gumbel(row_key, idx)
+            key = u + _gumbel(row_key, _token_hash(idx))
         key = tl.where(key == key, key, NEG_INF)
         better = key > best  # indices rise along a lane: the first index wins ties
         best_idx = tl.where(better, idx, best_idx)
