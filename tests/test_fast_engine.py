@@ -196,7 +196,7 @@ def reference_alpha(lp_b: torch.Tensor, lp_t: torch.Tensor, mix: MixConfig) -> t
 def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, float]) -> None:
     from dataclasses import replace
 
-    from optimal_sampling.engines.fast.mixing_fast import fused_outputs, fused_sample_step, gumbel_noise
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
 
     base, teacher = (x.to(device) for x in adversarial_logits())
     mix = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1])
@@ -220,10 +220,6 @@ def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, f
     lp64 = mix_logprobs(tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), fused.alpha.double())
     want = lp64.gather(-1, fused.tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(fused.logprob_q.double(), want, atol=2e-5, rtol=1e-6, msg="log q vs float64")
-    # Noise made ahead (the engine makes it beside the teacher's forward pass) draws the same tokens.
-    noise = gumbel_noise(seeds, steps, base.shape[1])
-    ahead = fused_outputs(base, teacher, seeds, steps, mix, params, noise=noise)
-    assert ahead[0].tolist() == fused.tokens.tolist()
     # The packed host rows hold exactly the five outputs.
     assert fused.to_host() == replace(fused, host_rows=None).to_host()
 

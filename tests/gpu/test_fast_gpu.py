@@ -148,7 +148,7 @@ def test_fused_triton_layers_equal_torch_layers(tiny_pair, arch, dtype):
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_fused_sampler_on_full_vocabulary_rows_matches_float64(batch):
     """The split-V kernel at the real vocabulary width (151,936; many splits per row)."""
-    from optimal_sampling.engines.fast.mixing_fast import fused_outputs, gumbel_noise
+    from optimal_sampling.engines.fast.mixing_fast import fused_outputs
     from optimal_sampling.mixing.alpha import solve_alpha
 
     torch.manual_seed(batch)
@@ -158,9 +158,6 @@ def test_fused_sampler_on_full_vocabulary_rows_matches_float64(batch):
     steps = torch.full((batch,), 3, device="cuda")
     mix, params = MixConfig(), SamplingParams(temperature=1.0)
     tokens, lp_b, lp_t, lp_q, alpha, _ = fused_outputs(logits_b, logits_t, seeds, steps, mix, params)
-    noise = gumbel_noise(seeds, steps, logits_b.shape[1])  # made ahead, as the engine does
-    ahead = fused_outputs(logits_b, logits_t, seeds, steps, mix, params, noise=noise)
-    assert torch.equal(ahead[0], tokens) and torch.equal(ahead[3], lp_q)
     exact = MixConfig(solver_iterations=80)  # converged float64 reference
     want = solve_alpha(logits_b.double(), logits_t.double(), exact)
     assert (alpha.double() - want).abs().max().item() <= 1e-4

@@ -11,7 +11,10 @@ Invariants:
   function of its packed inputs and the caches: no host sync inside, so on CUDA it is captured as
   one CUDA graph per (batch bucket, attention-width buckets[, sampling options]).
 - requests may be added while other slots decode (continuous batching); identical prompt pairs
-  are prefilled once and their cache rows copied.
+  are prefilled once and their cache rows copied. On CUDA `add_async` prefills on a prefill
+  stream while decode steps of other slots run: prefill graphs have their own pool, capture
+  stream and teacher side stream, because cuBLAS keeps a workspace per stream and two graphs
+  captured on one stream would share it (and hang) when they run at the same time.
 - on CUDA the two models run on two streams (the teacher on a side stream joined before the
   sampler), so inside a graph they are parallel branches: at small batches, where each kernel
   fills a fraction of the GPU and launch latency dominates, the step costs about the longer model
@@ -122,7 +125,9 @@ class FastEngine(Engine):
         else:
             self.decode_attention = decode_attention_sdpa
         self.samplers: dict[tuple, StepSampler] = {}
-        self.teacher_stream = torch.cuda.Stream(self.device) if on_cuda and self.concurrent_models else None
+        two_streams = on_cuda and self.concurrent_models
+        self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
+        self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
 
     def max_context(self) -> int:
         return min(self.max_len, self.base.net.spec.context, self.teacher.net.spec.context)
@@ -150,41 +155,34 @@ class FastEngine(Engine):
         normed = m.net.forward(ids, positions, rows, m.k, m.v, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]
 
-    def both_models(self, run_base: Callable, run_teacher: Callable, after_base: Callable | None = None) -> tuple:
-        """(run_base(), run_teacher(), after_base()), the teacher on the side stream where there is one.
+    def both_models(self, run_base: Callable, run_teacher: Callable, side=None) -> tuple:
+        """(run_base(), run_teacher()), the teacher on the side stream where there is one (`side`,
+        else the decode steps' teacher stream; prefill has its own, see the module docstring).
 
         The side stream waits for the current stream before and is joined after, so in a graph
         the two models are parallel branches between the inputs and the sampler; anything it
-        allocates is freed before later side-stream work, which is ordered after that join.
-        after_base (work that needs no teacher logits) runs on the current stream after the base
-        model, i.e. beside the teacher's longer forward pass."""
-        extra = None
-        if self.teacher_stream is None:
-            out_b, out_t = run_base(), run_teacher()
-            if after_base is not None:
-                extra = after_base()
-            return out_b, out_t, extra
+        allocates is freed before later side-stream work, which is ordered after that join."""
+        side = side or self.teacher_stream
+        if side is None:
+            return run_base(), run_teacher()
         main = torch.cuda.current_stream(self.device)
-        self.teacher_stream.wait_stream(main)
-        with torch.cuda.stream(self.teacher_stream):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
             out_t = run_teacher()
         out_b = run_base()
-        if after_base is not None:
-            extra = after_base()
-        main.wait_stream(self.teacher_stream)
-        return out_b, out_t, extra
+        main.wait_stream(side)
+        return out_b, out_t
 
     def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
         def step(packed: torch.Tensor):  # [6, B]: slots, tokens, pos_base, pos_teacher, seeds, steps
             slots, tokens, pos_b, pos_t, seeds, steps = packed.unbind(0)
-            logits_b, logits_t, prepared = self.both_models(
+            logits_b, logits_t = self.both_models(
                 lambda: self.decode_model(self.base, slots, tokens, pos_b, width_b),
                 lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width_t),
-                None if sampler is None else lambda: sampler.prepare(seeds, steps, self.vocab_size),
             )
             if sampler is None:
                 return logits_b, logits_t
-            return sampler(logits_b, logits_t, seeds, steps, prepared)
+            return sampler(logits_b, logits_t, seeds, steps)
 
         return step
 
@@ -327,7 +325,8 @@ class FastEngine(Engine):
             return self.both_models(
                 lambda: self.prefill_model(self.base, ids_b, meta[0], meta[1]),
                 lambda: self.prefill_model(self.teacher, ids_t, meta[0], meta[2]),
-            )[:2]
+                side=self.prefill_teacher_stream,
+            )
 
         def scratch():
             meta = torch.zeros(3, padded, dtype=torch.long, device=self.device)

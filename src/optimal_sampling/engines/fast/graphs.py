@@ -3,9 +3,9 @@
 Invariants: a captured function reads only its static input tensors and the engine's long-lived
 buffers (weights, KV caches), and does no host synchronisation; it is warmed up (Triton and
 cuBLAS initialisation) on inputs that point at the scratch slot, so capture has no side effect on
-real sequences. All graphs share one memory pool and run one at a time, so the outputs of a replay
-are valid until the next replay of any graph. Off CUDA (or with graphs disabled) the function
-simply runs eagerly.
+real sequences. The graphs of one cache share its memory pool and run one at a time, so the
+outputs of a replay are valid until the next replay of any graph of that cache. Off CUDA (or with
+graphs disabled) the function simply runs eagerly.
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ def batch_bucket(n: int, largest: int, step: int = 32) -> int:
 
 
 class GraphCache:
+    """Graphs of one pool, captured (and warmed up) on this cache's own stream.
+
+    Two caches whose graphs may run at the same time need their own streams: cuBLAS keys its
+    workspace by stream, and a graph keeps the workspace of the stream it was captured on, so two
+    graphs captured on one stream and replayed concurrently share split-K scratch and can hang."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.pool = torch.cuda.graph_pool_handle() if enabled else None
+        self.stream = torch.cuda.Stream() if enabled else None
         self.entries: dict[Hashable, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, Outputs]] = {}
         self.captures = 0  # graphs captured so far (a benchmark checks none happen while timed)
 
@@ -58,13 +65,12 @@ class GraphCache:
 
     def capture(self, fn: Callable[..., Outputs], static_inputs: list[torch.Tensor]):
         self.captures += 1
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             for _ in range(2):
                 fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             outputs = fn(*static_inputs)
         return static_inputs, graph, tuple(outputs)

@@ -71,30 +71,20 @@ def triton_available() -> bool:
 
 
 class StepSampler:
-    """A graph-capturable step sampler for one (mix, params) configuration.
-
-    `prepare(row_seeds, steps, vocab)` is the work that needs no logits; the engine runs it while
-    the teacher's forward pass still runs and hands its result to the call."""
+    """A graph-capturable step sampler for one (mix, params) configuration."""
 
     def __init__(self, mix: MixConfig, params: SamplingParams):
         self.mix, self.params = mix, params
         self.key = step_key(mix, params)
 
-    def prepare(self, row_seeds, steps, vocab: int):
-        return None
-
-    def __call__(self, logits_b, logits_t, row_seeds, steps, prepared=None) -> tuple[torch.Tensor, ...]:
+    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
         result = sample_step(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
         return tuple(getattr(result, name) for name in result_fields(self.params))
 
 
 class FusedStepSampler(StepSampler):
-    def prepare(self, row_seeds, steps, vocab: int) -> torch.Tensor | None:
-        """The draw's Gumbel noise [B, V] (none for greedy): a pure function of seeds and steps."""
-        return None if self.params.greedy else gumbel_noise(row_seeds, steps, vocab)
-
-    def __call__(self, logits_b, logits_t, row_seeds, steps, prepared=None) -> tuple[torch.Tensor, ...]:
-        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params, noise=prepared)
+    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
+        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
 
 
 def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.device) -> StepSampler:
@@ -131,37 +121,6 @@ def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
     return {"FIRST_IN": first, "ZERO_AT": zero, "ONE_AT": one}
 
 
-_TOKEN_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
-    """The per-token half of the noise hash, [vocab] int32, made once per (vocab, device).
-    Made eagerly (not inside a graph capture) the first time a sampler for it is built."""
-    key = (vocab, device)
-    if key not in _TOKEN_HASHES:
-        from . import triton_mix as tm
-
-        table = torch.empty(vocab, dtype=torch.int32, device=device)
-        tm.token_hash_kernel[(-(-vocab // 1024),)](table, vocab, BLOCK=1024)
-        _TOKEN_HASHES[key] = table
-    return _TOKEN_HASHES[key]
-
-
-def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """-log(-log(sampling.uniform_noise(row_seeds, steps, vocab))) as the draw pass makes it, [B, V]."""
-    from . import triton_mix as tm
-
-    batch = row_seeds.shape[0]
-    splits = split_count(batch, vocab)
-    chunk = -(-vocab // (splits * BLOCK)) * BLOCK
-    hashes = token_hashes(vocab, row_seeds.device)
-    noise = torch.empty(batch, vocab, dtype=torch.float32, device=row_seeds.device)
-    tm.noise_kernel[(batch, splits)](
-        row_seeds, steps, hashes, noise, vocab, chunk, chunk // BLOCK, BLOCK=BLOCK, num_warps=SAMPLE_WARPS
-    )
-    return noise
-
-
 def fused_outputs(
     logits_b: torch.Tensor,  # [B, V] (row stride may exceed V)
     logits_t: torch.Tensor,  # [B, V]
@@ -170,14 +129,12 @@ def fused_outputs(
     mix: MixConfig,
     params: SamplingParams,
     trace: list | None = None,
-    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge.
     Returns tokens, log pi_base, log pi_teacher, log q, alpha, and the five as [B, 5] float64.
 
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
-    eager only; benchmarks/sampler_diag.py). noise: `gumbel_noise(row_seeds, steps, V)` made
-    ahead (the draw then only loads it), or None to hash in the draw pass."""
+    eager only; benchmarks/sampler_diag.py)."""
     from . import triton_mix as tm
 
     batch, vocab = logits_b.shape
@@ -209,13 +166,9 @@ def fused_outputs(
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
-    use_noise = noise is not None and not params.greedy
-    if use_noise:
-        assert noise.shape == (batch, vocab) and noise.is_contiguous()
     tm.sample_kernel[(batch, splits)](
-        *rows, inv_temp, row_seeds, steps, noise if use_noise else alpha, state, alpha, parts,
-        SPLITS=splits, GREEDY=params.greedy, NOISE=use_noise, ONLINE_LSE=not solve, BLOCK=BLOCK,
-        num_warps=SAMPLE_WARPS,
+        *rows, inv_temp, row_seeds, steps, state, alpha, parts,
+        SPLITS=splits, GREEDY=params.greedy, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)

@@ -15,8 +15,11 @@ support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Va
    relative to the chord of the grid maxima (an upper bound: the max over tokens of x_s is
    convex in s); a row whose bracket is narrower than DONE_WIDTH, or whose Newton step from an
    end is below 1e-7, skips the passes left;
-4. a last Newton/secant step gives alpha; the draw pass takes the Gumbel-max token with the
-   sampler's counter-based noise (sampling.uniform_noise, bit for bit) and log Z_q.
+4. a last Newton/secant step gives alpha, and log Z_q = K(alpha) - lse_b - alpha (lse_t - lse_b)
+   with K(s) = log sum exp(z_b + s d) over the joint support taken by a second-order Taylor step
+   from the nearer bracket end, where the passes summed K, K' = f + c + shift' and K'' = f';
+   the draw pass takes the Gumbel-max token with the sampler's counter-based noise
+   (sampling.uniform_noise, bit for bit); only where alpha was not solved does it sum log Z_q.
 Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); centring
 at the top token and taking the shift from the same weights as f keep the tiny f of nearly
 identical policies; expm1 is a Taylor series where d - c is small; the partial sums are merged in
@@ -502,55 +505,24 @@ def _row_key(seeds_ptr, steps_ptr, row):
 
 
 @triton.jit
-def _token_hash(idx):
-    return _mix32(idx.to(tl.uint32) * 0x9E37)
-
-
-@triton.jit
-def _gumbel(row_key, token_hash):
-    """The Gumbel noise of a token: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
-    bits = _mix32(_mix32(row_key ^ token_hash) ^ row_key)
+def _gumbel(row_key, idx):
+    """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
+    bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
     unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     return -tl.log(-tl.log(unif))
 
 
 @triton.jit
-def token_hash_kernel(out_ptr, V, BLOCK: tl.constexpr):
-    """The row-independent part of the noise hash, per token: a [V] table made once."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + idx, _token_hash(idx).to(tl.int32, bitcast=True), mask=idx < V)
-
-
-@triton.jit
-def noise_kernel(seeds_ptr, steps_ptr, hash_ptr, out_ptr, V, chunk, n_blocks, BLOCK: tl.constexpr):
-    """Per (row, chunk): the Gumbel noise of the draw, out [B, V] float32. It needs no logits, so
-    the engine runs it beside the teacher's forward pass and the draw pass only loads it; the
-    token half of the hash comes from the table (L2-resident, shared by all rows)."""
-    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    row_key = _row_key(seeds_ptr, steps_ptr, row)
-    lanes = tl.arange(0, BLOCK)
-    start = split * chunk
-    end = tl.minimum(start + chunk, V)
-    for i in range(0, n_blocks):
-        idx = start + i * BLOCK + lanes
-        ok = idx < end
-        token_hash = tl.load(hash_ptr + idx, mask=ok, other=0).to(tl.uint32, bitcast=True)
-        tl.store(out_ptr + row * V + idx, _gumbel(row_key, token_hash), mask=ok)
-
-
-@triton.jit
 def sample_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr, noise_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr,
     state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, GREEDY: tl.constexpr, NOISE: tl.constexpr, ONLINE_LSE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr, GREEDY: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): best Gumbel key and its index, and (ONLINE_LSE) log Z_q per lane, reduced
-    once. NOISE: load the noise that noise_kernel wrote instead of hashing here."""
+    """Per (row, chunk): best Gumbel key and its index, and (ONLINE_LSE: rows whose alpha was not
+    solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    noise_ptr += row * V
     alpha = tl.load(alpha_ptr + row)
     lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
     lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
@@ -563,26 +535,19 @@ def sample_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
-    if NOISE:
-        next_g = tl.load(noise_ptr + start + lanes, mask=start + lanes < end, other=0.0)
     for i in range(0, n_blocks):
         idx = start + i * BLOCK + lanes
         ok = idx < end
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
-        if NOISE:
-            g = next_g
-            next_g = tl.load(noise_ptr + idx + BLOCK, mask=idx + BLOCK < end, other=0.0)
         zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         if ONLINE_LSE:
             mq, sq, _, _ = _online(mq, sq, u)
         if GREEDY:
             key = u
-        elif NOISE:
-            key = u + g
         else:
-            key = u + _gumbel(row_key, _token_hash(idx))
+            key = u + _gumbel(row_key, idx)
         key = tl.where(key == key, key, NEG_INF)
         better = key > best  # indices rise along a lane: the first index wins ties
         best_idx = tl.where(better, idx, best_idx)
