@@ -9,7 +9,9 @@ layout with the default passes, stage 2 the passes with the fastest accurate lay
 torch path (`step.sample_step`) is timed in the same run as the baseline, and a torch profile of
 the default configuration at batch 256 says which kernel the time goes to.
 
-    PYTHONPATH=src python3 benchmarks/sampler_sweep.py [--quick]   (a CUDA machine; JSON last)
+    PYTHONPATH=src python3 benchmarks/sampler_sweep.py [--quick | --solves]   (CUDA; JSON last)
+
+--solves times and checks the grid-point count x refining-pass combinations of SOLVES instead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ LAYOUTS = [  # BLOCK, PROGRAMS, ROW_WARPS, STATS_WARPS, SAMPLE_WARPS; the first 
     (1024, 1056, 8, 8, 8), (128, 2112, 4, 4, 4), (128, 4224, 4, 4, 4), (512, 1056, 16, 16, 16),
 ]  # fmt: skip
 PASSES = [(4, 4, 8, 8), (4, 4, 8)]  # REFINE_POINTS
+SOLVES = [(8, (4, 4, 8, 8)), (8, (4, 4, 8)), (6, (4, 4, 8, 8)), (6, (4, 4, 8)), (8, (6, 8, 8)), (4, (4, 4, 8, 8))]
 
 
 def configure(layout, passes) -> None:
@@ -153,6 +156,15 @@ def main() -> None:
     print("torch sample_step (float32) alpha errors:", out["torch_path_errors"], flush=True)
     out["torch_path_ms"] = {c[0]: torch_path_ms(c) for c in all_cases if c[0].startswith("random")}
     print("torch sample_step ms:", out["torch_path_ms"], flush=True)
+    if "--solves" in sys.argv:  # the shipped layout; grid points x refining passes (SOLVES)
+        results = []
+        for grid, passes in SOLVES:
+            mf.GRID_POINTS = grid
+            results.append({"grid": grid, **measure(LAYOUTS[0], passes, all_cases, references)})
+        mf.GRID_POINTS = SOLVES[0][0]
+        out.update(solves=results)
+        print(json.dumps(out))
+        return
     if "--quick" in sys.argv:  # the shipped layout and passes, and the profile
         out["profile_b256"] = profile_default(all_cases[1])
         out.update(quick=[measure(LAYOUTS[0], PASSES[0], all_cases, references)])

@@ -25,7 +25,7 @@ from ...step import StepResult, sample_step
 
 BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
 DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
-GRID_POINTS = 8  # the bracketing pass: evenly spaced over [alpha_min, alpha_max], with 0 and 1
+GRID_POINTS = 4  # the bracketing pass: evenly spaced over [alpha_min, alpha_max], with 0 and 1 (a power of 2)
 REFINE_POINTS = (4, 4, 8, 8)  # points per refining pass; a row whose bracket is tight skips the rest
 BLOCK = 256  # vocabulary entries per step of a (row, chunk) program
 PROGRAMS = 2112  # (row, chunk) programs to aim for per pass (16 per SM of an H100)
@@ -103,17 +103,19 @@ def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
     return 1 << (most.bit_length() - 1)
 
 
-def grid_points(lo: float, hi: float, points: int = GRID_POINTS) -> list[float]:
+def grid_points(lo: float, hi: float, points: int | None = None) -> list[float]:
     """The grid pass's points as the kernel makes them (triton_mix._grid), for checks and traces."""
+    points = points or GRID_POINTS
     layout = grid_layout(lo, hi, points)
     first = layout["FIRST_IN"]
     extras = [v for v in (0.0, 1.0) if v not in (lo, hi)]
     return extras + [lo + (hi - lo) * (j - first) / (points - 1 - first) for j in range(first, points)]
 
 
-def grid_layout(lo: float, hi: float, points: int = GRID_POINTS) -> dict:
+def grid_layout(lo: float, hi: float, points: int | None = None) -> dict:
     """Where the grid pass puts its points: [lo, hi] evenly from FIRST_IN on, 0 and 1 before it
     where the bracket lacks them (f(1) - f(0) is the Jeffreys divergence of the two rows)."""
+    points = points or GRID_POINTS
     extras = [v for v in (0.0, 1.0) if v not in (lo, hi)]
     first = len(extras)
     zero = extras.index(0.0) if 0.0 in extras else (first if lo == 0.0 else points - 1)
