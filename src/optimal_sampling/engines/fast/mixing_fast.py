@@ -123,24 +123,6 @@ def grid_layout(lo: float, hi: float, points: int | None = None) -> dict:
     return {"FIRST_IN": first, "ZERO_AT": zero, "ONE_AT": one}
 
 
-_TOKEN_HASHES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
-    """The draw pass's per-token hash table, [vocab] int32, made once per (vocab, device), eagerly:
-    the engine's graphs are warmed up before capture, so the first call is never captured."""
-    key = (vocab, device)
-    if key not in _TOKEN_HASHES:
-        from . import triton_mix as tm
-
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("run the fused sampler once before capturing it in a CUDA graph")
-        table = torch.empty(vocab, dtype=torch.int32, device=device)
-        tm.token_hash_kernel[(-(-vocab // 1024),)](table, vocab, BLOCK=1024)
-        _TOKEN_HASHES[key] = table
-    return _TOKEN_HASHES[key]
-
-
 def fused_outputs(
     logits_b: torch.Tensor,  # [B, V] (row stride may exceed V)
     logits_t: torch.Tensor,  # [B, V]
@@ -186,9 +168,8 @@ def fused_outputs(
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
-    hashes = alpha if params.greedy else token_hashes(vocab, device)  # greedy draws need no noise
     tm.sample_kernel[(batch, splits)](
-        *rows, inv_temp, row_seeds, steps, hashes, state, alpha, parts,
+        *rows, inv_temp, row_seeds, steps, state, alpha, parts,
         SPLITS=splits, GREEDY=params.greedy, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
     )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)

@@ -505,30 +505,16 @@ def _row_key(seeds_ptr, steps_ptr, row):
 
 
 @triton.jit
-def _token_hash(idx):
-    """The row-independent half of sampling.uniform_noise's hash, per token id."""
-    return _mix32(idx.to(tl.uint32) * 0x9E37)
-
-
-@triton.jit
-def _gumbel(row_key, token_hash):
-    """Gumbel noise -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
-    bits = _mix32(_mix32(row_key ^ token_hash) ^ row_key)
+def _gumbel(row_key, idx):
+    """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
+    bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
     unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     return -tl.log(-tl.log(unif))
 
 
 @triton.jit
-def token_hash_kernel(out_ptr, V, BLOCK: tl.constexpr):
-    """The [V] table of _token_hash (int32 bits), made once per vocabulary and device: the draw
-    pass loads it (L2-resident, shared by all rows) instead of hashing each token id again."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + idx, _token_hash(idx).to(tl.int32, bitcast=True), mask=idx < V)
-
-
-@triton.jit
 def sample_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr, hash_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr,
     state_ptr, alpha_ptr, part_ptr,
     SPLITS: tl.constexpr, GREEDY: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -549,16 +535,11 @@ def sample_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
-    if not GREEDY:
-        next_h = tl.load(hash_ptr + start + lanes, mask=start + lanes < end, other=0)
     for i in range(0, n_blocks):
         idx = start + i * BLOCK + lanes
         ok = idx < end
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
-        if not GREEDY:
-            token_hash = next_h.to(tl.uint32, bitcast=True)
-            next_h = tl.load(hash_ptr + idx + BLOCK, mask=idx + BLOCK < end, other=0)
         zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         if ONLINE_LSE:
@@ -566,7 +547,7 @@ def sample_kernel(
         if GREEDY:
             key = u
         else:
-            key = u + _gumbel(row_key, token_hash)
+            key = u + _gumbel(row_key, idx)
         key = tl.where(key == key, key, NEG_INF)
         better = key > best  # indices rise along a lane: the first index wins ties
         best_idx = tl.where(better, idx, best_idx)
