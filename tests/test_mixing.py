@@ -173,3 +173,27 @@ def test_properties(rows, method, a, b):
         residual = d.kl_q_base - d.kl_q_teacher
         at_bound = ((alpha - lo).abs() < 1e-9) & (residual >= 0) | ((alpha - hi).abs() < 1e-9) & (residual <= 0)
         assert torch.all((residual.abs() < 1e-6) | at_bound)
+
+
+def test_uniforms_stay_strictly_inside_0_1_so_gumbel_noise_is_finite():
+    """The extreme hashes give uniforms inside (0, 1), exactly and in order: a uniform of 1.0 has
+    Gumbel noise +inf, and its token would be drawn whatever its probability."""
+    from optimal_sampling.sampling import uniform_of_bits
+
+    bits = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 1024, 2**32 - 513, 2**32 - 512, 2**32 - 1])
+    u = uniform_of_bits(bits)
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    assert torch.equal(u.double(), ((bits >> 9).double() + 0.5) / 2**23)  # exact in float32
+
+
+def test_a_point_mass_is_always_drawn_over_a_full_vocabulary():
+    """Every draw from q = a point mass is that token, over a 151,936-token vocabulary and 300
+    seeds (with 24-bit uniforms about 1 % of rows held a uniform of 1.0 and drew another token)."""
+    from optimal_sampling.sampling import sample_tokens
+
+    rows, vocab = 300, 151936
+    lp_q = torch.full((rows, vocab), float("-inf"))
+    lp_q[:, 4321] = 0.0
+    tokens = sample_tokens(lp_q, False, torch.arange(rows), torch.full((rows,), 3))
+    assert (tokens == 4321).all()

@@ -3,7 +3,9 @@
 The noise for token v of a request at generation step t is a pure function of
 (request seed, t, v): a request gets the same tokens whatever batch, slot or engine it runs in,
 and no generator state is carried between steps (no host sync, graph-capturable). The hash is a
-32-bit integer mixer evaluated in int64 without overflow; uniforms have 24 bits.
+32-bit integer mixer evaluated in int64 without overflow; uniforms have 23 bits, (k + 1/2) / 2**23,
+all exact in float32 and strictly inside (0, 1). (With 24 bits the top value rounded to 1.0, whose
+Gumbel noise is +inf: about 1 % of draws over a 150k vocabulary took that token whatever its q.)
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 def uniform_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), float32 [B, vocab], from per-row seeds [B] and step counters [B]."""
+    """Uniforms strictly inside (0, 1), float32 [B, vocab], from per-row seeds [B] and step counters [B]."""
     device = row_seeds.device
     row = mix32((mix32(row_seeds & _MASK32) ^ (steps & _MASK32)) & _MASK32)  # [B]
     token = mix32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x9E37 & _MASK32)  # [V]
     bits = mix32(mix32(row.unsqueeze(-1) ^ token.unsqueeze(0)) ^ row.unsqueeze(-1))
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return uniform_of_bits(bits)
+
+
+def uniform_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2**32)) -> float32 uniforms (k + 1/2) / 2**23 from their top 23 bits."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def sample_tokens(

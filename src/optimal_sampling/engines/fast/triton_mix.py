@@ -508,7 +508,7 @@ def _row_key(seeds_ptr, steps_ptr, row):
 def _gumbel(row_key, idx):
     """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
     bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
-    unif = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    unif = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     return -tl.log(-tl.log(unif))
 
 
