@@ -75,7 +75,7 @@ def main() -> None:
     out["decode_by_batch_ctx320"] = {b: decode_ms(engine, loop, b, 320) for b in (1, 16, 32, 64, 128, 256)}
     print(out, flush=True)
     if args.profile:
-        engine.graphs = GraphCache(False)
+        engine.prefill_graphs = GraphCache(False)  # eager, so the profiler sees each kernel
         requests = [SlotRequest(s, p, p) for s, p in enumerate(random_prompts(16, 128, 1))]
         engine.add(requests)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -55,16 +55,17 @@ def to_device(host: torch.Tensor | Sequence[int], device: torch.device) -> torch
 class PendingAdd:
     """Requests being prefilled (and their first token drawn) on the prefill stream."""
 
-    def __init__(self, result: StepResult, done: torch.cuda.Event | None):
-        self.result, self.done = result, done
+    def __init__(self, result: StepResult, done: torch.cuda.Event | None, device: torch.device):
+        self.result, self.done, self.device = result, done, device
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()
 
     def to_host(self) -> dict[str, list]:
-        """The first draw's results (waits for the prefill where it still runs)."""
+        """The first draw's results (waits for the prefill where it still runs); from then on the
+        device's current stream is ordered after the prefill, so its decode steps may use the slots."""
         if self.done is not None:
-            torch.cuda.current_stream().wait_event(self.done)
+            torch.cuda.current_stream(self.device).wait_event(self.done)
         return self.result.to_host()
 
 
@@ -234,13 +235,13 @@ class FastEngine(Engine):
         The new slots join decode steps once `ready()`; until then only the caller's other slots
         may be decoded. Padding rows of both write the scratch slot, which nothing reads back."""
         if self.prefill_stream is None:
-            return PendingAdd(self.sample(*self.add(requests), row_seeds, steps, mix, params), None)
+            return PendingAdd(self.sample(*self.add(requests), row_seeds, steps, mix, params), None, self.device)
         self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.prefill_stream):
             result = self.sample(*self.add(requests), row_seeds, steps, mix, params)
             done = torch.cuda.Event()
             done.record()
-        return PendingAdd(result, done)
+        return PendingAdd(result, done, self.device)
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
