@@ -115,9 +115,9 @@ class FastEngine(Engine):
         if self.teacher.net.device != self.device:
             raise ValueError("the fast engine needs both models on one device")
         on_cuda = self.device.type == "cuda"
-        self.graphs = GraphCache(use_graphs and on_cuda)
+        self.graphs = GraphCache(use_graphs and on_cuda, self.device)
         # Prefill graphs have their own pool: `add_async` replays them while decode graphs run.
-        self.prefill_graphs = GraphCache(use_graphs and on_cuda)
+        self.prefill_graphs = GraphCache(use_graphs and on_cuda, self.device)
         self.prefill_stream = torch.cuda.Stream(self.device) if on_cuda and self.overlaps_prefill else None
         if on_cuda:
             from .triton_attention import decode_attention_triton

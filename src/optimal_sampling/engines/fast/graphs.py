@@ -37,10 +37,10 @@ class GraphCache:
     workspace by stream, and a graph keeps the workspace of the stream it was captured on, so two
     graphs captured on one stream and replayed concurrently share split-K scratch and can hang."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, device: torch.device | None = None):
         self.enabled = enabled
         self.pool = torch.cuda.graph_pool_handle() if enabled else None
-        self.stream = torch.cuda.Stream() if enabled else None
+        self.stream = torch.cuda.Stream(device) if enabled else None
         self.entries: dict[Hashable, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, Outputs]] = {}
         self.captures = 0  # graphs captured so far (a benchmark checks none happen while timed)
 
