@@ -39,7 +39,7 @@ from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
 from optimal_sampling.engines.fast.mixing_fast import fused_outputs
 from optimal_sampling.engines.reference import ReferenceEngine
-from optimal_sampling.sampler import admit_group
+from optimal_sampling.sampler import FirstDraw, admit_group
 from optimal_sampling.step import sample_step
 
 VOCAB = 151936
@@ -116,9 +116,9 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
+def prompts(count: int, seed: int, length: int = PROMPT) -> list[tuple[int, ...]]:
     rng = random.Random(seed)
-    return [tuple(rng.randrange(VOCAB) for _ in range(PROMPT)) for _ in range(count)]
+    return [tuple(rng.randrange(VOCAB) for _ in range(length)) for _ in range(count)]
 
 
 class FastLoop:
@@ -143,19 +143,25 @@ class FastLoop:
         return result.to_host()["tokens"]
 
 
-def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int) -> dict:
-    slots = list(range(batch))
-    tokens = loop.start(slots, prompts(batch, batch))
+def fixed_steps(loop: FastLoop, slots: list[int], tokens: list[int]):
+    """(full, models_only): the sampler's step over `slots` (advancing `tokens` and the step
+    count), and the same captured step without the sampler, each synchronised."""
     count = [1]
 
     def full():
-        tokens[:] = loop.step(slots, tokens, [count[0]] * batch)
+        tokens[:] = loop.step(slots, tokens, [count[0]] * len(slots))
         count[0] += 1
 
     def models_only():
-        engine.run_step(slots, tokens, slots, [0] * batch, None)
+        loop.engine.run_step(slots, tokens, slots, [0] * len(slots), None)
         sync()
 
+    return full, models_only
+
+
+def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int) -> dict:
+    slots = list(range(batch))
+    full, models_only = fixed_steps(loop, slots, loop.start(slots, prompts(batch, batch)))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
@@ -209,7 +215,7 @@ def bench_variable(
             if overlap:
                 handle = loop.start_async(admitted, batch_prompts)
             else:
-                handle = FirstTokens(loop.start(admitted, batch_prompts))
+                handle = FirstDraw({"tokens": loop.start(admitted, batch_prompts)})
             pending = admitted, [target for _, target in jobs], handle
             refills += 1
         if pending is not None and (not active or pending[2].ready()):
@@ -243,19 +249,6 @@ def bench_variable(
         overlap=overlap, refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
         graph_captures=loop.engine.graphs.captures + loop.engine.prefill_graphs.captures - captures,
     )  # fmt: skip
-
-
-class FirstTokens:
-    """A first draw already on the host (the non-overlapped refill)."""
-
-    def __init__(self, tokens: list[int]):
-        self.tokens = tokens
-
-    def ready(self) -> bool:
-        return True
-
-    def to_host(self) -> dict:
-        return {"tokens": self.tokens}
 
 
 def bench_reference(base, teacher, batch: int, steps: int, mix: MixConfig, params: SamplingParams) -> dict:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import torch
-from bench_decode import VOCAB, FastLoop, qwen_model, timed
+from bench_decode import VOCAB, FastLoop, fixed_steps, prompts, qwen_model, timed
 
 from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.engines.base import SlotRequest
@@ -22,13 +21,8 @@ from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
 
 
-def random_prompts(count: int, length: int, seed: int) -> list[tuple[int, ...]]:
-    rng = random.Random(seed)
-    return [tuple(rng.randrange(VOCAB) for _ in range(length)) for _ in range(count)]
-
-
 def prefill_ms(engine: FastEngine, count: int, length: int, repeat: int = 5) -> float:
-    requests = [SlotRequest(s, p, p) for s, p in enumerate(random_prompts(count, length, count))]
+    requests = [SlotRequest(s, p, p) for s, p in enumerate(prompts(count, count, length))]
     slots = [r.slot for r in requests]
 
     def once():
@@ -39,24 +33,14 @@ def prefill_ms(engine: FastEngine, count: int, length: int, repeat: int = 5) -> 
     return 1e3 * timed(once, repeat)
 
 
-def decode_ms(engine: FastEngine, loop: FastLoop, batch: int, context: int, steps: int = 10) -> dict:
+def decode_ms(loop: FastLoop, batch: int, context: int, steps: int = 10) -> dict:
     slots = list(range(batch))
-    tokens = loop.start(slots, random_prompts(batch, context, context + batch))
-    count = [1]
-
-    def full():
-        tokens[:] = loop.step(slots, tokens, [count[0]] * batch)
-        count[0] += 1
-
-    def models():
-        engine.run_step(slots, tokens, slots, [0] * batch, None)
-        torch.cuda.synchronize()
-
+    full, models = fixed_steps(loop, slots, loop.start(slots, prompts(batch, context + batch, context)))
     for _ in range(2):
         full()
         models()
     out = dict(full=1e3 * timed(full, steps), models=1e3 * timed(models, steps))
-    engine.release(slots)
+    loop.engine.release(slots)
     return out
 
 
@@ -70,13 +54,13 @@ def main() -> None:
     out: dict = dict(card=torch.cuda.get_device_name())
     out["prefill_ms"] = {f"{n}x128": prefill_ms(engine, n, 128) for n in (16, 32, 64)}
     print(out, flush=True)
-    out["decode_b256_by_context"] = {c: decode_ms(engine, loop, 256, c) for c in (128, 320, 640)}
+    out["decode_b256_by_context"] = {c: decode_ms(loop, 256, c) for c in (128, 320, 640)}
     print(out, flush=True)
-    out["decode_by_batch_ctx320"] = {b: decode_ms(engine, loop, b, 320) for b in (1, 16, 32, 64, 128, 256)}
+    out["decode_by_batch_ctx320"] = {b: decode_ms(loop, b, 320) for b in (1, 16, 32, 64, 128, 256)}
     print(out, flush=True)
     if args.profile:
         engine.prefill_graphs = GraphCache(False)  # eager, so the profiler sees each kernel
-        requests = [SlotRequest(s, p, p) for s, p in enumerate(random_prompts(16, 128, 1))]
+        requests = [SlotRequest(s, p, p) for s, p in enumerate(prompts(16, 1))]
         engine.add(requests)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             engine.add(requests)

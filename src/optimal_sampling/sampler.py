@@ -23,8 +23,9 @@ from .sampling import request_seed
 from .step import sample_step
 
 
-class _Drawn:
-    """A first draw that is already on the host (engines without add_async)."""
+class FirstDraw:
+    """A first draw that is already on the host (engines without add_async): the same ready() /
+    to_host() as the fast engine's PendingAdd."""
 
     def __init__(self, result: dict):
         self.result = result
@@ -344,7 +345,7 @@ class OptimalSampler:
             steps = [len(st.tokens) for st in admitted.values()]
             return engine.add_async(requests, seeds, steps, self.mix, params)
         logits_b, logits_t = engine.add(requests)
-        return _Drawn(self._sample(admitted, logits_b, logits_t, params))
+        return FirstDraw(self._sample(admitted, logits_b, logits_t, params))
 
     def _sample(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> dict:
         """One token per row from given logits (after a prefill), by the engine's sampler if it has one."""
