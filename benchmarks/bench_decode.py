@@ -4,14 +4,16 @@ Random-weight models with the real Qwen2.5-0.5B (base) and Qwen2.5-1.5B (teacher
 download), prompts of 128 tokens. Measured in the same process:
 - the weight-bandwidth floor: both models' weight bytes / a measured device-to-device copy rate;
 - the fast engine at batch 1, 64 and 256 (decode_and_sample: both models + alpha + q + draw +
-  importance data in one CUDA graph, results copied to the host every step as the sampler does),
-  the same steps without the sampler (models only) for the share of the step outside the models
-  (median of ROUNDS alternating rounds of each),
-  and the fused sampler kernel alone;
+  importance data in one CUDA graph, results copied to the host every step and read one step
+  later, as the sampler's pipelined loop does), the same steps without the sampler (models only,
+  queued back to back) for the share of the step outside the models, and for comparison the
+  steps read before the next is queued (median of ROUNDS alternating rounds of each), and the
+  fused sampler kernel alone;
 - the fast engine on a variable-length workload: 1,024 requests, output lengths uniform in
   32..512, continuous batching over 256 slots as the sampler runs it (refill once the sampler's
-  group of slots is free, prefill beside the decode steps), and for comparison refilling as soon
-  as any slot frees, and refilling with the decode steps waiting for the prefill;
+  group of slots is free, prefill beside the decode steps, pipelined steps), and for comparison
+  refilling as soon as any slot frees, refilling with the decode steps waiting for the prefill,
+  and reading each step before queuing the next;
 - the fixed batches again with both models on one CUDA stream (the engine runs the teacher on a
   second stream);
 - the reference engine (transformers models + DynamicCache + sample_step), a few steps per batch;
@@ -129,8 +131,7 @@ class FastLoop:
 
     def start(self, slots: list[int], batch_prompts: list[tuple[int, ...]]) -> list[int]:
         requests = [SlotRequest(s, p, p) for s, p in zip(slots, batch_prompts, strict=True)]
-        logits_b, logits_t = self.engine.add(requests)
-        first = self.engine.sample(logits_b, logits_t, slots, [0] * len(slots), self.mix, self.params)
+        first = self.engine.first_draw(requests, slots, [0] * len(slots), self.mix, self.params)
         return first.to_host()["tokens"]
 
     def start_async(self, slots: list[int], batch_prompts: list[tuple[int, ...]]):
@@ -139,43 +140,63 @@ class FastLoop:
         return self.engine.add_async(requests, slots, [0] * len(slots), self.mix, self.params)
 
     def step(self, slots: list[int], tokens: list[int], steps: list[int]) -> list[int]:
+        """One step, read at once (the loop of an engine that does not pipeline)."""
         result = self.engine.decode_and_sample(slots, tokens, slots, steps, self.mix, self.params)
         return result.to_host()["tokens"]
 
+    def launch(self, slots: list[int], steps: list[int]):
+        """One step on the slots' last tokens on the device, not read yet (the sampler's
+        pipelined loop): a handle whose to_host() waits for this step's results."""
+        result = self.engine.decode_and_sample(slots, None, slots, steps, self.mix, self.params)
+        return result.copy_to_host()
+
 
 def fixed_steps(loop: FastLoop, slots: list[int], tokens: list[int]):
-    """(full, models_only): the sampler's step over `slots` (advancing `tokens` and the step
-    count), and the same captured step without the sampler, each synchronised."""
+    """(full, models_only, stepwise) over `slots`, each advancing the step count:
+    - full: the sampler's pipelined step: queue step n + 1, then read step n's results;
+    - models_only: the same captured step without the sampler, queued back to back;
+    - stepwise: queue a step and read it before the next (host work between steps)."""
     count = [1]
+    in_flight = [None]
 
     def full():
+        queued = loop.launch(slots, [count[0]] * len(slots))
+        count[0] += 1
+        if in_flight[0] is not None:
+            tokens[:] = in_flight[0].to_host()["tokens"]
+        in_flight[0] = queued
+
+    def models_only():
+        loop.engine.run_step(slots, None, slots, [0] * len(slots), None)
+
+    def stepwise():
+        if in_flight[0] is not None:
+            tokens[:] = in_flight[0].to_host()["tokens"]
+            in_flight[0] = None
         tokens[:] = loop.step(slots, tokens, [count[0]] * len(slots))
         count[0] += 1
 
-    def models_only():
-        loop.engine.run_step(slots, tokens, slots, [0] * len(slots), None)
-        sync()
-
-    return full, models_only
+    return full, models_only, stepwise
 
 
 def bench_fast_fixed(engine: FastEngine, loop: FastLoop, batch: int, steps: int) -> dict:
     slots = list(range(batch))
-    full, models_only = fixed_steps(loop, slots, loop.start(slots, prompts(batch, batch)))
+    full, models_only, stepwise = fixed_steps(loop, slots, loop.start(slots, prompts(batch, batch)))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         full()  # capture
     models_only()
-    # Rounds of each, alternating, and the median round of each: clock drift hits both alike.
+    stepwise()
+    # Rounds of each, alternating, and the median round of each: clock drift hits all alike.
     per_round = max(1, steps // ROUNDS)  # as many steps in all as one round of `steps` (context grows)
-    rounds = [(timed(full, per_round), timed(models_only, per_round)) for _ in range(ROUNDS)]
-    step_s = statistics.median(r[0] for r in rounds)
-    models_s = statistics.median(r[1] for r in rounds)
+    rounds = [[timed(fn, per_round) for fn in (full, models_only, stepwise)] for _ in range(ROUNDS)]
+    step_s, models_s, stepwise_s = (statistics.median(r[i] for r in rounds) for i in range(3))
     engine.release(slots)
     return dict(
         tok_s=batch / step_s, ms_step=1e3 * step_s, ms_models=1e3 * models_s,
         share_outside_models=max(0.0, 1 - models_s / step_s), peak_gib=peak_gib(),
+        tok_s_stepwise=batch / stepwise_s, ms_step_stepwise=1e3 * stepwise_s,
     )  # fmt: skip
 
 
@@ -189,26 +210,30 @@ def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> 
 
 def bench_variable(
     loop: FastLoop, requests: int, slots: int, shortest: int = 32, longest: int = 512, refill_at: int = 1,
-    overlap: bool = True,
+    overlap: bool = True, pipelined: bool = True,
 ) -> dict:  # fmt: skip
     """Continuous batching as the sampler runs it: free slots are refilled once `refill_at` of them
     (or all the waiting requests) are free, in one prefill; refill_at=1 refills as soon as any slot
     frees. overlap: the prefill and first draw run on the engine's prefill stream while the other
-    slots keep decoding (add_async, what the sampler does), else the decode steps wait for them."""
+    slots keep decoding (add_async, what the sampler does), else the decode steps wait for them.
+    pipelined: step n + 1 is queued before step n's results are read (what the sampler does),
+    else each step is read before the next is queued."""
     rng = random.Random(0)
     lengths = [rng.randint(shortest, longest) for _ in range(requests)]
     waiting = list(zip(prompts(requests, 7), lengths, strict=True))[::-1]
     free = list(range(slots - 1, -1, -1))
-    active: dict[int, list] = {}  # slot -> [tokens so far, target length, last token]
+    active: dict[int, list] = {}  # slot -> [tokens read, target length, last token, tokens asked for]
     pending = None  # (slots, target lengths, handle) of an admission in flight
+    in_flight = None  # (slots, handle) of a step not read yet
     produced, steps, refills = 0, 0, 0
     refill_s, tail_s, tail_tokens = 0.0, 0.0, 0  # time the loop waits on refills; after the queue empties
     captures = loop.engine.graphs.captures + loop.engine.prefill_graphs.captures
     sync()
     start = time.perf_counter()
-    while waiting or active or pending:
+    while waiting or active or pending or in_flight:
         began = time.perf_counter()
-        if pending is None and waiting and free and (len(free) >= min(refill_at, len(waiting)) or not active):
+        busy = bool(active or in_flight)
+        if pending is None and waiting and free and (len(free) >= min(refill_at, len(waiting)) or not busy):
             admitted = [free.pop() for _ in range(min(len(free), len(waiting)))]
             jobs = [waiting.pop() for _ in admitted]
             batch_prompts = [p for p, _ in jobs]
@@ -218,35 +243,47 @@ def bench_variable(
                 handle = FirstDraw({"tokens": loop.start(admitted, batch_prompts)})
             pending = admitted, [target for _, target in jobs], handle
             refills += 1
-        if pending is not None and (not active or pending[2].ready()):
+        if pending is not None and (not busy or pending[2].ready()):
             admitted, targets, handle = pending
             pending = None
             firsts = handle.to_host()["tokens"]
             for slot, target, token in zip(admitted, targets, firsts, strict=True):
-                active[slot] = [1, target, token]
+                active[slot] = [1, target, token, 1]
             produced += len(admitted)
         refill_s += time.perf_counter() - began
-        if not active:
-            continue
-        slot_list = list(active)
         began = time.perf_counter()
-        tokens = loop.step(slot_list, [active[s][2] for s in slot_list], [active[s][0] for s in slot_list])
-        if not waiting and pending is None:
-            tail_s += time.perf_counter() - began
-            tail_tokens += len(slot_list)
-        steps += 1
-        produced += len(slot_list)
-        for slot, token in zip(slot_list, tokens, strict=True):
-            state = active[slot]
-            state[0], state[2] = state[0] + 1, token
-            if state[0] >= state[1]:
-                del active[slot]
-                free.append(slot)
-        loop.engine.release([s for s in slot_list if s not in active])
+        rows = [s for s, state in active.items() if state[3] < state[1]]
+        queued = None
+        if rows:
+            asked = [active[s][3] for s in rows]
+            for s in rows:
+                active[s][3] += 1
+            if pipelined:
+                queued = rows, loop.launch(rows, asked)
+            else:
+                tokens = loop.step(rows, [active[s][2] for s in rows], asked)
+                queued = rows, FirstDraw({"tokens": tokens})
+            steps += 1
+        if pipelined:
+            queued, in_flight = in_flight, queued
+        if queued is not None:
+            read, handle = queued
+            for slot, token in zip(read, handle.to_host()["tokens"], strict=True):
+                state = active[slot]
+                state[0], state[2] = state[0] + 1, token
+                if state[0] >= state[1]:
+                    del active[slot]
+                    free.append(slot)
+            produced += len(read)
+            loop.engine.release([s for s in read if s not in active])
+            if not waiting and pending is None:
+                tail_s += time.perf_counter() - began
+                tail_tokens += len(read)
     seconds = time.perf_counter() - start
     return dict(
         tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at,
-        overlap=overlap, refills=refills, refill_s=refill_s, tail_s=tail_s, tail_tokens=tail_tokens,
+        overlap=overlap, pipelined=pipelined, refills=refills, refill_s=refill_s, tail_s=tail_s,
+        tail_tokens=tail_tokens,
         graph_captures=loop.engine.graphs.captures + loop.engine.prefill_graphs.captures - captures,
     )  # fmt: skip
 
@@ -327,6 +364,12 @@ def fast_sections(
         lambda: bench_variable(loop, requests, 256, refill_at=group, overlap=False),
         partial,
     )
+    section(
+        out,
+        "variable_stepwise",
+        lambda: bench_variable(loop, requests, 256, refill_at=group, pipelined=False),
+        partial,
+    )
     section(out, "fast_one_stream", lambda: bench_one_stream(engine, loop, steps), partial)
 
 
@@ -394,15 +437,18 @@ def report(out: dict) -> None:
             f"{'fast engine':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
+    for b, r in out["fast"].items():
+        print(f"{'fast, each step read first':<28}{b:>6}{r['tok_s_stepwise']:>12.0f}{r['ms_step_stepwise']:>10.3f}")
     for b, r in (out.get("fast_one_stream") or {}).items():
         print(
             f"{'fast, models on one stream':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
-    for name in ("variable", "variable_refill_each_step", "variable_no_overlap"):
+    for name in ("variable", "variable_refill_each_step", "variable_no_overlap", "variable_stepwise"):
         v = out.get(name)
         if v:
             label = f"fast, 32..512, refill>={v['refill_at']}{'' if v['overlap'] else ', no overlap'}"
+            label += "" if v["pipelined"] else ", stepwise"
             print(f"{label:<28}{256:>6}{v['tok_s']:>12.0f}{1e3 * v['seconds'] / v['steps']:>10.3f}")
     for name in ("reference", "generate_base", "generate_teacher"):
         for b, r in out[name].items():

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -130,6 +131,35 @@ def test_refills_wait_for_a_group_of_free_slots_and_keep_tokens(tiny_pair):
     for index in (0, 33, 39):
         (alone,) = sampler.generate_iter([texts[index]], max_tokens=16, stop=["a", "e"], prompt_indices=[index])
         assert alone.token_ids == together[index].token_ids
+
+
+def test_pipelined_loop_keeps_the_tokens_of_the_step_by_step_loop(tiny_pair):
+    """The fast engine's loop queues step n + 1 before reading step n (input tokens from the
+    device); requests that stop at step n drop the extra token. Same samples as reading each step
+    first, with stops at different steps and slots refilled while others decode."""
+    base_dir, teacher_dir = tiny_pair("qwen2")
+    check_pipelined_loop(OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=3, seed=11))
+
+
+def check_pipelined_loop(sampler: OptimalSampler) -> None:
+    """Shared with the GPU test (tests/gpu/test_fast_gpu.py)."""
+    assert sampler.engine.pipelines
+    texts = TEXTS * 2
+    calls = []
+    run = sampler.engine.decode_and_sample
+    sampler.engine.decode_and_sample = lambda slots, tokens, *rest: calls.append(tokens) or run(slots, tokens, *rest)
+    pipelined = sampler.generate(texts, max_tokens=14, stop=["a", "e"], collect_diagnostics=True).samples
+    assert calls and all(tokens is None for tokens in calls)  # every step took its tokens on the device
+    sampler.engine.pipelines = False
+    stepwise = sampler.generate(texts, max_tokens=14, stop=["a", "e"], collect_diagnostics=True).samples
+    assert all(tokens is not None for tokens in calls[-3:])
+    assert {s.finish_reason for s in stepwise} == {"stop", "length"}
+    assert len({len(s.token_ids) for s in stepwise}) > 2
+    for a, b in zip(pipelined, stepwise, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        # batches differ (a stopped request rides one step more), so float32 sums round differently
+        np.testing.assert_allclose(a.logprobs_q, b.logprobs_q, atol=1e-4)
+        np.testing.assert_allclose(a.alphas, b.alphas, atol=1e-4)
 
 
 def test_fast_and_reference_samplers_agree(tiny_pair):

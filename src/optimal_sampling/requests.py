@@ -30,6 +30,7 @@ class Request:
 class RequestState:
     request: Request
     tokens: list[int] = field(default_factory=list)
+    issued: int = 0  # tokens asked of the engine so far: drawn, or in a step not read yet
     columns: dict[str, list[float]] = field(default_factory=dict)
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -300,23 +300,31 @@ class OptimalSampler:
         checker: StopChecker,
         on_tokens: Callable[[int], None] | None,
     ) -> Iterator[Sample]:
+        """Continuous batching. Where the engine `pipelines` (the fast engine keeps each slot's last
+        token on the device), step n + 1 is queued before step n's results are read, so the host's
+        work (reading, stop checks, bookkeeping) runs while the device computes. A request that
+        stops (EOS, stop string) at step n has one token drawn in step n + 1 that is dropped; the
+        tokens kept are the same as without pipelining (each draw's randomness is keyed by
+        (request seed, token index))."""
         engine = self.engine
+        pipelined = getattr(engine, "pipelines", False)
         waiting = deque(requests)
         free = list(range(engine.max_slots - 1, -1, -1))
         active: dict[int, RequestState] = {}  # slot -> state, in the engine's row order
         pending = None  # (admitted states, their first draw) while the engine prefills them
+        in_flight = None  # (states, results on their way to the host) of a step not read yet
         group = admit_group(engine.max_slots)
-        while waiting or active or pending:
+        while waiting or active or pending or in_flight:
             # 1. admit waiting requests into free slots (a group at a time); the engine prefills
             #    them and draws their first tokens, on the fast engine beside the decode steps
             refill = engine.supports_refill and len(free) >= min(group, len(waiting))
-            if pending is None and waiting and free and (refill or not active):
+            if pending is None and waiting and free and (refill or not (active or in_flight)):
                 admitted = {}
                 while waiting and free:
                     admitted[free.pop()] = RequestState(waiting.popleft())
                 pending = admitted, self._admit(admitted, params)
             # 2. the admitted join once their first tokens are drawn (at once if nothing else runs)
-            if pending is not None and (not active or pending[1].ready()):
+            if pending is not None and (not (active or in_flight) or pending[1].ready()):
                 admitted, first = pending
                 pending = None
                 self._append(admitted, first.to_host())
@@ -324,15 +332,19 @@ class OptimalSampler:
                 yield from self._retire(active, free, checker, params)
                 if on_tokens:
                     on_tokens(len(admitted))
-            if not active:
-                continue
-            # 3. one decode step for every active slot
-            decoded = len(active)
-            self._append(active, self._decode(active, params))
-            # 4. retire finished requests
-            yield from self._retire(active, free, checker, params)
-            if on_tokens:
-                on_tokens(decoded)
+            # 3. queue one decode step for every active slot with tokens left to ask for
+            rows = {slot: st for slot, st in active.items() if st.issued < st.request.token_budget}
+            queued = (rows, self._decode(rows, params, pipelined)) if rows else None
+            # 4. read the step before (pipelined) or this one, and retire finished requests
+            if pipelined:
+                queued, in_flight = in_flight, queued
+            if queued is not None:
+                states, results = queued
+                kept = {slot: st for slot, st in states.items() if st.finish_reason is None}
+                self._append(states, results.to_host(), kept)
+                yield from self._retire(active, free, checker, params)
+                if on_tokens:
+                    on_tokens(len(kept))
 
     def _admit(self, admitted: dict[int, RequestState], params: SamplingParams):
         """Prefill the admitted requests and draw their first tokens: a handle with ready() and
@@ -340,17 +352,23 @@ class OptimalSampler:
         tensor-parallel one, whose ranks must run every collective in one order."""
         engine = self.engine
         requests = [SlotRequest(s, st.request.base_ids, st.request.teacher_ids) for s, st in admitted.items()]
+        seeds, steps = self._issue(admitted)
         if getattr(engine, "overlaps_prefill", False):
-            seeds = [st.request.seed for st in admitted.values()]
-            steps = [len(st.tokens) for st in admitted.values()]
             return engine.add_async(requests, seeds, steps, self.mix, params)
         logits_b, logits_t = engine.add(requests)
-        return FirstDraw(self._sample(admitted, logits_b, logits_t, params))
+        return FirstDraw(self._sample(seeds, steps, logits_b, logits_t, params))
 
-    def _sample(self, states: dict[int, RequestState], logits_b, logits_t, params: SamplingParams) -> dict:
-        """One token per row from given logits (after a prefill), by the engine's sampler if it has one."""
+    @staticmethod
+    def _issue(states: dict[int, RequestState]) -> tuple[list[int], list[int]]:
+        """Row seeds and token indices of one more token per state (the draws' random keys)."""
         seeds = [st.request.seed for st in states.values()]
-        steps = [len(st.tokens) for st in states.values()]
+        steps = [st.issued for st in states.values()]
+        for st in states.values():
+            st.issued += 1
+        return seeds, steps
+
+    def _sample(self, seeds: list[int], steps: list[int], logits_b, logits_t, params: SamplingParams) -> dict:
+        """One token per row from given logits, by the engine's sampler if it has one."""
         engine_sample = getattr(self.engine, "sample", None)
         if engine_sample is not None:
             return engine_sample(logits_b, logits_t, seeds, steps, self.mix, params).to_host()
@@ -359,22 +377,25 @@ class OptimalSampler:
         steps_t = torch.tensor(steps, dtype=torch.long, device=device)
         return sample_step(logits_b, logits_t.to(device), seeds_t, steps_t, self.mix, params).to_host()
 
-    def _decode(self, active: dict[int, RequestState], params: SamplingParams) -> dict:
-        """One token for every active slot, as one captured step where the engine offers it."""
+    def _decode(self, rows: dict[int, RequestState], params: SamplingParams, pipelined: bool):
+        """Queue one token for every row: a handle with to_host(). As one captured step where the
+        engine offers it; pipelined, the input tokens are the slots' last tokens on the device."""
         engine = self.engine
-        last = [st.tokens[-1] for st in active.values()]
+        last = None if pipelined else [st.tokens[-1] for st in rows.values()]
+        seeds, steps = self._issue(rows)
         if hasattr(engine, "decode_and_sample"):
-            seeds = [st.request.seed for st in active.values()]
-            steps = [len(st.tokens) for st in active.values()]
-            return engine.decode_and_sample(list(active), last, seeds, steps, self.mix, params).to_host()
-        slots = torch.tensor(list(active), dtype=torch.long, device=engine.device)
+            result = engine.decode_and_sample(list(rows), last, seeds, steps, self.mix, params)
+            return result.copy_to_host()
+        slots = torch.tensor(list(rows), dtype=torch.long, device=engine.device)
         logits_b, logits_t = engine.decode(slots, torch.tensor(last, dtype=torch.long, device=engine.device))
-        return self._sample(active, logits_b, logits_t, params)
+        return FirstDraw(self._sample(seeds, steps, logits_b, logits_t, params))
 
     @staticmethod
-    def _append(states: dict[int, RequestState], result: dict) -> None:
-        for row, state in enumerate(states.values()):
-            state.append(result, row)
+    def _append(states: dict[int, RequestState], result: dict, keep: dict | None = None) -> None:
+        """Row i of result belongs to the i-th state; only the states in keep (default all) take it."""
+        for row, (slot, state) in enumerate(states.items()):
+            if keep is None or slot in keep:
+                state.append(result, row)
 
     def _retire(self, active, free, checker: StopChecker, params: SamplingParams) -> Iterator[Sample]:
         done = [slot for slot, state in active.items() if checker.check(state)]

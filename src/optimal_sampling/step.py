@@ -31,12 +31,41 @@ class StepResult:
 
     def to_host(self) -> dict[str, list]:
         """All fields as Python lists, in one device-to-host transfer."""
+        return self.copy_to_host().to_host()
+
+    def copy_to_host(self) -> HostCopy:
+        """Start the one device-to-host transfer now (into pinned memory, not waiting for it):
+        the device tensors may then be overwritten (e.g. by the next replay of a captured step)."""
         names = [f.name for f in fields(self) if f.name != "host_rows" and getattr(self, f.name) is not None]
         if self.host_rows is not None and self.host_rows.shape[1] == len(names):
-            stacked = self.host_rows.cpu().T
+            rows = self.host_rows
         else:
-            stacked = torch.stack([getattr(self, n).double() for n in names]).cpu()
-        out = {n: row.tolist() for n, row in zip(names, stacked)}
+            rows = torch.stack([getattr(self, n).double() for n in names], dim=1)
+        return HostCopy(names, rows)
+
+
+class HostCopy:
+    """A step's results [B, fields] on their way to the host; `to_host` waits for this copy only,
+    so a host loop can queue the next step before it reads this one."""
+
+    def __init__(self, names: list[str], rows: torch.Tensor):
+        self.names = names
+        self.event = None
+        if rows.device.type == "cuda":
+            self.rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            self.rows.copy_(rows, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(rows.device))
+        else:
+            self.rows = rows.clone()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def to_host(self) -> dict[str, list]:
+        if self.event is not None:
+            self.event.synchronize()
+        out = {n: column.tolist() for n, column in zip(self.names, self.rows.T)}
         out["tokens"] = [int(t) for t in out["tokens"]]
         return out
 

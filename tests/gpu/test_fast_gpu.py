@@ -114,6 +114,17 @@ def test_sampler_refill_on_cuda_gives_same_tokens_as_alone(tiny_pair):
             assert sample.token_ids == together[2 * index + sample.sample_index].token_ids
 
 
+def test_pipelined_loop_on_cuda_keeps_the_tokens_of_the_step_by_step_loop(tiny_pair):
+    """Step n + 1 queued (in a CUDA graph, tokens from the device) before step n is read."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_fast_engine import check_pipelined_loop
+
+    base_dir, teacher_dir = tiny_pair("qwen2")
+    check_pipelined_loop(
+        OptimalSampler(base_dir, teacher_dir, engine="fast", device="cuda", dtype="float32", max_batch_size=3, seed=11)
+    )
+
+
 def test_add_async_beside_decode_steps_gives_the_same_tokens(tiny_pair):
     """On the prefill stream, beside the decode steps of another slot (tests/test_fast_engine.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

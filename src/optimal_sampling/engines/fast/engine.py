@@ -15,6 +15,9 @@ Invariants:
   stream while decode steps of other slots run: prefill graphs have their own pool, capture
   stream and teacher side stream, because cuBLAS keeps a workspace per stream and two graphs
   captured on one stream would share it (and hang) when they run at the same time.
+- each slot's last token lives on the device (`last_tokens`): a sampling step reads its input
+  tokens there and writes the drawn ones back, and the first draw after a prefill writes there
+  too, so a host loop may queue step n + 1 before it has read step n's tokens (`pipelines`).
 - on CUDA the two models run on two streams (the teacher on a side stream joined before the
   sampler), so inside a graph they are parallel branches: at small batches, where each kernel
   fills a fraction of the GPU and launch latency dominates, the step costs about the longer model
@@ -26,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ...config import MixConfig, SamplingParams
@@ -99,6 +103,7 @@ class FastEngine(Engine):
     supports_refill = True
     concurrent_models = True  # base and teacher on two CUDA streams (see the module docstring)
     overlaps_prefill = True  # add_async prefills on its own CUDA stream beside decode steps
+    pipelines = True  # decode_and_sample(tokens=None) takes each slot's last token on the device
 
     def __init__(
         self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
@@ -126,6 +131,7 @@ class FastEngine(Engine):
         else:
             self.decode_attention = decode_attention_sdpa
         self.samplers: dict[tuple, StepSampler] = {}
+        self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
         two_streams = on_cuda and self.concurrent_models
         self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
         self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
@@ -175,15 +181,18 @@ class FastEngine(Engine):
         return out_b, out_t
 
     def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
-        def step(packed: torch.Tensor):  # [6, B]: slots, tokens, pos_base, pos_teacher, seeds, steps
-            slots, tokens, pos_b, pos_t, seeds, steps = packed.unbind(0)
+        def step(packed: torch.Tensor):  # [6, B]: slots, tokens (-1: the slot's last), pos_b, pos_t, seeds, steps
+            slots, given, pos_b, pos_t, seeds, steps = packed.unbind(0)
+            tokens = torch.where(given >= 0, given, self.last_tokens[slots])
             logits_b, logits_t = self.both_models(
                 lambda: self.decode_model(self.base, slots, tokens, pos_b, width_b),
                 lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width_t),
             )
             if sampler is None:
                 return logits_b, logits_t
-            return sampler(logits_b, logits_t, seeds, steps)
+            outputs = sampler(logits_b, logits_t, seeds, steps)
+            self.last_tokens[slots] = outputs[0]  # padding rows all write the scratch slot's
+            return outputs
 
         return step
 
@@ -208,13 +217,16 @@ class FastEngine(Engine):
     def decode_and_sample(
         self,
         slots: Sequence[int],
-        tokens: Sequence[int] | torch.Tensor,
+        tokens: Sequence[int] | torch.Tensor | None,
         row_seeds: Sequence[int],
         steps: Sequence[int],
         mix: MixConfig,
         params: SamplingParams,
     ) -> StepResult:
-        """decode + sample_step in one captured graph; tensors valid until the next engine call."""
+        """decode + sample_step in one captured graph; tensors valid until the next engine call.
+
+        tokens None: each slot's last token, as drawn by the previous step or the first draw of
+        `add_async`, read on the device (so the previous step's results need not be read yet)."""
         outputs = self.run_step(list(slots), tokens, row_seeds, steps, self.sampler_for(mix, params))
         return result_from_tensors(outputs, params)
 
@@ -235,13 +247,19 @@ class FastEngine(Engine):
         The new slots join decode steps once `ready()`; until then only the caller's other slots
         may be decoded. Padding rows of both write the scratch slot, which nothing reads back."""
         if self.prefill_stream is None:
-            return PendingAdd(self.sample(*self.add(requests), row_seeds, steps, mix, params), None, self.device)
+            return PendingAdd(self.first_draw(requests, row_seeds, steps, mix, params), None, self.device)
         self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.prefill_stream):
-            result = self.sample(*self.add(requests), row_seeds, steps, mix, params)
+            result = self.first_draw(requests, row_seeds, steps, mix, params)
             done = torch.cuda.Event()
             done.record()
         return PendingAdd(result, done, self.device)
+
+    def first_draw(self, requests: list[SlotRequest], row_seeds, steps, mix: MixConfig, params: SamplingParams):
+        """add + sample; the drawn tokens become the slots' last tokens on the device."""
+        result = self.sample(*self.add(requests), row_seeds, steps, mix, params)
+        self.last_tokens[to_device([r.slot for r in requests], self.device)] = result.tokens
+        return result
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
@@ -263,12 +281,14 @@ class FastEngine(Engine):
         if max(pos_b + pos_t) >= self.max_len:
             raise RuntimeError(f"a sequence reached the KV cache length {self.max_len}")
         on_device = isinstance(tokens, torch.Tensor) and tokens.device.type != "cpu"
-        packed = torch.zeros(6, padded, dtype=torch.long)
-        packed[0].fill_(self.scratch)
-        for row, values in enumerate((slots, None if on_device else tokens, pos_b, pos_t, row_seeds, steps)):
+        from_host = None if on_device or tokens is None else tokens
+        packed = np.zeros((6, padded), dtype=np.int64)  # numpy: lists convert ~5x faster than to torch
+        packed[0] = self.scratch
+        packed[1] = -1  # -1: the slot's last token on the device
+        for row, values in enumerate((slots, from_host, pos_b, pos_t, row_seeds, steps)):
             if values is not None:
-                packed[row, :batch] = torch.as_tensor(values, dtype=torch.long)
-        packed = to_device(packed, self.device)
+                packed[row, :batch] = values
+        packed = to_device(torch.from_numpy(packed), self.device)
         if on_device:
             packed[1, :batch] = tokens
         widths = (self.width_of(max(pos_b) + 1), self.width_of(max(pos_t) + 1))

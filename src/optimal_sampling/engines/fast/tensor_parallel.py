@@ -157,6 +157,7 @@ class TensorParallelEngine(FastEngine):
 
     concurrent_models = False
     overlaps_prefill = False
+    pipelines = False  # the leader sends its helpers each step's tokens (EngineProxy)
 
     def __init__(self, base: TensorParallelModel, teacher: TensorParallelModel, *args, **kwargs):
         super().__init__(base, teacher, *args, **kwargs)
