@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_math import alpha_reference, ess, kl, log_q, log_softmax
+from scipy.stats import chisquare
 
 from optimal_sampling.config import ALPHA_METHODS, MixConfig
 from optimal_sampling.mixing import mix_logprobs, solve_alpha, step_diagnostics, tempered_logprobs
@@ -197,3 +198,30 @@ def test_a_point_mass_is_always_drawn_over_a_full_vocabulary():
     lp_q[:, 4321] = 0.0
     tokens = sample_tokens(lp_q, False, torch.arange(rows), torch.full((rows,), 3))
     assert (tokens == 4321).all()
+
+
+def test_two_level_draw_follows_q_across_many_chunks():
+    """The chunk-then-token Gumbel-max draws each token with probability q: heavy tokens in
+    different chunks (and two in one chunk) plus a spread-out tail, 12,000 draws, chi-square."""
+    from optimal_sampling.sampling import DRAW_CHUNKS, draw_chunk, sample_tokens
+
+    vocab = 20_000
+    chunk = draw_chunk(vocab)
+    assert vocab // chunk > DRAW_CHUNKS // 2  # most chunks hold tokens
+    heavy = torch.tensor([3, 700, 701, 5000, 9999, 14_321, 19_999])
+    probs = torch.full((vocab,), 0.3 / (vocab - len(heavy)), dtype=torch.float64)
+    probs[heavy] = torch.tensor([0.2, 0.15, 0.05, 0.1, 0.08, 0.07, 0.05], dtype=torch.float64)
+    lp_q = probs.log().float()
+    counts = torch.zeros(len(heavy) + 1)
+    for batch in range(6):
+        rows = 2000
+        seeds = torch.arange(rows) + rows * batch
+        tokens = sample_tokens(lp_q.expand(rows, vocab), False, seeds, torch.full((rows,), 5))
+        hits = (tokens[:, None] == heavy[None, :]).float()
+        counts[:-1] += hits.sum(0)
+        counts[-1] += rows - hits.sum()
+    expected = torch.cat([probs[heavy], (1 - probs[heavy].sum()).reshape(1)]) * counts.sum()
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    # a row draws the same token alone as in a batch (the noise is keyed by seed, step, index)
+    alone = sample_tokens(lp_q[None], False, torch.tensor([7]), torch.tensor([5]))
+    assert alone.item() == tokens[7].item()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...config import MixConfig, SamplingParams
+from ...sampling import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
 from ...step import StepResult, sample_step
 
 BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
@@ -28,10 +29,14 @@ DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
 GRID_POINTS = 4  # the bracketing pass: evenly spaced over [alpha_min, alpha_max], with 0 and 1 (a power of 2)
 REFINE_POINTS = (4, 4, 8, 8)  # points per refining pass; a row whose bracket is tight skips the rest
 BLOCK = 256  # vocabulary entries per step of a (row, chunk) program
+assert DRAW_ALIGN % BLOCK == 0  # a draw chunk is whole blocks
 PROGRAMS = 2112  # (row, chunk) programs to aim for per pass (16 per SM of an H100)
 ROW_WARPS = 4
 STATS_WARPS = 4
 SAMPLE_WARPS = 4
+MASS_WARPS = 4
+DRAW_WARPS = 4
+DRAW_SCAN = 1024  # tokens per step of the in-chunk draw (a chunk is draw_chunk(V) tokens)
 
 
 def result_fields(params: SamplingParams) -> tuple[str, ...]:
@@ -132,7 +137,9 @@ def fused_outputs(
     params: SamplingParams,
     trace: list | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The fused sampler: a row pass, the alpha passes, a draw pass, each with a per-row merge.
+    """The fused sampler: a row pass, the alpha passes, then the draw: a pass summing the mass of
+    each draw chunk and a per-row kernel drawing the chunk and its token (greedy: an argmax pass),
+    each pass with a per-row merge.
     Returns tokens, log pi_base, log pi_teacher, log q, alpha, and the five as [B, 5] float64.
 
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
@@ -167,18 +174,30 @@ def fused_outputs(
         solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha, trace)
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
-    parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
-    tm.sample_kernel[(batch, splits)](
-        *rows, inv_temp, row_seeds, steps, state, alpha, parts,
-        SPLITS=splits, GREEDY=params.greedy, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
-    )  # fmt: skip
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
     host = torch.empty(batch, 5, dtype=torch.float64, device=device)
-    tm.finish_kernel[(batch,)](
-        *rows[:4], inv_temp, state, alpha, parts, tokens, logprobs, host, batch,
-        SPLITS=splits, ONLINE_LSE=not solve,
-    )  # fmt: skip
+    outputs = (tokens, logprobs, host, batch)
+    if params.greedy:
+        parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
+        tm.argmax_kernel[(batch, splits)](
+            *rows, inv_temp, state, alpha, parts,
+            SPLITS=splits, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
+        )  # fmt: skip
+        tm.argmax_finish_kernel[(batch,)](
+            *rows[:4], inv_temp, state, alpha, parts, *outputs, SPLITS=splits, ONLINE_LSE=not solve,
+        )  # fmt: skip
+    else:  # the two-level draw of sampling.sample_tokens: chunk masses, then one chunk's tokens
+        chunk = draw_chunk(vocab)
+        masses = torch.empty(batch, DRAW_CHUNKS, 2, dtype=torch.float32, device=device)
+        tm.mass_kernel[(batch, DRAW_CHUNKS)](
+            *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, masses,
+            CHUNKS=DRAW_CHUNKS, BLOCK=BLOCK, num_warps=MASS_WARPS,
+        )  # fmt: skip
+        tm.draw_kernel[(batch,)](
+            *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, masses, *outputs,
+            CHUNKS=DRAW_CHUNKS, CHUNK_NOISE=CHUNK_NOISE, SCAN=DRAW_SCAN, num_warps=DRAW_WARPS,
+        )  # fmt: skip
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
 
 

@@ -17,9 +17,12 @@ support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Va
    end is below 1e-7, skips the passes left;
 4. a last Newton/secant step gives alpha, and log Z_q = K(alpha) - lse_b - alpha (lse_t - lse_b)
    with K(s) = log sum exp(z_b + s d) over the joint support taken by a second-order Taylor step
-   from the nearer bracket end, where the passes summed K, K' = f + c + shift' and K'' = f';
-   the draw pass takes the Gumbel-max token with the sampler's counter-based noise
-   (sampling.uniform_noise, bit for bit); only where alpha was not solved does it sum log Z_q.
+   from the nearer bracket end, where the passes summed K, K' = f + c + shift' and K'' = f'
+   (used by the greedy path; only where alpha was not solved does its argmax pass sum log Z_q);
+5. the draw (sampling.sample_tokens' two-level Gumbel-max, with its noise bit for bit): a mass
+   pass sums exp(u) per draw chunk (u = log q + log Z_q; one exp per token, no noise), then one
+   program per row picks a chunk by log-mass plus chunk noise and a token of that chunk by u plus
+   token noise, and takes log Z_q from the chunk sums.
 Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); centring
 at the top token and taking the shift from the same weights as f keep the tiny f of nearly
 identical policies; expm1 is a Taylor series where d - c is small; the partial sums are merged in
@@ -506,27 +509,129 @@ def _row_key(seeds_ptr, steps_ptr, row):
 
 @triton.jit
 def _gumbel(row_key, idx):
-    """The Gumbel noise of token idx: -log(-log(u)) with u = sampling.uniform_noise's, bit for bit."""
+    """The Gumbel noise of noise index idx: -log(-log(u)) with u = sampling.noise_uniforms', bit for bit."""
     bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
     unif = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     return -tl.log(-tl.log(unif))
 
 
 @triton.jit
-def sample_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, seeds_ptr, steps_ptr,
-    state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, GREEDY: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
+def _first_max(key, idx, none):
+    """(max of key, the smallest idx holding it); NaN keys count as -inf."""
+    key = tl.where(key == key, key, NEG_INF)
+    top = tl.max(key, axis=0)
+    return top, tl.min(tl.where(key == top, idx, none), axis=0)
+
+
+@triton.jit
+def mass_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
+    CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): best Gumbel key and its index, and (ONLINE_LSE: rows whose alpha was not
-    solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
+    """Per (row, draw chunk): the chunk's mass of q, unnormalised (sum of exp(u) with u = log q +
+    log Z_q), as a (max, sum) pair: one exp per token, no noise."""
+    row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    alpha = tl.load(alpha_ptr + row)
+    lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
+    lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    mq = tl.full([BLOCK], NEG_INF, tl.float32)
+    sq = tl.zeros([BLOCK], tl.float32)
+    start = c * chunk
+    end = tl.minimum(start + chunk, V)
+    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    for i in range(0, n_blocks):
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
+        u = _mixed(zb, zt, lse_b, lse_t, alpha)
+        mq, sq, _, _ = _online(mq, sq, tl.where(u == u, u, NEG_INF))
+    m, s, _ = _lanes(mq, sq)
+    at = part_ptr + (row * CHUNKS + c) * 2
+    tl.store(at, m)
+    tl.store(at + 1, s)
+
+
+@triton.jit
+def _write_outputs(
+    zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, alpha, token, log_z, tok_ptr, lp_ptr, host_ptr, B, row
+):  # fmt: skip
+    """The token and its log-probs: lp [3, B] (base, teacher, q) and all five as host [B, 5] float64."""
+    lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
+    tb = tl.load(zb_ptr + row * stride_b + token).to(tl.float32)
+    tt = tl.load(zt_ptr + row * stride_t + token).to(tl.float32)
+    zb, zt, _, _ = _tempered(tb, tt, inv_temp)
+    lp_b = tb - tl.load(st + RAW_LSE_B).to(tl.float32)
+    lp_t = tt - tl.load(st + RAW_LSE_T).to(tl.float32)
+    lp_q = _mixed(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
+    tl.store(tok_ptr + row, token.to(tl.int64))
+    tl.store(lp_ptr + row, lp_b)
+    tl.store(lp_ptr + B + row, lp_t)
+    tl.store(lp_ptr + 2 * B + row, lp_q.to(tl.float32))
+    host = host_ptr + row * 5
+    tl.store(host, token.to(tl.float64))
+    tl.store(host + 1, lp_b.to(tl.float64))
+    tl.store(host + 2, lp_t.to(tl.float64))
+    tl.store(host + 3, lp_q.to(tl.float32).to(tl.float64))
+    tl.store(host + 4, alpha.to(tl.float64))
+
+
+@triton.jit
+def draw_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
+    part_ptr, tok_ptr, lp_ptr, host_ptr, B,
+    CHUNKS: tl.constexpr, CHUNK_NOISE: tl.constexpr, SCAN: tl.constexpr,
+):  # fmt: skip
+    """Per row, the two-level Gumbel-max draw (sampling.sample_tokens): a chunk by its log-mass
+    plus chunk noise, then a token of that chunk by u plus token noise; log Z_q from the masses."""
+    row = tl.program_id(0).to(tl.int64)
+    st = state_ptr + row * STATE_W
+    row_key = _row_key(seeds_ptr, steps_ptr, row)
+    c = tl.arange(0, CHUNKS)
+    m = tl.load(part_ptr + (row * CHUNKS + c) * 2)
+    s = tl.load(part_ptr + (row * CHUNKS + c) * 2 + 1)
+    top = tl.max(m, axis=0)
+    log_z = top.to(tl.float64) + tl.log(tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0))
+    _, picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)
+    alpha = tl.load(alpha_ptr + row)
+    lse_b = tl.load(st + LSE_B).to(tl.float32)
+    lse_t = tl.load(st + LSE_T).to(tl.float32)
+    start = picked * chunk
+    end = tl.minimum(start + chunk, V)
+    lanes = tl.arange(0, SCAN)
+    best = tl.full([], NEG_INF, tl.float32)
+    token = tl.zeros([], tl.int32)
+    for i in range(0, tl.cdiv(chunk, SCAN)):
+        idx = start + i * SCAN + lanes
+        ok = idx < end
+        raw_b = tl.load(zb_ptr + row * stride_b + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        raw_t = tl.load(zt_ptr + row * stride_t + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
+        key = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha) + _gumbel(row_key, idx), NEG_INF)
+        top_i, at = _first_max(key, idx, 2147483647)
+        better = top_i > best  # later blocks hold larger indices: the first index wins ties
+        token = tl.where(better, at, token)
+        best = tl.where(better, top_i, best)
+    _write_outputs(
+        zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, alpha, token, log_z, tok_ptr, lp_ptr, host_ptr, B, row
+    )  # fmt: skip
+
+
+@triton.jit
+def argmax_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
+    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Greedy, per (row, chunk): the largest u and its index, and (ONLINE_LSE: rows whose alpha was
+    not solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     alpha = tl.load(alpha_ptr + row)
     lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
     lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
-    row_key = _row_key(seeds_ptr, steps_ptr, row)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
@@ -544,11 +649,7 @@ def sample_kernel(
         u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         if ONLINE_LSE:
             mq, sq, _, _ = _online(mq, sq, u)
-        if GREEDY:
-            key = u
-        else:
-            key = u + _gumbel(row_key, idx)
-        key = tl.where(key == key, key, NEG_INF)
+        key = tl.where(u == u, u, NEG_INF)
         better = key > best  # indices rise along a lane: the first index wins ties
         best_idx = tl.where(better, idx, best_idx)
         best = tl.where(better, key, best)
@@ -563,13 +664,12 @@ def sample_kernel(
 
 
 @triton.jit
-def finish_kernel(
+def argmax_finish_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
     tok_ptr, lp_ptr, host_ptr, B,
     SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr,
 ):  # fmt: skip
-    """Merge the sampling partials of a row: the token (first index on ties) and its log-probs
-    (lp [3, B]), and all five outputs again as host [B, 5] float64, for one copy to the host."""
+    """Greedy: merge a row's partials into the token (first index on ties) and its outputs."""
     row = tl.program_id(0).to(tl.int64)
     best = tl.full([], NEG_INF, tl.float32)
     best_idx = tl.zeros([], tl.int32)
@@ -583,25 +683,11 @@ def finish_kernel(
         if ONLINE_LSE:
             mq, sq = _merge_lse(mq, sq, tl.load(at + 2), tl.load(at + 3))
     st = state_ptr + row * STATE_W
-    alpha = tl.load(alpha_ptr + row)
-    lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
-    tb = tl.load(zb_ptr + row * stride_b + best_idx).to(tl.float32)
-    tt = tl.load(zt_ptr + row * stride_t + best_idx).to(tl.float32)
-    zb, zt, _, _ = _tempered(tb, tt, inv_temp)
     if ONLINE_LSE:
         log_z = _lse(mq, sq).to(tl.float64)
     else:
         log_z = tl.load(st + LOG_Z)
-    lp_b = tb - tl.load(st + RAW_LSE_B).to(tl.float32)
-    lp_t = tt - tl.load(st + RAW_LSE_T).to(tl.float32)
-    lp_q = _mixed(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
-    tl.store(tok_ptr + row, best_idx.to(tl.int64))
-    tl.store(lp_ptr + row, lp_b)
-    tl.store(lp_ptr + B + row, lp_t)
-    tl.store(lp_ptr + 2 * B + row, lp_q.to(tl.float32))
-    host = host_ptr + row * 5
-    tl.store(host, best_idx.to(tl.float64))
-    tl.store(host + 1, lp_b.to(tl.float64))
-    tl.store(host + 2, lp_t.to(tl.float64))
-    tl.store(host + 3, lp_q.to(tl.float32).to(tl.float64))
-    tl.store(host + 4, alpha.to(tl.float64))
+    _write_outputs(
+        zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, tl.load(alpha_ptr + row), best_idx, log_z,
+        tok_ptr, lp_ptr, host_ptr, B, row,
+    )  # fmt: skip
