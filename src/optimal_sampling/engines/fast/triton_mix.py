@@ -594,7 +594,8 @@ def draw_kernel(
     s = tl.load(part_ptr + (row * CHUNKS + c) * 2 + 1)
     top = tl.max(m, axis=0)
     log_z = top.to(tl.float64) + tl.log(tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0))
-    _, picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)
+    # (no `_` assigned before the loop: Triton would type it as a loop-carried variable)
+    picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)[1]
     alpha = tl.load(alpha_ptr + row)
     lse_b = tl.load(st + LSE_B).to(tl.float32)
     lse_t = tl.load(st + LSE_T).to(tl.float32)
