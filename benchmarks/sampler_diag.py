@@ -3,15 +3,19 @@ grid points and at the bracket ends, against the same quantities in float64.
 
     PYTHONPATH=src python3 benchmarks/sampler_diag.py [--passes]   (a CUDA machine; JSON lines)
 
---passes: the GPU time of each launch of one call at batch 256, and how many rows each pass settles.
+--passes: the GPU time of each launch of one call at batch 256, and how many rows each pass settles,
+on random rows and on the logits of bench_decode.py's random-weight models.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_decode, when run from the repo root
 
 import optimal_sampling.engines.fast.mixing_fast as mf
 import optimal_sampling.engines.fast.triton_mix as tm
@@ -76,11 +80,30 @@ def diagnose(name, b, t, mix, limit=3):
         print(json.dumps(out), flush=True)
 
 
-def pass_profile(batch: int = 256) -> None:
-    """GPU time of each launch of one fused call, and the share of rows done after each pass."""
+def model_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-position logits of the benchmark's random-weight models on random 128-token prompts:
+    the rows the fused sampler meets in bench_decode.py (nearly flat, unlike trained models')."""
+    from bench_decode import prompts, qwen_model
+
+    ids = torch.tensor(prompts(batch, 5), device="cuda")
+    out = []
+    for size in ("0.5b", "1.5b"):
+        model = qwen_model(size)
+        with torch.no_grad():
+            out.append(model(ids, logits_to_keep=1).logits[:, -1].contiguous())
+        del model
+    return out[0], out[1]
+
+
+def pass_profile(batch: int = 256, models: bool = False) -> None:
+    """GPU time of each launch of one fused call, and the share of rows done after each pass;
+    on random rows, or (models) on the benchmark models' logits."""
     torch.manual_seed(0)
-    b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
-    t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
+    if models:
+        b, t = model_logits(batch)
+    else:
+        b = (torch.randn(batch, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+        t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
     seeds = torch.arange(batch, device="cuda")
     mix, params = MixConfig(), SamplingParams()
     def call():
@@ -96,12 +119,17 @@ def pass_profile(batch: int = 256) -> None:
     launches = [(e.name[:24], round(e.time_range.elapsed_us() / 1e3, 4)) for e in kernels]
     _, trace = kernel_trace(b, t, mix, params)
     done = [round(tr["state"][:, tm.DONE.value].mean().item(), 3) for tr in trace]
-    print("passes", json.dumps({"launch_ms": launches, "rows_done_after_each_alpha_pass": done}), flush=True)
+    print(
+        "passes" + (" (model logits)" if models else ""),
+        json.dumps({"launch_ms": launches, "rows_done_after_each_alpha_pass": done}),
+        flush=True,
+    )
 
 
 def main():
     if "--passes" in sys.argv:
         pass_profile()
+        pass_profile(models=True)
         return
     torch.manual_seed(256)
     b = (torch.randn(256, VOCAB, device="cuda") * 3).to(torch.bfloat16)

@@ -37,7 +37,7 @@ LAYOUTS = [  # BLOCK, PROGRAMS, ROW_WARPS, STATS_WARPS, SAMPLE_WARPS; the first 
     (1024, 1056, 8, 8, 8), (128, 2112, 4, 4, 4), (128, 4224, 4, 4, 4), (512, 1056, 16, 16, 16),
 ]  # fmt: skip
 PASSES = [(4, 4, 8, 8), (4, 4, 8)]  # REFINE_POINTS
-SOLVES = [(8, (4, 4, 8, 8)), (8, (4, 4, 8)), (6, (4, 4, 8, 8)), (6, (4, 4, 8)), (8, (6, 8, 8)), (4, (4, 4, 8, 8))]
+SOLVES = [(4, (4, 4, 8, 8)), (4, (4, 4, 8)), (4, (4, 8, 8)), (4, (8, 8)), (4, (4, 8)), (8, (4, 4, 8))]  # grid: a power of 2
 
 
 def configure(layout, passes) -> None:
