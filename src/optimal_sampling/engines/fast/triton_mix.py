@@ -20,9 +20,10 @@ support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Va
    from the nearer bracket end, where the passes summed K, K' = f + c + shift' and K'' = f'
    (used by the greedy path; only where alpha was not solved does its argmax pass sum log Z_q);
 5. the draw (sampling.sample_tokens' two-level Gumbel-max, with its noise bit for bit): a mass
-   pass sums exp(u) per draw chunk (u = log q + log Z_q; one exp per token, no noise), then one
-   program per row picks a chunk by log-mass plus chunk noise and a token of that chunk by u plus
-   token noise, and takes log Z_q from the chunk sums.
+   pass sums q per draw chunk (exp(u - log Z_q) with u = log q + log Z_q and the Taylor log Z_q
+   as reference; one exp per token, no noise), then one program per row picks a chunk by
+   log-mass plus chunk noise and a token of that chunk by u plus token noise, and takes log Z_q
+   exactly from the chunk sums.
 Precision: d is formed from the raw difference z_t - z_b (exact for near-equal logits); centring
 at the top token and taking the shift from the same weights as f keep the tiny f of nearly
 identical policies; expm1 is a Taylor series where d - c is small; the partial sums are merged in
@@ -272,7 +273,11 @@ def stats_kernel(
     """Per (row, chunk) and point s: sum of e, e g and e g^2 with e = exp(x_s - ref_s), g = d - c - shift'.
 
     The grid pass does not know shift' yet (g = d - c there); it sums the precise shift's terms with
-    the weights of its s = 0 point, p_b = exp(z_b - ref_0), so that f and the shift agree."""
+    the weights of its s = 0 point, p_b = exp(z_b - ref_0), so that f and the shift agree. Both
+    terms reuse the grid's exps: p_b is e at s = 0 and p_b exp(g) = e at s = 1 times the row's
+    exp(ref_1 - ref_0 - c) (its log is max z_t - z_t at the base's top token; above 80 the row
+    counts as risky and takes the rough shift). A row already done skips the pass, stores included
+    (combine_kernel ignores its partials)."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -286,18 +291,18 @@ def stats_kernel(
     centre = tl.load(st_ptr + CENTRE).to(tl.float32)
     if GRID:
         shift = 0.0
-        ref0 = tl.load(refs_ptr + row * K + ZERO_AT)
+        log_kappa = tl.load(refs_ptr + row * K + ONE_AT) - tl.load(refs_ptr + row * K + ZERO_AT) - centre
+        kappa = tl.exp(tl.minimum(log_kappa, 80.0))
     else:
         shift = tl.load(st_ptr + SHIFT).to(tl.float32)
-        ref0 = 0.0
-    blocks = tl.where(tl.load(st_ptr + DONE) != 0, 0, n_blocks)
+    live = tl.load(st_ptr + DONE) == 0
+    blocks = tl.where(live, n_blocks, 0)
     lanes = tl.arange(0, BLOCK)[None, :]  # 2-D from the load on: no layout conversion in the loop
     w = tl.zeros([K, BLOCK], tl.float32)
     s1 = tl.zeros([K, BLOCK], tl.float32)
     s2 = tl.zeros([K, BLOCK], tl.float32)
     p_sum = tl.zeros([1, BLOCK], tl.float32)
     p_em1 = tl.zeros([1, BLOCK], tl.float32)
-    risky = tl.zeros([1, BLOCK], tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
@@ -312,23 +317,21 @@ def stats_kernel(
         w += e
         s1 += eg
         s2 += eg * g
-        if GRID:  # p_b expm1(d - c): Taylor where d - c is small, else exp(z_b - ref_0 + d - c) - p_b
-            zr = zb - ref0
-            pb = tl.where(joint, tl.exp(zr), 0.0)
-            big = zr + g  # log of the teacher-side term; it overflows float32 above ~88
-            em1 = tl.where(tl.abs(g) < 0.1, pb * _expm1(g), tl.exp(tl.minimum(big, 80.0)) - pb)
+        if GRID:  # p_b expm1(d - c): Taylor where d - c is small, else p_b exp(d - c) - p_b
+            pb = tl.sum(tl.where(j[:, None] == ZERO_AT, e, 0.0), axis=0, keep_dims=True)  # 0 off joint
+            pt = tl.sum(tl.where(j[:, None] == ONE_AT, e, 0.0), axis=0, keep_dims=True) * kappa
             p_sum += pb
-            p_em1 += tl.where(joint, em1, 0.0)
-            risky += (joint & (big > 80.0)).to(tl.int32)
-    if GRID:
-        at = shift_ptr + (row * SPLITS + split) * 3
-        tl.store(at, tl.sum(p_sum.to(tl.float64)))
-        tl.store(at + 1, tl.sum(p_em1.to(tl.float64)))
-        tl.store(at + 2, tl.sum(risky).to(tl.float64))
-    out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
-    tl.store(out, tl.sum(w.to(tl.float64), axis=1))
-    tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
-    tl.store(out + 2, tl.sum(s2, axis=1).to(tl.float64))
+            p_em1 += tl.where(tl.abs(g) < 0.1, pb * _expm1(g), pt - pb)
+    if live:
+        if GRID:
+            at = shift_ptr + (row * SPLITS + split) * 3
+            tl.store(at, tl.sum(p_sum.to(tl.float64)))
+            tl.store(at + 1, tl.sum(p_em1.to(tl.float64)))
+            tl.store(at + 2, (log_kappa > 80.0).to(tl.float64))
+        out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
+        tl.store(out, tl.sum(w.to(tl.float64), axis=1))
+        tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
+        tl.store(out + 2, tl.sum(s2, axis=1).to(tl.float64))
 
 
 @triton.jit
@@ -404,7 +407,8 @@ def combine_kernel(
         w += tl.load(at)
         s1 += tl.load(at + 1)
         s2 += tl.load(at + 2)
-    valid = w > 0
+    done = tl.load(st + DONE) != 0
+    valid = tl.where(done, 0.0, w) > 0  # a row already done skipped the pass: its partials are unwritten
     mean = s1 / tl.where(valid, w, 1.0)
     k = tl.load(refs_ptr + row * K + j).to(tl.float64) + tl.log(tl.where(valid, w, 1.0))  # K(s) where valid
     fp = tl.maximum(s2 / tl.where(valid, w, 1.0) - mean * mean, 0.0).to(tl.float32)
@@ -425,7 +429,6 @@ def combine_kernel(
         shift = tl.load(st + SHIFT)
         mean = mean - (shift - shift.to(tl.float32).to(tl.float64))
     f = mean.to(tl.float32)
-    done = tl.load(st + DONE) != 0
     if GRID:
         jeffreys = tl.sum(tl.where(j == ONE_AT, f, 0.0), axis=0) - tl.sum(tl.where(j == ZERO_AT, f, 0.0), axis=0)
         f_lo = tl.sum(tl.where(j == FIRST_IN, f, 0.0), axis=0)
@@ -446,7 +449,7 @@ def combine_kernel(
         f_left, f_right = tl.load(st + F_LEFT).to(tl.float32), tl.load(st + F_RIGHT).to(tl.float32)
         fp_left, fp_right = tl.load(st + FP_LEFT).to(tl.float32), tl.load(st + FP_RIGHT).to(tl.float32)
         k_left, k_right = tl.load(st + K_LEFT), tl.load(st + K_RIGHT)
-        # a row already done skipped this pass: its sums are zero, so no point is valid
+        # a row already done skipped this pass: no point is valid
         left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = _narrow(
             s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid
         )  # fmt: skip
@@ -524,18 +527,36 @@ def _first_max(key, idx, none):
 
 
 @triton.jit
+def _log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, wb, wt, ref, TEMPERED: tl.constexpr):
+    """(1 - alpha) lp_b + alpha lp_t - ref = log q + log Z_q - ref, cheaply: each log-prob is
+    clamped at -1e30, so a -inf one times a zero weight is 0 and times a positive weight ~-inf."""
+    if TEMPERED:
+        raw_b, raw_t = raw_b * inv_temp, raw_t * inv_temp
+    lb = tl.maximum(raw_b - lse_b, -1e30)
+    lt = tl.maximum(raw_t - lse_t, -1e30)
+    return wb * lb + (wt * lt - ref)
+
+
+@triton.jit
 def mass_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, draw chunk): the chunk's mass of q, unnormalised (sum of exp(u) with u = log q +
-    log Z_q), as a (max, sum) pair: one exp per token, no noise."""
+    """Per (row, draw chunk): the chunk's mass of q as a (max, sum) pair, one exp per token and no
+    noise. A solved row sums exp(log q + log Z_q - LOG_Z), q up to the Taylor error of LOG_Z
+    (every term <= ~1, so no overflow, and the mass is not lost to underflow); a row whose alpha
+    was not solved (ONLINE) keeps a running max per lane instead."""
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
+    st = state_ptr + row * STATE_W
     alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
-    lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
+    lse_b = tl.load(st + LSE_B).to(tl.float32)
+    lse_t = tl.load(st + LSE_T).to(tl.float32)
+    if ONLINE:
+        ref = 0.0
+    else:
+        ref = tl.load(st + LOG_Z).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
     mq = tl.full([BLOCK], NEG_INF, tl.float32)
     sq = tl.zeros([BLOCK], tl.float32)
@@ -545,10 +566,15 @@ def mass_kernel(
     for i in range(0, n_blocks):
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
-        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
-        u = _mixed(zb, zt, lse_b, lse_t, alpha)
-        mq, sq, _, _ = _online(mq, sq, tl.where(u == u, u, NEG_INF))
-    m, s, _ = _lanes(mq, sq)
+        u = _log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, 1.0 - alpha, alpha, ref, TEMPERED)
+        if ONLINE:
+            mq, sq, _, _ = _online(mq, sq, u)
+        else:
+            sq += tl.exp(u)
+    if ONLINE:
+        m, s, _ = _lanes(mq, sq)
+    else:
+        m, s = ref, tl.sum(sq, axis=0)
     at = part_ptr + (row * CHUNKS + c) * 2
     tl.store(at, m)
     tl.store(at + 1, s)
