@@ -4,7 +4,8 @@ time by context length and by batch bucket, on the bench's random-weight Qwen2.5
     PYTHONPATH=src python benchmarks/profile_variable.py [--profile]
 
 Prints one JSON line last: prefill ms per chunk size, decode ms (models only and full step) per
-context, full step ms per batch; with --profile also the top prefill kernels (eager, no graphs).
+context, full step ms per batch; with --profile also the top prefill kernels (eager, no graphs)
+and, at decode batch 1 and 64, the kernels of one eager step (count, summed GPU time, top names).
 """
 
 from __future__ import annotations
@@ -69,7 +70,42 @@ def main() -> None:
             engine.add(requests)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        out["decode_kernels"] = {b: decode_kernels(loop, b) for b in (1, 64)}
     print(json.dumps(out))
+
+
+def decode_kernels(loop: FastLoop, batch: int, context: int = 320) -> dict:
+    """One eager decode step (no graph, so the profiler sees each kernel): kernels launched, their
+    summed GPU time (both streams), and the top kernels; against the captured step's wall time."""
+    engine = loop.engine
+    slots = list(range(batch))
+    full, _, _ = fixed_steps(loop, slots, loop.start(slots, prompts(batch, context + batch, context)))
+    for _ in range(3):
+        full()
+    graph_ms = 1e3 * timed(full, 10)
+    graphs, engine.graphs = engine.graphs, GraphCache(False)
+    try:
+        full()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            full()
+            torch.cuda.synchronize()
+    finally:
+        engine.graphs = graphs
+        engine.release(slots)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:40], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us() / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+    summary = dict(
+        graph_step_ms=graph_ms, kernels=len(kernels), kernel_ms=sum(v[1] for v in by_name.values()),
+        top=[(name, count, round(ms, 4)) for name, (count, ms) in top],
+    )  # fmt: skip
+    print(f"decode batch {batch}:", json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":
