@@ -268,18 +268,24 @@ def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
 
 
 def check_decode_attention(device: str) -> None:
+    from optimal_sampling.engines.fast import triton_attention
     from optimal_sampling.engines.fast.attention import decode_attention_sdpa
-    from optimal_sampling.engines.fast.triton_attention import decode_attention_triton
 
     g = torch.Generator().manual_seed(1)
-    for batch, heads, kv_heads, dim, width in [(3, 14, 2, 64, 100), (1, 12, 2, 16, 70)]:
-        k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
-        q = torch.randn(batch, heads, dim, generator=g).to(device)
-        slots = torch.randint(0, 5, (batch,), generator=g).to(device)
-        lengths = torch.randint(1, width + 1, (batch,), generator=g).to(device)
-        expected = decode_attention_sdpa(q, k, v, slots, lengths, width)
-        got = decode_attention_triton(q, k, v, slots, lengths.to(torch.int32), width)
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    wide_from = triton_attention.WIDE_FROM
+    cases = [(3, 14, 2, 64, 100, wide_from), (1, 12, 2, 16, 70, wide_from), (3, 12, 2, 16, 150, 1)]
+    try:
+        for batch, heads, kv_heads, dim, width, wide in cases:  # wide=1: the 64-key block at any batch
+            triton_attention.WIDE_FROM = wide
+            k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
+            q = torch.randn(batch, heads, dim, generator=g).to(device)
+            slots = torch.randint(0, 5, (batch,), generator=g).to(device)
+            lengths = torch.randint(1, width + 1, (batch,), generator=g).to(device)
+            expected = decode_attention_sdpa(q, k, v, slots, lengths, width)
+            got = triton_attention.decode_attention_triton(q, k, v, slots, lengths.to(torch.int32), width)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        triton_attention.WIDE_FROM = wide_from
 
 
 def run_kernel_checks(device: str) -> None:
