@@ -14,6 +14,7 @@ import itertools
 import json
 
 import torch
+from bench_decode import graph_ms  # benchmarks/ is the script's directory
 
 import optimal_sampling.engines.fast.triton_attention as ta
 from optimal_sampling.engines.fast.attention import decode_attention_sdpa
@@ -22,22 +23,6 @@ from optimal_sampling.engines.fast.graphs import bucket_of
 SHAPES = {"1.5b": (12, 2, 128), "0.5b": (14, 2, 64)}  # heads, kv_heads, head_dim
 CASES = [(1, 320), (64, 320), (256, 320), (256, 640)]  # (batch, context)
 CONFIGS = list(itertools.product((32, 64), (528, 1056, 2112), (4, 8)))  # BLOCK_N, PROGRAMS, WARPS
-
-
-def graph_us(fn, repeat: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / repeat
 
 
 def main() -> None:
@@ -60,7 +45,8 @@ def main() -> None:
             got = ta.decode_attention_triton(q, k, v, slots, lengths, width)
             want = decode_attention_sdpa(q.float(), k.float(), v.float(), slots, lengths, width)
             row["max_err"] = max(row["max_err"], (got.float() - want).abs().max().item())
-            us = graph_us(lambda q=q, k=k, v=v, s=slots, n=lengths, w=width: ta.decode_attention_triton(q, k, v, s, n, w))
+            call = lambda q=q, k=k, v=v, s=slots, n=lengths, w=width: ta.decode_attention_triton(q, k, v, s, n, w)  # noqa: E731
+            us = 1e3 * graph_ms(call, repeat=50)
             key = f"{name}_b{batch}_ctx{ctx}"
             row["us"][key] = round(us, 2)
             row["tb_s"][key] = round(2 * k[0, :ctx].numel() * 2 * batch / (us * 1e-6) / 1e12, 2)
