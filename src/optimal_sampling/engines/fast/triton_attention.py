@@ -2,10 +2,11 @@
 
 Grid (rows, kv_heads, splits): program (b, h, s) takes the GQA group of query heads of KV head h
 (padded to 16 rows for the tensor cores), reads keys [s*chunk, min((s+1)*chunk, length_b)) of slot
-slots[b] once, and writes a partial (max, sum, weighted values). A second kernel combines the
-splits. Splits give batch-1 decode enough programs to fill the GPU; rows shorter than a split's
-start exit at once, so no key past a row's length is read. Shapes are fixed per CUDA-graph
-bucket; lengths are read on the device (graph-safe).
+slots[b] once (a software-pipelined loop over blocks of keys), and writes a partial (max, sum,
+weighted values); a second kernel combines the splits, or with one split the program writes the
+output itself. Splits give batch-1 decode enough programs to fill the GPU; rows shorter than a
+split's start exit at once, so no key past a row's length is read. Shapes are fixed per
+CUDA-graph bucket; lengths are read on the device (graph-safe).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ WIDE_FROM = 256
 GROUP_PAD = 16
 PROGRAMS = 528  # split programs to aim for (4 per SM of an H100)
 WARPS = 4
+STAGES = 2  # software-pipelining depth of the key loop
 
 
 def block_n(batch: int, kv_heads: int) -> int:
@@ -32,10 +34,10 @@ def block_n(batch: int, kv_heads: int) -> int:
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, chunk, n_blocks, scale,
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+    stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, stride_ob, chunk, scale,
     GROUPS: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slots_ptr + b).to(tl.int64)
@@ -52,26 +54,30 @@ def _split_kernel(
     start = s * chunk
     end = tl.minimum(start + chunk, length)
     base = slot * stride_ks + h * stride_kh
-    for i in range(0, n_blocks):  # a host-int bound (graph-stable); blocks past `end` are skipped
-        t0 = start + i * BN
-        if t0 < end:
-            t = t0 + tl.arange(0, BN)
-            ok = t < end
-            offs = base + t[:, None].to(tl.int64) * stride_kt + d[None, :]
-            k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
-            v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GPAD, BN]
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            corr = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-            m_i = m_new
-    out = (b * tl.num_programs(1) + h) * SPLITS + s
-    tl.store(m_ptr + out * GPAD + g, m_i)
-    tl.store(l_ptr + out * GPAD + g, l_i)
-    tl.store(acc_ptr + (out * GPAD + g[:, None]) * D + d[None, :], acc)
+    blocks = tl.cdiv(tl.maximum(end - start, 0), BN)  # read on the device: graph-stable
+    for i in tl.range(0, blocks, num_stages=STAGES):  # software-pipelined: the next keys load meanwhile
+        t = start + i * BN + tl.arange(0, BN)
+        ok = t < end
+        offs = base + t[:, None].to(tl.int64) * stride_kt + d[None, :]
+        k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GPAD, BN]
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        corr = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        m_i = m_new
+    if SPLITS == 1:  # the whole row in one program: write the output, no merge kernel
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        at = out_ptr + b * stride_ob + head[:, None] * D + d[None, :]
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=g[:, None] < GROUPS)
+    else:
+        part = (b * tl.num_programs(1) + h) * SPLITS + s
+        tl.store(m_ptr + part * GPAD + g, m_i)
+        tl.store(l_ptr + part * GPAD + g, l_i)
+        tl.store(acc_ptr + (part * GPAD + g[:, None]) * D + d[None, :], acc)
 
 
 @triton.jit
@@ -111,18 +117,20 @@ def decode_attention_triton(q, cache_k_layer, cache_v_layer, slots, lengths, wid
     groups = heads // kv_heads
     assert groups <= GROUP_PAD and cache_k_layer.stride(-1) == 1 and q.stride(-1) == 1
     splits, chunk = split_plan(batch, kv_heads, width)
-    parts = batch * kv_heads * splits * GROUP_PAD
+    parts = batch * kv_heads * splits * GROUP_PAD if splits > 1 else 1
     m = torch.empty(parts, device=q.device, dtype=torch.float32)
     l = torch.empty(parts, device=q.device, dtype=torch.float32)  # noqa: E741
     acc = torch.empty(parts, dim, device=q.device, dtype=torch.float32)
-    _split_kernel[(batch, kv_heads, splits)](
-        q, cache_k_layer, cache_v_layer, slots, lengths, m, l, acc,
-        q.stride(0), q.stride(1), cache_k_layer.stride(0), cache_k_layer.stride(1), cache_k_layer.stride(2),
-        chunk, chunk // block_n(batch, kv_heads), 1.0 / math.sqrt(dim), GROUPS=groups, GPAD=GROUP_PAD, D=dim,
-        BN=block_n(batch, kv_heads), SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=WARPS,
-    )  # fmt: skip
     out = torch.empty(batch, heads * dim, device=q.device, dtype=q.dtype)
+    _split_kernel[(batch, kv_heads, splits)](
+        q, cache_k_layer, cache_v_layer, slots, lengths, m, l, acc, out,
+        q.stride(0), q.stride(1), cache_k_layer.stride(0), cache_k_layer.stride(1), cache_k_layer.stride(2),
+        out.stride(0), chunk, 1.0 / math.sqrt(dim), GROUPS=groups, GPAD=GROUP_PAD, D=dim,
+        BN=block_n(batch, kv_heads), SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STAGES=STAGES, num_warps=WARPS,
+    )  # fmt: skip
+    if splits == 1:
+        return out
     _combine_kernel[(batch, heads)](
         m, l, acc, out, out.stride(0), KV_HEADS=kv_heads, GROUPS=groups, GPAD=GROUP_PAD, D=dim, SPLITS=splits
     )
