@@ -22,8 +22,8 @@ from optimal_sampling.engines.fast.graphs import bucket_of
 
 SHAPES = {"1.5b": (12, 2, 128), "0.5b": (14, 2, 64)}  # heads, kv_heads, head_dim
 CASES = [(1, 320), (64, 320), (256, 320), (256, 640)]  # (batch, context)
-# (BLOCK_N, BLOCK_N_WIDE), PROGRAMS (512: one split at batch 256), STAGES; the first is the default
-CONFIGS = list(itertools.product(((32, 64), (64, 64)), (528, 512, 1056), (2, 1, 3)))
+# BLOCK_N, PROGRAMS (512: one split at batch 256), STAGES; the first is the default
+CONFIGS = list(itertools.product((64, 32), (512, 528, 1056), (2, 1, 3)))
 
 
 def main() -> None:
@@ -38,9 +38,9 @@ def main() -> None:
             slots = torch.arange(batch, device="cuda")
             lengths = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
             inputs[name, batch, ctx] = (q, k, v, slots, lengths, bucket_of(ctx, 1024))
-    for (block, wide), programs, stages in CONFIGS:
-        ta.BLOCK_N, ta.BLOCK_N_WIDE, ta.PROGRAMS, ta.STAGES = block, wide, programs, stages
-        row = {"block_n": [block, wide], "programs": programs, "stages": stages, "us": {}, "tb_s": {}, "max_err": 0.0}
+    for block, programs, stages in CONFIGS:
+        ta.BLOCK_N, ta.PROGRAMS, ta.STAGES = block, programs, stages
+        row = {"block_n": block, "programs": programs, "stages": stages, "us": {}, "tb_s": {}, "max_err": 0.0}
         for (name, batch, ctx), (q, k, v, slots, lengths, width) in inputs.items():
             got = ta.decode_attention_triton(q, k, v, slots, lengths, width)
             want = decode_attention_sdpa(q.float(), k.float(), v.float(), slots, lengths, width)

@@ -272,14 +272,14 @@ def check_decode_attention(device: str) -> None:
     from optimal_sampling.engines.fast.attention import decode_attention_sdpa
 
     g = torch.Generator().manual_seed(1)
-    wide_from, programs = triton_attention.WIDE_FROM, triton_attention.PROGRAMS
-    cases = [  # wide=1: the 64-key block at any batch; programs=1: one split, no merge kernel
-        (3, 14, 2, 64, 100, wide_from, programs), (1, 12, 2, 16, 70, wide_from, programs),
-        (3, 12, 2, 16, 150, 1, programs), (2, 12, 2, 16, 150, wide_from, 1),
+    block, programs = triton_attention.BLOCK_N, triton_attention.PROGRAMS
+    cases = [  # 32-key blocks too; programs=1: one split, written without the merge kernel
+        (3, 14, 2, 64, 100, block, programs), (1, 12, 2, 16, 70, block, programs),
+        (3, 12, 2, 16, 150, 32, programs), (2, 12, 2, 16, 150, block, 1),
     ]
     try:
-        for batch, heads, kv_heads, dim, width, wide, aim in cases:
-            triton_attention.WIDE_FROM, triton_attention.PROGRAMS = wide, aim
+        for batch, heads, kv_heads, dim, width, keys, aim in cases:
+            triton_attention.BLOCK_N, triton_attention.PROGRAMS = keys, aim
             assert aim > 1 or triton_attention.split_plan(batch, kv_heads, width)[0] == 1
             k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
             q = torch.randn(batch, heads, dim, generator=g).to(device)
@@ -289,7 +289,7 @@ def check_decode_attention(device: str) -> None:
             got = triton_attention.decode_attention_triton(q, k, v, slots, lengths.to(torch.int32), width)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     finally:
-        triton_attention.WIDE_FROM, triton_attention.PROGRAMS = wide_from, programs
+        triton_attention.BLOCK_N, triton_attention.PROGRAMS = block, programs
 
 
 def run_kernel_checks(device: str) -> None:

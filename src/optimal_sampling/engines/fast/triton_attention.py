@@ -17,19 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32  # keys per step of a split (benchmarks/attention_sweep.py tunes these constants)
-BLOCK_N_WIDE = 64  # ... where rows x KV heads fill the GPU without splitting much (WIDE_FROM)
-WIDE_FROM = 256
+# Tuned by benchmarks/attention_sweep.py (an H200: with 64-key blocks, 512 programs and 2 stages
+# one layer at batch 256 and context 640 takes 49 us (1.5B) / 29 us (0.5B), against 56 / 34 us
+# with 32-key blocks at this size and 528 programs, whose two splits need the merge kernel; at
+# batch 1, 6.1 / 5.3 us against 5.6 / 5.4 us).
+BLOCK_N = 64  # keys per step of a split
 GROUP_PAD = 16
-PROGRAMS = 528  # split programs to aim for (4 per SM of an H100)
+PROGRAMS = 512  # split programs to aim for: one split (no merge) from batch 256 x 2 KV heads on
 WARPS = 4
 STAGES = 2  # software-pipelining depth of the key loop
-
-
-def block_n(batch: int, kv_heads: int) -> int:
-    """Keys per step: 64 once batch x KV heads reaches WIDE_FROM (measured on an H100: 5-15 %
-    faster at batch 256 and context 320-640), else 32 (faster at batch 1)."""
-    return BLOCK_N_WIDE if batch * kv_heads >= WIDE_FROM else BLOCK_N
 
 
 @triton.jit
@@ -102,11 +98,10 @@ def _combine_kernel(
 
 def split_plan(batch: int, kv_heads: int, width: int, programs: int | None = None) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU, chunks a multiple of the block, splits a power of 2."""
-    block = block_n(batch, kv_heads)
     want = max(1, math.ceil((programs or PROGRAMS) / (batch * kv_heads)))
-    most = max(1, math.ceil(width / block))
+    most = max(1, math.ceil(width / BLOCK_N))
     splits = 1 << (min(want, most) - 1).bit_length()
-    chunk = math.ceil(math.ceil(width / splits) / block) * block
+    chunk = math.ceil(math.ceil(width / splits) / BLOCK_N) * BLOCK_N
     return splits, chunk
 
 
@@ -126,7 +121,7 @@ def decode_attention_triton(q, cache_k_layer, cache_v_layer, slots, lengths, wid
         q, cache_k_layer, cache_v_layer, slots, lengths, m, l, acc, out,
         q.stride(0), q.stride(1), cache_k_layer.stride(0), cache_k_layer.stride(1), cache_k_layer.stride(2),
         out.stride(0), chunk, 1.0 / math.sqrt(dim), GROUPS=groups, GPAD=GROUP_PAD, D=dim,
-        BN=block_n(batch, kv_heads), SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BN=BLOCK_N, SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STAGES=STAGES, num_warps=WARPS,
     )  # fmt: skip
     if splits == 1:
