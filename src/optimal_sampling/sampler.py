@@ -24,8 +24,8 @@ from .step import sample_step
 
 
 class FirstDraw:
-    """A first draw that is already on the host (engines without add_async): the same ready() /
-    to_host() as the fast engine's PendingAdd."""
+    """Results already on the host (a first draw on engines without add_async, or a step of an
+    engine without decode_and_sample): the same ready() / to_host() as PendingAdd and HostCopy."""
 
     def __init__(self, result: dict):
         self.result = result

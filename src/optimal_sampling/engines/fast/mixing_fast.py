@@ -189,11 +189,10 @@ def fused_outputs(
         )  # fmt: skip
     else:  # the two-level draw of sampling.sample_tokens: chunk masses, then one chunk's tokens
         chunk = draw_chunk(vocab)
-        tempered_draw = params.temperature != 1.0
         masses = torch.empty(batch, DRAW_CHUNKS, 2, dtype=torch.float32, device=device)
         tm.mass_kernel[(batch, DRAW_CHUNKS)](
             *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, masses,
-            CHUNKS=DRAW_CHUNKS, ONLINE=not solve, TEMPERED=tempered_draw, BLOCK=BLOCK, num_warps=MASS_WARPS,
+            CHUNKS=DRAW_CHUNKS, ONLINE=not solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=MASS_WARPS,
         )  # fmt: skip
         tm.draw_kernel[(batch,)](
             *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, masses, *outputs,

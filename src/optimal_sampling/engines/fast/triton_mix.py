@@ -40,7 +40,7 @@ import triton.language as tl
 NEG_INF = tl.constexpr(float("-inf"))
 DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
 ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
-SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), tokens that could overflow
+SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), 1 if the row could overflow
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
 STATE = 18  # per row, float64
 STATE_W = tl.constexpr(STATE)
