@@ -10,10 +10,12 @@ download), prompts of 128 tokens. Measured in the same process:
   steps read before the next is queued (median of ROUNDS alternating rounds of each), and the
   fused sampler kernel alone;
 - the fast engine on a variable-length workload: 1,024 requests, output lengths uniform in
-  32..512, continuous batching over 256 slots as the sampler runs it (refill once the sampler's
-  group of slots is free, prefill beside the decode steps, pipelined steps), and for comparison
-  refilling as soon as any slot frees, refilling with the decode steps waiting for the prefill,
-  and reading each step before queuing the next;
+  32..512, continuous batching of at most 256 rows per step as the sampler runs it (refill once
+  the sampler's group of slots is free, prefill beside the decode steps, 16 spare slots whose
+  requests are prefilled ahead and take a row as soon as one frees, pipelined steps), and for
+  comparison without spare slots, refilling as soon as any slot frees, refilling with the decode
+  steps waiting for the prefill, reading each step before queuing the next, and the same loop on
+  a fixed-length workload (1,024 requests of 272 tokens, the variable workload's mean);
 - the fixed batches again with both models on one CUDA stream (the engine runs the teacher on a
   second stream);
 - the reference engine (transformers models + DynamicCache + sample_step), a few steps per batch;
@@ -36,12 +38,12 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from optimal_sampling.config import MixConfig, SamplingParams
-from optimal_sampling.engines.base import SlotRequest
+from optimal_sampling.engines.base import SlotRequest, admit_group, spare_slots
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
 from optimal_sampling.engines.fast.mixing_fast import fused_outputs
 from optimal_sampling.engines.reference import ReferenceEngine
-from optimal_sampling.sampler import FirstDraw, admit_group
+from optimal_sampling.sampler import FirstDraw
 from optimal_sampling.step import sample_step
 
 VOCAB = 151936
@@ -209,19 +211,22 @@ def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> 
 
 
 def bench_variable(
-    loop: FastLoop, requests: int, slots: int, shortest: int = 32, longest: int = 512, refill_at: int = 1,
-    overlap: bool = True, pipelined: bool = True,
+    loop: FastLoop, requests: int, batch: int, spare: int, shortest: int = 32, longest: int = 512,
+    refill_at: int = 1, overlap: bool = True, pipelined: bool = True,
 ) -> dict:  # fmt: skip
-    """Continuous batching as the sampler runs it: free slots are refilled once `refill_at` of them
-    (or all the waiting requests) are free, in one prefill; refill_at=1 refills as soon as any slot
-    frees. overlap: the prefill and first draw run on the engine's prefill stream while the other
-    slots keep decoding (add_async, what the sampler does), else the decode steps wait for them.
-    pipelined: step n + 1 is queued before step n's results are read (what the sampler does),
-    else each step is read before the next is queued."""
+    """Continuous batching as the sampler runs it: at most `batch` rows per step, over batch +
+    `spare` slots (requests in spare slots are prefilled ahead and take the first row that
+    frees; rows go to the longest-running requests first). Free slots are refilled once
+    `refill_at` of them (or all the waiting requests) are free, in one prefill; refill_at=1
+    refills as soon as any slot frees. overlap: the prefill and first draw run on the engine's
+    prefill stream while the other slots keep decoding (add_async, what the sampler does), else
+    the decode steps wait for them. pipelined: step n + 1 is queued before step n's results are
+    read (what the sampler does), else each step is read before the next is queued."""
+    assert batch + spare <= loop.engine.max_slots
     rng = random.Random(0)
     lengths = [rng.randint(shortest, longest) for _ in range(requests)]
     waiting = list(zip(prompts(requests, 7), lengths, strict=True))[::-1]
-    free = list(range(slots - 1, -1, -1))
+    free = list(range(batch + spare - 1, -1, -1))
     active: dict[int, list] = {}  # slot -> [tokens read, target length, last token, tokens asked for]
     pending = None  # (slots, target lengths, handle) of an admission in flight
     in_flight = None  # (slots, handle) of a step not read yet
@@ -252,7 +257,7 @@ def bench_variable(
             produced += len(admitted)
         refill_s += time.perf_counter() - began
         began = time.perf_counter()
-        rows = [s for s, state in active.items() if state[3] < state[1]]
+        rows = [s for s, state in active.items() if state[3] < state[1]][:batch]
         queued = None
         if rows:
             asked = [active[s][3] for s in rows]
@@ -282,7 +287,8 @@ def bench_variable(
     seconds = time.perf_counter() - start
     return dict(
         tok_s=produced / seconds, seconds=seconds, tokens=produced, steps=steps, refill_at=refill_at,
-        overlap=overlap, pipelined=pipelined, refills=refills, refill_s=refill_s, tail_s=tail_s,
+        spare=spare, lengths=f"{shortest}..{longest}", overlap=overlap, pipelined=pipelined,
+        refills=refills, refill_s=refill_s, tail_s=tail_s,
         tail_tokens=tail_tokens,
         graph_captures=loop.engine.graphs.captures + loop.engine.prefill_graphs.captures - captures,
     )  # fmt: skip
@@ -333,7 +339,8 @@ def section(out: dict, name: str, fn, partial: str | None) -> None:
 def fast_sections(
     out: dict, base, teacher, mix, params, steps: int, requests: int, partial: str | None
 ) -> None:
-    engine = FastEngine(base, teacher, VOCAB, max_slots=256, max_len=1024)
+    spare = spare_slots(256)  # the fast engine's slots beyond the batch, as build_fast_engine plans them
+    engine = FastEngine(base, teacher, VOCAB, max_slots=256 + spare, max_len=1024, max_batch=256)
     loop = FastLoop(engine, mix, params)
     section(out, "fast", lambda: {b: bench_fast_fixed(engine, loop, b, steps) for b in (1, 64, 256)}, partial)
     section(
@@ -343,6 +350,10 @@ def fast_sections(
         None,
     )
     group = admit_group(256)  # the sampler's refill rule
+
+    def variable(**kwargs):
+        return bench_variable(loop, requests, 256, **{"spare": spare, "refill_at": group, **kwargs})
+
     # Warm-up, untimed: the same workload with both refill rules, so every decode and prefill
     # graph the timed runs meet (batch bucket x attention widths) is captured and the sampler is
     # compiled for every split count, as an engine would at start-up; graph_captures of the timed
@@ -351,25 +362,16 @@ def fast_sections(
         section(
             out,
             f"variable_warmup_{rule}{'' if overlap else '_no_overlap'}",
-            lambda rule=rule, overlap=overlap: bench_variable(loop, requests, 256, refill_at=rule, overlap=overlap),
+            lambda rule=rule, overlap=overlap: variable(refill_at=rule, overlap=overlap),
             None,
         )
-    section(out, "variable", lambda: bench_variable(loop, requests, 256, refill_at=group), partial)
-    section(
-        out, "variable_refill_each_step", lambda: bench_variable(loop, requests, 256, refill_at=1), partial
-    )
-    section(
-        out,
-        "variable_no_overlap",
-        lambda: bench_variable(loop, requests, 256, refill_at=group, overlap=False),
-        partial,
-    )
-    section(
-        out,
-        "variable_stepwise",
-        lambda: bench_variable(loop, requests, 256, refill_at=group, pipelined=False),
-        partial,
-    )
+    section(out, "variable", variable, partial)
+    section(out, "variable_no_spare", lambda: variable(spare=0), partial)
+    section(out, "variable_refill_each_step", lambda: variable(refill_at=1), partial)
+    section(out, "variable_no_overlap", lambda: variable(overlap=False), partial)
+    section(out, "variable_stepwise", lambda: variable(pipelined=False), partial)
+    mean = (32 + 512) // 2  # the variable workload's mean length: about as many tokens
+    section(out, "fixed_length_loop", lambda: variable(shortest=mean, longest=mean), partial)
     section(out, "fast_one_stream", lambda: bench_one_stream(engine, loop, steps), partial)
 
 
@@ -444,11 +446,12 @@ def report(out: dict) -> None:
             f"{'fast, models on one stream':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
-    for name in ("variable", "variable_refill_each_step", "variable_no_overlap", "variable_stepwise"):
+    names = ("variable", "variable_no_spare", "variable_refill_each_step", "variable_no_overlap")
+    for name in (*names, "variable_stepwise", "fixed_length_loop"):
         v = out.get(name)
         if v:
-            label = f"fast, 32..512, refill>={v['refill_at']}{'' if v['overlap'] else ', no overlap'}"
-            label += "" if v["pipelined"] else ", stepwise"
+            label = f"fast, {v['lengths']}, refill>={v['refill_at']}, spare {v['spare']}"
+            label += ("" if v["overlap"] else ", no overlap") + ("" if v["pipelined"] else ", stepwise")
             print(f"{label:<28}{256:>6}{v['tok_s']:>12.0f}{1e3 * v['seconds'] / v['steps']:>10.3f}")
     for name in ("reference", "generate_base", "generate_teacher"):
         for b, r in out[name].items():

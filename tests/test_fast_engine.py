@@ -18,12 +18,11 @@ from transformers import AutoModelForCausalLM
 
 from optimal_sampling import OptimalSampler
 from optimal_sampling.config import MixConfig, SamplingParams
-from optimal_sampling.engines.base import SlotRequest
+from optimal_sampling.engines.base import SlotRequest, admit_group, spare_slots
 from optimal_sampling.engines.fast import FastEngine, supports
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.alpha import solve_alpha
 from optimal_sampling.mixing.logprobs import mix_logprobs, tempered_logprobs
-from optimal_sampling.sampler import admit_group
 from optimal_sampling.step import sample_step
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -116,18 +115,24 @@ def test_sampler_refill_gives_same_tokens_as_alone(tiny_pair):
 
 
 def test_refills_wait_for_a_group_of_free_slots_and_keep_tokens(tiny_pair):
+    """32 rows per step and 2 spare slots: 34 requests are prefilled at once, the 2 beyond the
+    batch wait (their first token drawn) and take the first rows that free; later refills come
+    in groups; every request keeps the tokens it gets alone."""
     base_dir, teacher_dir = tiny_pair("qwen2")
     sampler = OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=32, seed=5)
     group = admit_group(32)
-    assert group == 2
-    sizes = []
-    add = sampler.engine.add
+    assert group == 2 and spare_slots(32) == 2
+    assert (sampler.engine.max_slots, sampler.engine.batch_limit()) == (34, 32)
+    sizes, rows = [], []
+    add, step = sampler.engine.add, sampler.engine.decode_and_sample
     sampler.engine.add = lambda requests: sizes.append(len(requests)) or add(requests)
-    texts = TEXTS * 8  # 40 requests through 32 slots; stop strings end them at different steps
+    sampler.engine.decode_and_sample = lambda slots, *rest: rows.append(len(slots)) or step(slots, *rest)
+    texts = TEXTS * 8  # 40 requests through 32 rows; stop strings end them at different steps
     together = sampler.generate(texts, max_tokens=16, stop=["a", "e"]).samples
     assert len({len(s.token_ids) for s in together}) > 1
-    assert sizes[0] == 32 and sum(sizes) == 40 and len(sizes) > 1
+    assert sizes[0] == 34 and sum(sizes) == 40 and len(sizes) > 1
     assert all(size >= group for size in sizes[1:-1])
+    assert rows[0] == 32 and max(rows) == 32  # never more rows than the batch limit
     for index in (0, 33, 39):
         (alone,) = sampler.generate_iter([texts[index]], max_tokens=16, stop=["a", "e"], prompt_indices=[index])
         assert alone.token_ids == together[index].token_ids
@@ -363,6 +368,14 @@ def check_add_async_beside_decode(engine: FastEngine) -> None:
 def test_add_async_on_cpu_is_add_then_sample(tiny_pair):
     base, teacher = (load(p) for p in tiny_pair("qwen2"))
     check_add_async_beside_decode(FastEngine(base, teacher, 300, max_slots=4, max_len=128))
+
+
+def test_batch_limit_is_checked(tiny_pair):
+    base, teacher = (load(p) for p in tiny_pair("qwen2"))
+    assert FastEngine(base, teacher, 300, max_slots=4, max_len=64).batch_limit() == 4
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="max_batch"):
+            FastEngine(base, teacher, 300, max_slots=4, max_len=64, max_batch=bad)
 
 
 def test_batch_buckets_pad_little():

@@ -11,11 +11,12 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import torch
 
 from .config import EngineConfig, MixConfig, SamplingParams
-from .engines.base import Engine, SlotRequest
+from .engines.base import Engine, SlotRequest, admit_group
 from .loading import LoadedModel, load_model, resolve_device, resolve_dtype, shared_vocab_size
 from .outputs import Sample, SamplingOutput
 from .requests import Request, RequestState, StopChecker, to_sample
@@ -35,12 +36,6 @@ class FirstDraw:
 
     def to_host(self) -> dict:
         return self.result
-
-
-def admit_group(max_slots: int) -> int:
-    """Free slots to wait for before a refill (or all that are waiting): one prefill and one
-    first-token draw then serve many requests, instead of a small prefill on almost every step."""
-    return max(1, min(16, max_slots // 16))
 
 
 def eos_ids_of(loaded: LoadedModel) -> set[int]:
@@ -305,15 +300,18 @@ class OptimalSampler:
         work (reading, stop checks, bookkeeping) runs while the device computes. A request that
         stops (EOS, stop string) at step n has one token drawn in step n + 1 that is dropped; the
         tokens kept are the same as without pipelining (each draw's randomness is keyed by
-        (request seed, token index))."""
+        (request seed, token index)). A step takes at most the engine's batch limit of rows, the
+        longest-running first; an engine with spare slots thus holds requests prefilled ahead,
+        which take a row as soon as one frees."""
         engine = self.engine
         pipelined = getattr(engine, "pipelines", False)
+        limit = engine.batch_limit()
         waiting = deque(requests)
         free = list(range(engine.max_slots - 1, -1, -1))
         active: dict[int, RequestState] = {}  # slot -> state, in the engine's row order
         pending = None  # (admitted states, their first draw) while the engine prefills them
         in_flight = None  # (states, results on their way to the host) of a step not read yet
-        group = admit_group(engine.max_slots)
+        group = admit_group(limit)
         while waiting or active or pending or in_flight:
             # 1. admit waiting requests into free slots (a group at a time); the engine prefills
             #    them and draws their first tokens, on the fast engine beside the decode steps
@@ -332,8 +330,10 @@ class OptimalSampler:
                 yield from self._retire(active, free, checker, params)
                 if on_tokens:
                     on_tokens(len(admitted))
-            # 3. queue one decode step for every active slot with tokens left to ask for
-            rows = {slot: st for slot, st in active.items() if st.issued < st.request.token_budget}
+            # 3. queue one decode step for the active slots with tokens left to ask for (at most
+            #    `limit`, in admission order)
+            asking = ((slot, st) for slot, st in active.items() if st.issued < st.request.token_budget)
+            rows = dict(islice(asking, limit))
             queued = (rows, self._decode(rows, params, pipelined)) if rows else None
             # 4. read the step before (pipelined) or this one, and retire finished requests
             if pipelined:

@@ -32,6 +32,11 @@ class Engine(ABC):
     # Whether requests may be added while other slots are still decoding (continuous batching).
     supports_refill: bool = False
 
+    def batch_limit(self) -> int:
+        """Most rows the sampler puts in one decode step. An engine with more slots than this keeps
+        the others for requests already prefilled (first token drawn) that wait for a free row."""
+        return self.max_slots
+
     @abstractmethod
     def add(self, requests: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill requests into free slots; next-token logits of base and teacher, [k, V] each."""
@@ -47,6 +52,19 @@ class Engine(ABC):
     def max_context(self) -> int:
         """Longest sequence (prompt + generated) either model supports."""
         return 1 << 30
+
+
+def admit_group(max_batch: int) -> int:
+    """Free slots to wait for before a refill (or all that are waiting): one prefill and one
+    first-token draw then serve many requests, instead of a small prefill on almost every step."""
+    return max(1, min(16, max_batch // 16))
+
+
+def spare_slots(max_batch: int) -> int:
+    """Slots beyond the decode batch, for requests prefilled ahead (one admission group): an
+    engine that prefills beside its decode steps then refills a finished row at once, instead of
+    leaving it idle for the prefill's few steps."""
+    return admit_group(max_batch)
 
 
 def unique_prompts(requests: list[SlotRequest]) -> tuple[list[SlotRequest], list[int]]:

@@ -11,7 +11,7 @@ import torch
 
 from ...config import EngineConfig
 from ...loading import LoadedModel
-from ..base import Engine
+from ..base import Engine, spare_slots
 from .engine import FastEngine
 from .mixing_fast import fused_sample_step, fused_supported
 from .spec import spec_of, unsupported_reason
@@ -34,9 +34,10 @@ def supports(base_model, teacher_model) -> bool:
 
 
 def plan_cache(base_model, teacher_model, vocab_size: int, config: EngineConfig) -> tuple[int, int]:
-    """(slots, max_len): max_batch_size slots, each as long as the models' context and memory allow."""
+    """(slots, max_len): max_batch_size slots plus spare ones for requests prefilled ahead
+    (`spare_slots`), each as long as the models' context and memory allow."""
     device = next(base_model.parameters()).device
-    slots = config.max_batch_size
+    slots = config.max_batch_size + spare_slots(config.max_batch_size)
     context = min(spec_of(base_model).context, spec_of(teacher_model).context)
     dtype_bytes = next(base_model.parameters()).element_size()
     per_token = sum(
@@ -66,5 +67,6 @@ def build_fast_engine(
             raise ValueError(f"the fast engine cannot run {loaded.source}: {reason}")
     slots, max_len = plan_cache(base.model, teacher.model, vocab_size, config)
     return FastEngine(
-        base.model, teacher.model, vocab_size, slots, max_len, use_graphs=config.use_cuda_graphs
-    )
+        base.model, teacher.model, vocab_size, slots, max_len, use_graphs=config.use_cuda_graphs,
+        max_batch=config.max_batch_size,
+    )  # fmt: skip

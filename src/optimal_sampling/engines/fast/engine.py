@@ -107,10 +107,15 @@ class FastEngine(Engine):
 
     def __init__(
         self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
-        use_graphs: bool = True, prefill_tokens: int = 8192,
+        use_graphs: bool = True, prefill_tokens: int = 8192, max_batch: int | None = None,
     ):  # fmt: skip
+        """max_batch: most rows per decode step the sampler asks for (default max_slots); the
+        slots beyond it hold requests prefilled ahead (see `Engine.batch_limit`)."""
         self.vocab_size = vocab_size
         self.max_slots = max_slots
+        self.max_batch = max_slots if max_batch is None else max_batch
+        if not 1 <= self.max_batch <= max_slots:
+            raise ValueError(f"max_batch must be in [1, max_slots={max_slots}], got {max_batch}")
         self.max_len = max_len
         self.scratch = max_slots
         self.prefill_tokens = prefill_tokens
@@ -135,6 +140,9 @@ class FastEngine(Engine):
         two_streams = on_cuda and self.concurrent_models
         self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
         self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
+
+    def batch_limit(self) -> int:
+        return self.max_batch
 
     def max_context(self) -> int:
         return min(self.max_len, self.base.net.spec.context, self.teacher.net.spec.context)
