@@ -278,23 +278,69 @@ def check_decode_attention(device: str) -> None:
 
     g = torch.Generator().manual_seed(1)
     block, programs = triton_attention.BLOCK_N, triton_attention.PROGRAMS
-    cases = [  # 32-key blocks too; programs=1: one split, written without the merge kernel
+    cases = [  # 32-key blocks too; programs=1: one split, whose program writes the output itself
         (3, 14, 2, 64, 100, block, programs), (1, 12, 2, 16, 70, block, programs),
         (3, 12, 2, 16, 150, 32, programs), (2, 12, 2, 16, 150, block, 1),
     ]
+    counters = torch.zeros(3 * 2, dtype=torch.int32, device=device)  # one buffer for every launch
     try:
         for batch, heads, kv_heads, dim, width, keys, aim in cases:
             triton_attention.BLOCK_N, triton_attention.PROGRAMS = keys, aim
-            assert aim > 1 or triton_attention.split_plan(batch, kv_heads, width)[0] == 1
+            splits = triton_attention.split_plan(batch, kv_heads, width)[0]
+            assert (aim > 1) == (splits > 1)
             k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
-            q = torch.randn(batch, heads, dim, generator=g).to(device)
             slots = torch.randint(0, 5, (batch,), generator=g).to(device)
             lengths = torch.randint(1, width + 1, (batch,), generator=g).to(device)
-            expected = decode_attention_sdpa(q, k, v, slots, lengths, width)
-            got = triton_attention.decode_attention_triton(q, k, v, slots, lengths.to(torch.int32), width)
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            for _ in range(2):  # the last split of each (row, KV head) merges, then zeroes its counter
+                q = torch.randn(batch, heads, dim, generator=g).to(device)
+                expected = decode_attention_sdpa(q, k, v, slots, lengths, width)
+                got = triton_attention.decode_attention_triton(
+                    q, k, v, slots, lengths.to(torch.int32), width, counters
+                )
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+                assert not counters.any()
     finally:
         triton_attention.BLOCK_N, triton_attention.PROGRAMS = block, programs
+
+
+def check_rope_decode_attention(device: str, dtype: torch.dtype = torch.float32) -> None:
+    """The one-kernel RoPE + cache write + attention against rope_store's torch path, then SDPA:
+    same outputs, and the step's key and value in the cache (Qwen3's q/k norms too; splits that
+    hold the step's key and splits that do not)."""
+    from optimal_sampling.engines.fast import triton_attention
+    from optimal_sampling.engines.fast.attention import decode_attention_sdpa
+    from optimal_sampling.engines.fast.model import apply_rope, rms_norm
+
+    g = torch.Generator().manual_seed(2)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for batch, heads, kv_heads, dim, width, qk_norm in ((3, 14, 2, 64, 150, False), (2, 12, 2, 32, 70, True)):
+        inv_freq = 1.0 / (1e4 ** (torch.arange(0, dim, 2).float() / dim))
+        freqs = torch.arange(width).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+        norms = [torch.rand(dim, generator=g).to(dtype).to(device) + 0.5 for _ in range(2)] if qk_norm else [None] * 2
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(device)
+        cache = [torch.randn(5, width, kv_heads, dim, generator=g).to(dtype).to(device) for _ in range(2)]
+        slots = torch.randperm(5, generator=g)[:batch].to(device)
+        positions = torch.randint(0, width, (batch,), generator=g).to(device)
+        positions[0] = width - 1  # the last position: the step's key in the last split
+        # expected: rope_store's torch path, then SDPA over the cache
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k = q.unflatten(-1, (heads, dim)), k.unflatten(-1, (kv_heads, dim))
+        if qk_norm:
+            q, k = rms_norm(q, norms[0], 1e-6), rms_norm(k, norms[1], 1e-6)
+        want_k, want_v = (c.clone() for c in cache)
+        want_k[slots, positions] = apply_rope(k, cos[positions], sin[positions])
+        want_v[slots, positions] = v.unflatten(-1, (kv_heads, dim))
+        q = apply_rope(q, cos[positions], sin[positions])
+        expected = decode_attention_sdpa(q, want_k, want_v, slots, positions + 1, width)
+        got = triton_attention.rope_decode_attention(
+            qkv, heads, cos, sin, *norms, 1e-6, *cache, slots, positions, width,
+            torch.zeros(batch * kv_heads, dtype=torch.int32, device=device),
+        )  # fmt: skip
+        torch.testing.assert_close(got, expected, **tol)
+        torch.testing.assert_close(cache[0], want_k, **tol)
+        torch.testing.assert_close(cache[1], want_v, atol=0, rtol=0)
 
 
 def run_kernel_checks(device: str) -> None:
@@ -307,6 +353,9 @@ def run_kernel_checks(device: str) -> None:
         check_fused_sampler(device, temperature, bracket)
     check_fixed_alpha_one_is_the_teacher(device)
     check_decode_attention(device)
+    check_rope_decode_attention(device)
+    if device == "cuda":
+        check_rope_decode_attention(device, torch.bfloat16)
 
 
 @pytest.mark.parametrize(

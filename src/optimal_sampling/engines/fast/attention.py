@@ -28,10 +28,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.transpose(1, 2).flatten(2)
 
 
-def decode_attention_sdpa(q, cache_k_layer, cache_v_layer, slots, lengths, width: int) -> torch.Tensor:
+def decode_attention_sdpa(
+    q, cache_k_layer, cache_v_layer, slots, lengths, width: int, counters: torch.Tensor | None = None
+) -> torch.Tensor:
     """q: [B, heads, D]; caches [S, L, kv_heads, D]; lengths [B] (keys per row) -> [B, heads * D].
 
-    width: how many cache positions to look at (>= every length).
+    width: how many cache positions to look at (>= every length). counters: the Triton kernel's
+    split counters (same signature); unused here.
     """
     groups = q.shape[1] // cache_k_layer.shape[2]
     keys = cache_k_layer[slots, :width].transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, heads, W, D]

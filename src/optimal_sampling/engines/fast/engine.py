@@ -79,6 +79,7 @@ class CachedModel:
     k: torch.Tensor  # [layers, slots + 1, max_len, kv_heads, head_dim]
     v: torch.Tensor
     lengths: list[int]  # per slot, on the host
+    counters: torch.Tensor  # [(slots + 1) * kv_heads] int32 zeros: decode attention's split counters
 
 
 def kv_bytes_per_token(net: CompactModel) -> int:
@@ -96,7 +97,8 @@ def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
     s = net.spec
     shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
     k = torch.zeros(shape, dtype=net.dtype, device=net.device)
-    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1))
+    counters = torch.zeros((slots + 1) * s.kv_heads, dtype=torch.int32, device=net.device)
+    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1), counters)
 
 
 class FastEngine(Engine):
@@ -129,12 +131,13 @@ class FastEngine(Engine):
         # Prefill graphs have their own pool: `add_async` replays them while decode graphs run.
         self.prefill_graphs = GraphCache(use_graphs and on_cuda, self.device)
         self.prefill_stream = torch.cuda.Stream(self.device) if on_cuda and self.overlaps_prefill else None
+        # decode_attention: after rope_store, for unfused models (CPU; a test's plain path on CUDA)
         if on_cuda:
-            from .triton_attention import decode_attention_triton
+            from .triton_attention import decode_attention_triton, rope_decode_attention
 
-            self.decode_attention = decode_attention_triton
+            self.decode_attention, self.rope_decode_attention = decode_attention_triton, rope_decode_attention
         else:
-            self.decode_attention = decode_attention_sdpa
+            self.decode_attention, self.rope_decode_attention = decode_attention_sdpa, None
         self.samplers: dict[tuple, StepSampler] = {}
         self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
         two_streams = on_cuda and self.concurrent_models
@@ -150,13 +153,24 @@ class FastEngine(Engine):
     # ------------------------------------------------------------------ device functions
     def decode_model(self, m: CachedModel, slots, tokens, positions, width: int) -> torch.Tensor:
         """One token per row through one model; logits [B, V]. Graph-capturable."""
-        lengths = (positions + 1).to(torch.int32)
+        net = m.net
+        if net.fused and self.rope_decode_attention:  # RoPE, cache write and attention: one kernel
 
-        def attend(i, q):
-            return self.decode_attention(q, m.k[i], m.v[i], slots, lengths, width)
+            def attend(i, qkv):
+                lw, s = net.layers[i], net.spec
+                return self.rope_decode_attention(
+                    qkv, s.heads, net.cos, net.sin, lw.q_norm, lw.k_norm, s.rms_eps, m.k[i], m.v[i], slots,
+                    positions, width, m.counters,
+                )  # fmt: skip
+        else:
+            lengths = (positions + 1).to(torch.int32)
 
-        normed = m.net.forward(tokens, positions, slots, m.k, m.v, attend)  # [B, hidden]
-        return m.net.logits(normed)[:, : self.vocab_size]
+            def attend(i, qkv):
+                q = net.rope_store(i, qkv, positions, slots, m.k[i], m.v[i])
+                return self.decode_attention(q, m.k[i], m.v[i], slots, lengths, width, m.counters)
+
+        normed = net.forward(tokens, attend)  # [B, hidden]
+        return net.logits(normed)[:, : self.vocab_size]
 
     def prefill_model(self, m: CachedModel, ids, slots, last) -> torch.Tensor:
         """Right-padded prompts ids [n, T] into slots [n]; logits [n, V] at positions last [n]."""
@@ -164,10 +178,11 @@ class FastEngine(Engine):
         positions = torch.arange(t, device=ids.device).expand(n, t)
         rows = slots[:, None]
 
-        def attend(i, q):
+        def attend(i, qkv):
+            q = m.net.rope_store(i, qkv, positions, rows, m.k[i], m.v[i])
             return prefill_attention(q, m.k[i][rows, positions], m.v[i][rows, positions])
 
-        normed = m.net.forward(ids, positions, rows, m.k, m.v, attend)  # [n, T, hidden]
+        normed = m.net.forward(ids, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]
 
     def both_models(self, run_base: Callable, run_teacher: Callable, side=None) -> tuple:

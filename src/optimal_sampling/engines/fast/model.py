@@ -1,9 +1,9 @@
 """Compact Llama/Mistral/Qwen2/Qwen3 forward pass over the weights of a loaded Hugging Face model.
 
-The model owns no scheduling: `forward(ids, positions, slots, cache, attend)` runs embed -> layers
--> final norm; each layer writes its rotated keys and values into the given KV cache at
-(slot, position) and calls `attend(layer, q)` for the attention, which the engine provides
-(prefill or decode, CPU or GPU). On CUDA the elementwise work (residual add + RMSNorm, q/k norm +
+The model owns no scheduling: `forward(ids, attend)` runs embed -> layers -> final norm; each
+layer hands its q/k/v projection to `attend(layer, qkv)`, which the engine provides (prefill or
+decode, CPU or GPU): it rotates q and k (`rope_store`, or inside the decode attention kernel on
+CUDA), writes the keys and values into the KV cache at (slot, position), and attends. On CUDA the elementwise work (residual add + RMSNorm, q/k norm +
 RoPE + cache write, SiLU * up) runs as fused Triton kernels (triton_layers.py); on CPU, as torch ops. Weights are the Hugging Face model's own tensors: q/k/v and
 gate/up are fused into one matrix each, and the Hugging Face parameters are re-pointed at views
 of the fused matrices, so the weights live on the device once (no second disk read, no copy).
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .spec import ModelSpec, rope_tables, spec_of
 
-Attend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, q [..., heads, D]) -> [..., heads * D]
+# (layer, qkv [..., (heads + 2 kv_heads) * D]) -> attention output [..., heads * D]
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -147,15 +148,13 @@ class CompactModel:
         return apply_rope(q, cos, sin)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids, positions, slots, cache_k, cache_v, attend: Attend) -> torch.Tensor:
-        """ids, positions: [...] int64; slots broadcastable to them; caches [layers, S, L, kv, D].
-
-        Returns the final-normed hidden states [..., hidden]."""
+    def forward(self, ids, attend: Attend) -> torch.Tensor:
+        """ids: [...] int64 -> the final-normed hidden states [..., hidden]."""
         x = F.embedding(ids, self.embed_tokens)
         h = self.norm(x, self.layers[0].input_norm)
         for i, lw in enumerate(self.layers):
-            q = self.rope_store(i, F.linear(h, lw.qkv, lw.qkv_bias), positions, slots, cache_k[i], cache_v[i])
-            x, h = self.add_norm(x, self.reduce(F.linear(attend(i, q), lw.o_proj)), lw.post_norm)
+            attn = attend(i, F.linear(h, lw.qkv, lw.qkv_bias))
+            x, h = self.add_norm(x, self.reduce(F.linear(attn, lw.o_proj)), lw.post_norm)
             after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             x, h = self.add_norm(x, self.reduce(F.linear(self.act(F.linear(h, lw.gate_up)), lw.down)), after)
         return h
