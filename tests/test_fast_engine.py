@@ -343,6 +343,36 @@ def check_rope_decode_attention(device: str, dtype: torch.dtype = torch.float32)
         torch.testing.assert_close(cache[1], want_v, atol=0, rtol=0)
 
 
+def check_rope_store(device: str) -> None:
+    """The fused rope_store (one program per row, all heads) against the torch path: rotated q
+    and k, and both written to the cache (Qwen3 norms too, heads not a power of two)."""
+    from optimal_sampling.engines.fast import triton_layers
+    from optimal_sampling.engines.fast.model import apply_rope, rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    for heads, kv_heads, dim, qk_norm in ((14, 2, 64, False), (6, 3, 32, True)):
+        n, t, width = 3, 5, 16
+        freqs = torch.arange(width).float()[:, None] * (1.0 / (1e4 ** (torch.arange(0, dim, 2).float() / dim)))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(device), emb.sin().to(device)
+        norms = [torch.rand(dim, generator=g).to(device) + 0.5 for _ in range(2)] if qk_norm else [None] * 2
+        qkv = torch.randn(n, t, (heads + 2 * kv_heads) * dim, generator=g).to(device)
+        positions = torch.arange(t, device=device).repeat(n, 1) + 3
+        rows = torch.tensor([4, 0, 2], device=device)[:, None].expand(n, t).contiguous()
+        cache = [torch.zeros(5, width, kv_heads, dim, device=device) for _ in range(2)]
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k = q.unflatten(-1, (heads, dim)), k.unflatten(-1, (kv_heads, dim))
+        if qk_norm:
+            q, k = rms_norm(q, norms[0], 1e-6), rms_norm(k, norms[1], 1e-6)
+        want_q, want_k = (apply_rope(x, cos[positions], sin[positions]) for x in (q, k))
+        got_q, got_k = triton_layers.rope_store(qkv, positions, rows, cos, sin, *cache, *norms, 1e-6, heads, kv_heads, True)
+        torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[0][rows, positions], want_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[1][rows, positions], v.unflatten(-1, (kv_heads, dim)), atol=0, rtol=0)
+        assert cache[0][1].abs().sum() == 0  # a slot no row names stays untouched
+
+
 def run_kernel_checks(device: str) -> None:
     """Every configuration on CUDA; on the (slow) CPU interpreter one per grid layout (0 and 1 in
     the bracket, neither, and a single-point bracket, which skips the solve)."""
@@ -354,6 +384,7 @@ def run_kernel_checks(device: str) -> None:
     check_fixed_alpha_one_is_the_teacher(device)
     check_decode_attention(device)
     check_rope_decode_attention(device)
+    check_rope_store(device)
     if device == "cuda":
         check_rope_decode_attention(device, torch.bfloat16)
 

@@ -175,12 +175,13 @@ class FastEngine(Engine):
     def prefill_model(self, m: CachedModel, ids, slots, last) -> torch.Tensor:
         """Right-padded prompts ids [n, T] into slots [n]; logits [n, V] at positions last [n]."""
         n, t = ids.shape
-        positions = torch.arange(t, device=ids.device).expand(n, t)
-        rows = slots[:, None]
+        # contiguous once here, not copied by every layer's rope_store
+        positions = torch.arange(t, device=ids.device).repeat(n, 1)
+        rows = slots[:, None].expand(n, t).contiguous()
 
-        def attend(i, qkv):
-            q = m.net.rope_store(i, qkv, positions, rows, m.k[i], m.v[i])
-            return prefill_attention(q, m.k[i][rows, positions], m.v[i][rows, positions])
+        def attend(i, qkv):  # the prompts' own rotated keys and values: no gather from the cache
+            q, k = m.net.rope_store(i, qkv, positions, rows, m.k[i], m.v[i], keys=True)
+            return prefill_attention(q, k, m.net.values(qkv))
 
         normed = m.net.forward(ids, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]

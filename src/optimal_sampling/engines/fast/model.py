@@ -129,13 +129,14 @@ class CompactModel:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def rope_store(self, i: int, qkv: torch.Tensor, positions, slots, cache_k, cache_v) -> torch.Tensor:
-        """Rotated q [..., heads, D]; rotated k and v written to cache_k/v [S, L, kv_heads, D]."""
+    def rope_store(self, i: int, qkv: torch.Tensor, positions, slots, cache_k, cache_v, keys: bool = False):
+        """Rotated q [..., heads, D] (with keys=True also the rotated k [..., kv_heads, D]); the
+        rotated k and v written to cache_k/v [S, L, kv_heads, D] at (slots, positions)."""
         s, lw = self.spec, self.layers[i]
         if self.fused:
             return triton_layers().rope_store(
                 qkv, positions, slots, self.cos, self.sin, cache_k, cache_v, lw.q_norm, lw.k_norm, s.rms_eps,
-                s.heads, s.kv_heads,
+                s.heads, s.kv_heads, keys,
             )  # fmt: skip
         q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
         q = q.unflatten(-1, (s.heads, s.head_dim))
@@ -143,9 +144,16 @@ class CompactModel:
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, s.rms_eps), rms_norm(k, lw.k_norm, s.rms_eps)
         cos, sin = self.cos[positions], self.sin[positions]  # [..., D]
-        cache_k[slots, positions] = apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache_k[slots, positions] = k
         cache_v[slots, positions] = v.unflatten(-1, (s.kv_heads, s.head_dim))
-        return apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin)
+        return (q, k) if keys else q
+
+    def values(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The v heads of a qkv projection, [..., kv_heads, D] (a view)."""
+        s = self.spec
+        return qkv[..., (s.heads + s.kv_heads) * s.head_dim :].unflatten(-1, (s.kv_heads, s.head_dim))
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, attend: Attend) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_layers import _rnd
+from .triton_layers import _roped
 
 # Tuned by benchmarks/attention_sweep.py (an H200: with 64-key blocks, 512 programs and 2 stages
 # one layer at batch 256 and context 640 takes 49 us (1.5B) / 29 us (0.5B), against 56 / 34 us
@@ -30,22 +30,6 @@ GROUP_PAD = 16
 PROGRAMS = 512  # split programs to aim for: one split (no merge) from batch 256 x 2 KV heads on
 WARPS = 4
 STAGES = 2  # software-pipelining depth of the key loop
-
-
-@triton.jit
-def _roped(row_ptr, d, mask, c, sn, w_ptr, eps, D: tl.constexpr, QK_NORM: tl.constexpr, like):
-    """Heads [R, D] (row_ptr: each head's start, [R, 1] or a scalar) rotated as transformers does:
-    x * cos + rotate_half(x) * sin, after a per-head RMSNorm (Qwen3) where asked, each op rounded
-    to the dtype of `like`; float32. rotate_half(x)[d] is -x[d + D/2] below D/2, x[d - D/2] above."""
-    partner = (d + D // 2) % D
-    sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
-    x = tl.load(row_ptr + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(row_ptr + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    if QK_NORM:
-        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-        x = _rnd(tl.load(w_ptr + d).to(tl.float32)[None, :] * _rnd(x * r, like), like)
-        xp = _rnd(tl.load(w_ptr + partner).to(tl.float32)[None, :] * _rnd(xp * r, like), like)
-    return _rnd(_rnd(x * c[None, :], like) + _rnd(sign * xp * sn[None, :], like), like)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 - `rms_norm` / `add_rms_norm`: (residual add +) RMSNorm in one pass per row;
 - `rope_store`: split the fused qkv row, optional per-head RMSNorm (Qwen3), RoPE, and write k and
-  v straight into the KV cache at (slot, position); returns the rotated q;
+  v straight into the KV cache at (slot, position); returns the rotated q (and k, for prefill);
+  one program per row (`_roped`, shared with the decode attention kernel, rotates a block of heads);
 - `silu_mul`: silu(gate) * up of the fused gate/up projection.
 Invariant: each kernel rounds to the model dtype exactly where transformers' eager code does
 (the product of two bf16 values is rounded once, as a PyTorch bf16 op). Triton's fast exp and
@@ -58,78 +59,72 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 @triton.jit
-def _head_norm(x1, x2, w_ptr, eps, HALF: tl.constexpr, out_like):
-    """Per-head RMSNorm of a head given as its two halves (Qwen3 q/k norm)."""
-    r = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-    d = tl.arange(0, HALF)
-    w1 = tl.load(w_ptr + d).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
-    return _rnd(w1 * _rnd(x1 * r, out_like), out_like), _rnd(w2 * _rnd(x2 * r, out_like), out_like)
-
-
-@triton.jit
-def _rope(x1, x2, c, s, out_like):
-    """x * cos + rotate_half(x) * sin with transformers' bf16 roundings (each product, then the sum)."""
-    o1 = _rnd(_rnd(x1 * c, out_like) + _rnd(-x2 * s, out_like), out_like)
-    o2 = _rnd(_rnd(x2 * c, out_like) + _rnd(x1 * s, out_like), out_like)
-    return o1, o2
+def _roped(row_ptr, d, mask, c, sn, w_ptr, eps, D: tl.constexpr, QK_NORM: tl.constexpr, like):
+    """Heads [R, D] (row_ptr: each head's start, [R, 1] or a scalar) rotated as transformers does:
+    x * cos + rotate_half(x) * sin, after a per-head RMSNorm (Qwen3) where asked, each op rounded
+    to the dtype of `like` (each product, then the sum); float32. c, sn: [D] cos and sin at the
+    row's position. rotate_half(x)[d] is -x[d + D/2] below D/2 and x[d - D/2] above."""
+    partner = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+    x = tl.load(row_ptr + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptr + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        x = _rnd(tl.load(w_ptr + d).to(tl.float32)[None, :] * _rnd(x * r, like), like)
+        xp = _rnd(tl.load(w_ptr + partner).to(tl.float32)[None, :] * _rnd(xp * r, like), like)
+    return _rnd(_rnd(x * c[None, :], like) + _rnd(sign * xp * sn[None, :], like), like)
 
 
 @triton.jit
 def _rope_store_kernel(
-    qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr,
+    qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_out_ptr, qn_ptr, kn_ptr,
     stride_cs, stride_ct, stride_ch, eps,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HPAD: tl.constexpr, KPAD: tl.constexpr, D: tl.constexpr,
+    QK_NORM: tl.constexpr, K_OUT: tl.constexpr,
 ):  # fmt: skip
+    """One program per row, all its heads at once: q heads to q_ptr, k (and v) heads to the cache
+    at (slot, position), and with K_OUT the rotated k heads to k_out_ptr too."""
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    d = tl.arange(0, HALF)
-    width = (HEADS + 2 * KV_HEADS) * 2 * HALF
+    d = tl.arange(0, D)
     pos = tl.load(pos_ptr + row)
-    c = tl.load(cos_ptr + pos * 2 * HALF + d).to(tl.float32)
-    s = tl.load(sin_ptr + pos * 2 * HALF + d).to(tl.float32)
-    src = qkv_ptr + row * width + head * 2 * HALF
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
-    if head < HEADS:
-        if QK_NORM:
-            x1, x2 = _head_norm(x1, x2, qn_ptr, eps, HALF, q_ptr)
-        o1, o2 = _rope(x1, x2, c, s, q_ptr)
-        dst = q_ptr + (row * HEADS + head) * 2 * HALF
-        tl.store(dst + d, o1)
-        tl.store(dst + HALF + d, o2)
-    else:
-        j = head - HEADS
-        if QK_NORM:
-            x1, x2 = _head_norm(x1, x2, kn_ptr, eps, HALF, k_ptr)
-        o1, o2 = _rope(x1, x2, c, s, k_ptr)
-        slot = tl.load(slot_ptr + row)
-        at = slot * stride_cs + pos * stride_ct + j * stride_ch
-        tl.store(k_ptr + at + d, o1)
-        tl.store(k_ptr + at + HALF + d, o2)
-        v_src = qkv_ptr + row * width + (HEADS + KV_HEADS + j) * 2 * HALF
-        tl.store(v_ptr + at + d, tl.load(v_src + d))
-        tl.store(v_ptr + at + HALF + d, tl.load(v_src + HALF + d))
+    c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    src = qkv_ptr + row * (HEADS + 2 * KV_HEADS) * D
+    hq = tl.arange(0, HPAD)[:, None]
+    q = _roped(src + hq * D, d, hq < HEADS, c, sn, qn_ptr, eps, D, QK_NORM, q_ptr)
+    tl.store(q_ptr + (row * HEADS + hq) * D + d[None, :], q, mask=hq < HEADS)
+    hk = tl.arange(0, KPAD)[:, None]
+    k = _roped(src + (HEADS + hk) * D, d, hk < KV_HEADS, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
+    at = tl.load(slot_ptr + row) * stride_cs + pos * stride_ct + hk * stride_ch + d[None, :]
+    tl.store(k_ptr + at, k, mask=hk < KV_HEADS)
+    tl.store(v_ptr + at, tl.load(src + (HEADS + KV_HEADS + hk) * D + d[None, :], mask=hk < KV_HEADS), mask=hk < KV_HEADS)
+    if K_OUT:
+        tl.store(k_out_ptr + (row * KV_HEADS + hk) * D + d[None, :], k, mask=hk < KV_HEADS)
 
 
-def rope_store(qkv, positions, slots, cos, sin, cache_k, cache_v, q_norm, k_norm, eps, heads, kv_heads):
-    """qkv [..., (heads + 2 kv) * D] -> rotated q [..., heads, D]; k, v written at (slot, position).
+def rope_store(
+    qkv, positions, slots, cos, sin, cache_k, cache_v, q_norm, k_norm, eps, heads, kv_heads, keys=False
+):  # fmt: skip
+    """qkv [..., (heads + 2 kv) * D] -> rotated q [..., heads, D] (and with keys=True the rotated k
+    [..., kv_heads, D]); k, v written at (slot, position).
 
     positions: [...] int64; slots: broadcastable to positions; cache_k/v: [S, L, kv_heads, D].
+    Contiguous positions and slots of positions' shape cost no copy (prefill makes them once).
     """
     dim = cos.shape[-1]
     rows = positions.numel()
     flat_pos = positions.reshape(-1).contiguous()
     flat_slots = slots.expand(positions.shape).reshape(-1).contiguous()  # a view may have stride 0
     q = torch.empty(*positions.shape, heads, dim, dtype=qkv.dtype, device=qkv.device)
-    norm_q = q_norm if q_norm is not None else cos
-    norm_k = k_norm if k_norm is not None else cos
-    _rope_store_kernel[(rows, heads + kv_heads)](
-        qkv.reshape(rows, -1).contiguous(), flat_pos, flat_slots, cos, sin, q, cache_k, cache_v, norm_q, norm_k,
+    k = torch.empty(*positions.shape, kv_heads, dim, dtype=qkv.dtype, device=qkv.device) if keys else q
+    _rope_store_kernel[(rows,)](
+        qkv.reshape(rows, -1).contiguous(), flat_pos, flat_slots, cos, sin, q, cache_k, cache_v, k,
+        cos if q_norm is None else q_norm, cos if k_norm is None else k_norm,
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), eps,
-        HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2, QK_NORM=q_norm is not None,
+        HEADS=heads, KV_HEADS=kv_heads, HPAD=triton.next_power_of_2(heads), KPAD=triton.next_power_of_2(kv_heads),
+        D=dim, QK_NORM=q_norm is not None, K_OUT=keys,
     )  # fmt: skip
-    return q
+    return (q, k) if keys else q
 
 
 @triton.jit
