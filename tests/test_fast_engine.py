@@ -281,8 +281,9 @@ def check_decode_attention(device: str) -> None:
     cases = [  # 32-key blocks too; programs=1: one split, whose program writes the output itself
         (3, 14, 2, 64, 100, block, programs), (1, 12, 2, 16, 70, block, programs),
         (3, 12, 2, 16, 150, 32, programs), (2, 12, 2, 16, 150, block, 1),
+        (2, 4, 4, 16, 100, block, programs),  # one query head per KV head (Llama 2's MHA)
     ]
-    counters = torch.zeros(3 * 2, dtype=torch.int32, device=device)  # one buffer for every launch
+    counters = torch.zeros(3 * 4, dtype=torch.int32, device=device)  # one buffer for every launch
     try:
         for batch, heads, kv_heads, dim, width, keys, aim in cases:
             triton_attention.BLOCK_N, triton_attention.PROGRAMS = keys, aim
