@@ -24,9 +24,9 @@ from optimal_sampling.engines.fast.graphs import bucket_of
 from optimal_sampling.engines.fast.triton_layers import rope_store
 
 SHAPES = {"1.5b": (12, 2, 128), "0.5b": (14, 2, 64)}  # heads, kv_heads, head_dim
-CASES = [(1, 320), (1, 640), (16, 320), (64, 320), (128, 320), (256, 320), (256, 640)]  # (batch, context)
-# BLOCK_N, PROGRAMS (512: one split at batch 256), STAGES; the first is the default
-CONFIGS = list(itertools.product((64, 32), (512, 256, 128, 1024), (2,)))
+CASES = [(1, 320), (1, 640), (1, 2048), (16, 320), (16, 2048), (64, 320), (128, 320), (256, 320), (256, 640)]
+# BLOCK_N, PROGRAMS (512: one split at batch 256), STAGES, MAX_SPLITS; the first is the default
+CONFIGS = [(64, 512, 2, 16), *itertools.product((64,), (128, 256), (2,), (4, 8, 16)), (32, 128, 2, 8)]
 
 
 def main() -> None:
@@ -34,20 +34,22 @@ def main() -> None:
     out: dict = {"card": torch.cuda.get_device_name(), "results": []}
     inputs = {}
     for name, (heads, kv, dim) in SHAPES.items():
-        freqs = torch.arange(1024, device="cuda")[:, None] / (1e6 ** (torch.arange(0, dim, 2, device="cuda") / dim))
+        freqs = torch.arange(4096, device="cuda")[:, None] / (1e6 ** (torch.arange(0, dim, 2, device="cuda") / dim))
         emb = torch.cat((freqs, freqs), dim=-1)
         tables = emb.cos().bfloat16(), emb.sin().bfloat16()
         for batch, ctx in CASES:
-            k = torch.randn(batch + 1, 1024, kv, dim, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch + 1, max(1024, ctx), kv, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             qkv = torch.randn(batch, (heads + 2 * kv) * dim, device="cuda", dtype=torch.bfloat16)
             slots = torch.arange(batch, device="cuda")
             positions = torch.full((batch,), ctx - 1, device="cuda")
             counters = torch.zeros(batch * kv, device="cuda", dtype=torch.int32)
-            inputs[name, batch, ctx] = (heads, qkv, tables, k, v, slots, positions, bucket_of(ctx, 1024), counters)
-    for block, programs, stages in CONFIGS:
-        ta.BLOCK_N, ta.PROGRAMS, ta.STAGES = block, programs, stages
-        row = {"block_n": block, "programs": programs, "stages": stages, "us": {}, "tb_s": {}, "max_err": 0.0}
+            width = bucket_of(ctx, k.shape[1])
+            inputs[name, batch, ctx] = (heads, qkv, tables, k, v, slots, positions, width, counters)
+    for block, programs, stages, most in CONFIGS:
+        ta.BLOCK_N, ta.PROGRAMS, ta.STAGES, ta.MAX_SPLITS = block, programs, stages, most
+        row = {"block_n": block, "programs": programs, "stages": stages, "max_splits": most, "us": {}, "tb_s": {}}
+        row["max_err"] = 0.0
         for (name, batch, ctx), (heads, qkv, (cos, sin), k, v, slots, pos, width, counters) in inputs.items():
 
             def call(heads=heads, qkv=qkv, cos=cos, sin=sin, k=k, v=v, slots=slots, pos=pos, width=width, c=counters):

@@ -282,13 +282,14 @@ def check_decode_attention(device: str) -> None:
         (3, 14, 2, 64, 100, block, programs), (1, 12, 2, 16, 70, block, programs),
         (3, 12, 2, 16, 150, 32, programs), (2, 12, 2, 16, 150, block, 1),
         (2, 4, 4, 16, 100, block, programs),  # one query head per KV head (Llama 2's MHA)
+        (1, 12, 2, 16, 300, 16, programs),  # 19 blocks of keys: MAX_SPLITS caps the splits
     ]
     counters = torch.zeros(3 * 4, dtype=torch.int32, device=device)  # one buffer for every launch
     try:
         for batch, heads, kv_heads, dim, width, keys, aim in cases:
             triton_attention.BLOCK_N, triton_attention.PROGRAMS = keys, aim
             splits = triton_attention.split_plan(batch, kv_heads, width)[0]
-            assert (aim > 1) == (splits > 1)
+            assert (aim > 1) == (splits > 1) and splits <= triton_attention.MAX_SPLITS
             k, v = (torch.randn(5, width, kv_heads, dim, generator=g).to(device) for _ in range(2))
             slots = torch.randint(0, 5, (batch,), generator=g).to(device)
             lengths = torch.randint(1, width + 1, (batch,), generator=g).to(device)
@@ -366,9 +367,12 @@ def check_rope_store(device: str) -> None:
         if qk_norm:
             q, k = rms_norm(q, norms[0], 1e-6), rms_norm(k, norms[1], 1e-6)
         want_q, want_k = (apply_rope(x, cos[positions], sin[positions]) for x in (q, k))
-        got_q, got_k = triton_layers.rope_store(qkv, positions, rows, cos, sin, *cache, *norms, 1e-6, heads, kv_heads, True)
+        got_q, got_k, got_v = triton_layers.rope_store(
+            qkv, positions, rows, cos, sin, *cache, *norms, 1e-6, heads, kv_heads, True
+        )
         torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got_v, v.unflatten(-1, (kv_heads, dim)))
         torch.testing.assert_close(cache[0][rows, positions], want_k, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache[1][rows, positions], v.unflatten(-1, (kv_heads, dim)), atol=0, rtol=0)
         assert cache[0][1].abs().sum() == 0  # a slot no row names stays untouched

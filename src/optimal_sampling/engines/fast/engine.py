@@ -180,8 +180,7 @@ class FastEngine(Engine):
         rows = slots[:, None].expand(n, t).contiguous()
 
         def attend(i, qkv):  # the prompts' own rotated keys and values: no gather from the cache
-            q, k = m.net.rope_store(i, qkv, positions, rows, m.k[i], m.v[i], keys=True)
-            return prefill_attention(q, k, m.net.values(qkv))
+            return prefill_attention(*m.net.rope_store(i, qkv, positions, rows, m.k[i], m.v[i], keys=True))
 
         normed = m.net.forward(ids, attend)  # [n, T, hidden]
         return m.net.logits(normed[torch.arange(n, device=ids.device), last])[:, : self.vocab_size]

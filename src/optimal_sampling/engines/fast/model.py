@@ -130,8 +130,8 @@ class CompactModel:
         return F.silu(gate) * up
 
     def rope_store(self, i: int, qkv: torch.Tensor, positions, slots, cache_k, cache_v, keys: bool = False):
-        """Rotated q [..., heads, D] (with keys=True also the rotated k [..., kv_heads, D]); the
-        rotated k and v written to cache_k/v [S, L, kv_heads, D] at (slots, positions)."""
+        """Rotated q [..., heads, D] (with keys=True, (q, k, v): the rotated k and v [..., kv_heads, D]
+        too); the rotated k and v written to cache_k/v [S, L, kv_heads, D] at (slots, positions)."""
         s, lw = self.spec, self.layers[i]
         if self.fused:
             return triton_layers().rope_store(
@@ -144,16 +144,11 @@ class CompactModel:
         if lw.q_norm is not None:
             q, k = rms_norm(q, lw.q_norm, s.rms_eps), rms_norm(k, lw.k_norm, s.rms_eps)
         cos, sin = self.cos[positions], self.sin[positions]  # [..., D]
-        k = apply_rope(k, cos, sin)
+        k, v = apply_rope(k, cos, sin), v.unflatten(-1, (s.kv_heads, s.head_dim))
         cache_k[slots, positions] = k
-        cache_v[slots, positions] = v.unflatten(-1, (s.kv_heads, s.head_dim))
+        cache_v[slots, positions] = v
         q = apply_rope(q, cos, sin)
-        return (q, k) if keys else q
-
-    def values(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The v heads of a qkv projection, [..., kv_heads, D] (a view)."""
-        s = self.spec
-        return qkv[..., (s.heads + s.kv_heads) * s.head_dim :].unflatten(-1, (s.kv_heads, s.head_dim))
+        return (q, k, v) if keys else q
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids, attend: Attend) -> torch.Tensor:

@@ -21,13 +21,15 @@ import triton.language as tl
 
 from .triton_layers import _roped
 
-# Tuned by benchmarks/attention_sweep.py (an H200: with 64-key blocks, 512 programs and 2 stages
-# one layer at batch 256 and context 640 takes 49 us (1.5B) / 29 us (0.5B), against 56 / 34 us
-# with 32-key blocks at this size and 528 programs, whose two splits need the merge kernel; at
-# batch 1, 6.1 / 5.3 us against 5.6 / 5.4 us).
+# Tuned by benchmarks/attention_sweep.py on an H200 (this kernel with RoPE and the in-kernel merge,
+# 2026-11-27 device run 8): 64-key blocks, 128 programs, at most 16 splits. One layer at context
+# 320, batch 16 / 64 / 128: 8.7 / 11.0 / 15.8 us (1.5B) and 7.2 / 8.2 / 9.7 us (0.5B), against
+# 10.0 / 11.2 / 16.0 and 8.2 / 9.0 / 11.2 us aiming at 512 programs (more splits, more to merge);
+# batch 1 and 256 alike. Batch 16 at context 2048 is slower (17.8 against 15.6 us, 1.5B).
 BLOCK_N = 64  # keys per step of a split
 GROUP_PAD = 16
-PROGRAMS = 512  # split programs to aim for: one split (no merge) from batch 256 x 2 KV heads on
+PROGRAMS = 128  # split programs to aim for: one split from batch 64 x 2 KV heads on
+MAX_SPLITS = 16  # a power of two: the last split merges them all, so long rows take longer splits
 WARPS = 4
 STAGES = 2  # software-pipelining depth of the key loop
 
@@ -146,7 +148,7 @@ def _merge(
 def split_plan(batch: int, kv_heads: int, width: int, programs: int | None = None) -> tuple[int, int]:
     """(splits, chunk): enough programs to fill the GPU, chunks a multiple of the block, splits a power of 2."""
     want = max(1, math.ceil((programs or PROGRAMS) / (batch * kv_heads)))
-    most = max(1, math.ceil(width / BLOCK_N))
+    most = max(1, min(MAX_SPLITS, math.ceil(width / BLOCK_N)))
     splits = 1 << (min(want, most) - 1).bit_length()
     chunk = math.ceil(math.ceil(width / splits) / BLOCK_N) * BLOCK_N
     return splits, chunk

@@ -77,13 +77,13 @@ def _roped(row_ptr, d, mask, c, sn, w_ptr, eps, D: tl.constexpr, QK_NORM: tl.con
 
 @triton.jit
 def _rope_store_kernel(
-    qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_out_ptr, qn_ptr, kn_ptr,
+    qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_out_ptr, v_out_ptr, qn_ptr, kn_ptr,
     stride_cs, stride_ct, stride_ch, eps,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HPAD: tl.constexpr, KPAD: tl.constexpr, D: tl.constexpr,
-    QK_NORM: tl.constexpr, K_OUT: tl.constexpr,
+    QK_NORM: tl.constexpr, KV_OUT: tl.constexpr,
 ):  # fmt: skip
     """One program per row, all its heads at once: q heads to q_ptr, k (and v) heads to the cache
-    at (slot, position), and with K_OUT the rotated k heads to k_out_ptr too."""
+    at (slot, position), and with KV_OUT the rotated k and the v heads to k_out_ptr / v_out_ptr too."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)
     pos = tl.load(pos_ptr + row)
@@ -95,18 +95,21 @@ def _rope_store_kernel(
     tl.store(q_ptr + (row * HEADS + hq) * D + d[None, :], q, mask=hq < HEADS)
     hk = tl.arange(0, KPAD)[:, None]
     k = _roped(src + (HEADS + hk) * D, d, hk < KV_HEADS, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
+    v = tl.load(src + (HEADS + KV_HEADS + hk) * D + d[None, :], mask=hk < KV_HEADS)
     at = tl.load(slot_ptr + row) * stride_cs + pos * stride_ct + hk * stride_ch + d[None, :]
     tl.store(k_ptr + at, k, mask=hk < KV_HEADS)
-    tl.store(v_ptr + at, tl.load(src + (HEADS + KV_HEADS + hk) * D + d[None, :], mask=hk < KV_HEADS), mask=hk < KV_HEADS)
-    if K_OUT:
-        tl.store(k_out_ptr + (row * KV_HEADS + hk) * D + d[None, :], k, mask=hk < KV_HEADS)
+    tl.store(v_ptr + at, v, mask=hk < KV_HEADS)
+    if KV_OUT:
+        out = (row * KV_HEADS + hk) * D + d[None, :]
+        tl.store(k_out_ptr + out, k, mask=hk < KV_HEADS)
+        tl.store(v_out_ptr + out, v, mask=hk < KV_HEADS)
 
 
 def rope_store(
     qkv, positions, slots, cos, sin, cache_k, cache_v, q_norm, k_norm, eps, heads, kv_heads, keys=False
 ):  # fmt: skip
-    """qkv [..., (heads + 2 kv) * D] -> rotated q [..., heads, D] (and with keys=True the rotated k
-    [..., kv_heads, D]); k, v written at (slot, position).
+    """qkv [..., (heads + 2 kv) * D] -> rotated q [..., heads, D] (with keys=True, (q, k, v): the
+    rotated k and v [..., kv_heads, D] too, contiguous); k, v written at (slot, position).
 
     positions: [...] int64; slots: broadcastable to positions; cache_k/v: [S, L, kv_heads, D].
     Contiguous positions and slots of positions' shape cost no copy (prefill makes them once).
@@ -116,15 +119,17 @@ def rope_store(
     flat_pos = positions.reshape(-1).contiguous()
     flat_slots = slots.expand(positions.shape).reshape(-1).contiguous()  # a view may have stride 0
     q = torch.empty(*positions.shape, heads, dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(*positions.shape, kv_heads, dim, dtype=qkv.dtype, device=qkv.device) if keys else q
+    k, v = q, q  # unused pointers unless keys
+    if keys:
+        k, v = (torch.empty(*positions.shape, kv_heads, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     _rope_store_kernel[(rows,)](
-        qkv.reshape(rows, -1).contiguous(), flat_pos, flat_slots, cos, sin, q, cache_k, cache_v, k,
+        qkv.reshape(rows, -1).contiguous(), flat_pos, flat_slots, cos, sin, q, cache_k, cache_v, k, v,
         cos if q_norm is None else q_norm, cos if k_norm is None else k_norm,
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), eps,
         HEADS=heads, KV_HEADS=kv_heads, HPAD=triton.next_power_of_2(heads), KPAD=triton.next_power_of_2(kv_heads),
-        D=dim, QK_NORM=q_norm is not None, K_OUT=keys,
+        D=dim, QK_NORM=q_norm is not None, KV_OUT=keys,
     )  # fmt: skip
-    return (q, k) if keys else q
+    return (q, k, v) if keys else q
 
 
 @triton.jit
