@@ -1,7 +1,8 @@
 """The fast engine: both compact models in lockstep over static KV caches with per-slot lengths.
 
 Slots: `max_slots` real slots plus one scratch slot (index `max_slots`) that padding rows of a
-batch bucket read and write. The host keeps each slot's length per model (base and teacher prompts
+batch bucket read and write. The sampler decodes at most `max_batch` of them per step; the others
+hold requests prefilled ahead (see `Engine.batch_limit`). The host keeps each slot's length per model (base and teacher prompts
 may differ), so a decode step needs no device-to-host transfer: positions are sent with the tokens
 in one packed int64 copy.
 

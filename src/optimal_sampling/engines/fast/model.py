@@ -3,8 +3,11 @@
 The model owns no scheduling: `forward(ids, attend)` runs embed -> layers -> final norm; each
 layer hands its q/k/v projection to `attend(layer, qkv)`, which the engine provides (prefill or
 decode, CPU or GPU): it rotates q and k (`rope_store`, or inside the decode attention kernel on
-CUDA), writes the keys and values into the KV cache at (slot, position), and attends. On CUDA the elementwise work (residual add + RMSNorm, q/k norm +
-RoPE + cache write, SiLU * up) runs as fused Triton kernels (triton_layers.py); on CPU, as torch ops. Weights are the Hugging Face model's own tensors: q/k/v and
+CUDA), writes the keys and values into the KV cache at (slot, position), and attends.
+
+On CUDA the elementwise work (residual add + RMSNorm, q/k norm + RoPE + cache write, SiLU * up)
+runs as fused Triton kernels (triton_layers.py; in decode, RoPE and the cache write run inside the
+attention kernel); on CPU, as torch ops. Weights are the Hugging Face model's own tensors: q/k/v and
 gate/up are fused into one matrix each, and the Hugging Face parameters are re-pointed at views
 of the fused matrices, so the weights live on the device once (no second disk read, no copy).
 
