@@ -2,9 +2,9 @@
 
 Slots: `max_slots` real slots plus one scratch slot (index `max_slots`) that padding rows of a
 batch bucket read and write. The sampler decodes at most `max_batch` of them per step; the others
-hold requests prefilled ahead (see `Engine.batch_limit`). The host keeps each slot's length per model (base and teacher prompts
-may differ), so a decode step needs no device-to-host transfer: positions are sent with the tokens
-in one packed int64 copy.
+hold requests prefilled ahead (see `Engine.batch_limit`). The host keeps each slot's length per
+model (base and teacher prompts may differ), so a decode step needs no device-to-host transfer:
+positions are sent with the tokens in one packed int64 copy.
 
 Invariants:
 - slot s of model m holds keys/values for positions [0, lengths_m[s]); `decode` appends one.
@@ -155,7 +155,7 @@ class FastEngine(Engine):
     def decode_model(self, m: CachedModel, slots, tokens, positions, width: int) -> torch.Tensor:
         """One token per row through one model; logits [B, V]. Graph-capturable."""
         net = m.net
-        if net.fused and self.rope_decode_attention:  # RoPE, cache write and attention: one kernel
+        if net.fused and self.rope_decode_attention is not None:  # RoPE, cache write, attention: one kernel
 
             def attend(i, qkv):
                 lw, s = net.layers[i], net.spec
