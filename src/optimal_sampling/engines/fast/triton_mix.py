@@ -538,6 +538,13 @@ def _log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, wb, wt, ref, TEMPERED: tl.
 
 
 @triton.jit
+def _row_mix(alpha_ptr, st, row):
+    """A row's alpha and its tempered policies' log-normalisers (lse_b, lse_t) from the state row
+    `st`: what every pass over log q (mass, draw, argmax) starts from."""
+    return tl.load(alpha_ptr + row), tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
+
+
+@triton.jit
 def mass_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
     CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
@@ -550,9 +557,7 @@ def mass_kernel(
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     st = state_ptr + row * STATE_W
-    alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(st + LSE_B).to(tl.float32)
-    lse_t = tl.load(st + LSE_T).to(tl.float32)
+    alpha, lse_b, lse_t = _row_mix(alpha_ptr, st, row)
     if ONLINE:
         ref = 0.0
     else:
@@ -622,9 +627,7 @@ def draw_kernel(
     log_z = top.to(tl.float64) + tl.log(tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0))
     # (no `_` assigned before the loop: Triton would type it as a loop-carried variable)
     picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)[1]
-    alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(st + LSE_B).to(tl.float32)
-    lse_t = tl.load(st + LSE_T).to(tl.float32)
+    alpha, lse_b, lse_t = _row_mix(alpha_ptr, st, row)
     start = picked * chunk
     end = tl.minimum(start + chunk, V)
     lanes = tl.arange(0, SCAN)
@@ -656,9 +659,7 @@ def argmax_kernel(
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    alpha = tl.load(alpha_ptr + row)
-    lse_b = tl.load(state_ptr + row * STATE_W + LSE_B).to(tl.float32)
-    lse_t = tl.load(state_ptr + row * STATE_W + LSE_T).to(tl.float32)
+    alpha, lse_b, lse_t = _row_mix(alpha_ptr, state_ptr + row * STATE_W, row)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
