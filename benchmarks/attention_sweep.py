@@ -34,7 +34,9 @@ def main() -> None:
     out: dict = {"card": torch.cuda.get_device_name(), "results": []}
     inputs = {}
     for name, (heads, kv, dim) in SHAPES.items():
-        freqs = torch.arange(4096, device="cuda")[:, None] / (1e6 ** (torch.arange(0, dim, 2, device="cuda") / dim))
+        freqs = torch.arange(4096, device="cuda")[:, None] / (
+            1e6 ** (torch.arange(0, dim, 2, device="cuda") / dim)
+        )
         emb = torch.cat((freqs, freqs), dim=-1)
         tables = emb.cos().bfloat16(), emb.sin().bfloat16()
         for batch, ctx in CASES:
@@ -48,12 +50,32 @@ def main() -> None:
             inputs[name, batch, ctx] = (heads, qkv, tables, k, v, slots, positions, width, counters)
     for block, programs, stages, most in CONFIGS:
         ta.BLOCK_N, ta.PROGRAMS, ta.STAGES, ta.MAX_SPLITS = block, programs, stages, most
-        row = {"block_n": block, "programs": programs, "stages": stages, "max_splits": most, "us": {}, "tb_s": {}}
+        row = {
+            "block_n": block,
+            "programs": programs,
+            "stages": stages,
+            "max_splits": most,
+            "us": {},
+            "tb_s": {},
+        }
         row["max_err"] = 0.0
         for (name, batch, ctx), (heads, qkv, (cos, sin), k, v, slots, pos, width, counters) in inputs.items():
 
-            def call(heads=heads, qkv=qkv, cos=cos, sin=sin, k=k, v=v, slots=slots, pos=pos, width=width, c=counters):
-                return ta.rope_decode_attention(qkv, heads, cos, sin, None, None, 1e-6, k, v, slots, pos, width, c)
+            def call(
+                heads=heads,
+                qkv=qkv,
+                cos=cos,
+                sin=sin,
+                k=k,
+                v=v,
+                slots=slots,
+                pos=pos,
+                width=width,
+                c=counters,
+            ):
+                return ta.rope_decode_attention(
+                    qkv, heads, cos, sin, None, None, 1e-6, k, v, slots, pos, width, c
+                )
 
             got = call()
             kv_heads = k.shape[2]

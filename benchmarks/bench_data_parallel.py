@@ -42,7 +42,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from optimal_sampling.io import read_records
+from optimal_sampling.jobs.store import read_records
 
 VOCAB = 151936
 SHAPES = {

@@ -43,8 +43,8 @@ from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
 from optimal_sampling.engines.fast.mixing_fast import fused_outputs
 from optimal_sampling.engines.reference import ReferenceEngine
-from optimal_sampling.sampler import FirstDraw
-from optimal_sampling.step import sample_step
+from optimal_sampling.mixing.step import sample_step
+from optimal_sampling.runtime.sampler import FirstDraw
 
 VOCAB = 151936
 PROMPT = 128
@@ -440,7 +440,9 @@ def report(out: dict) -> None:
             f"{r['share_outside_models']:>9.1%}{r['peak_gib']:>9.1f}"
         )
     for b, r in out["fast"].items():
-        print(f"{'fast, each step read first':<28}{b:>6}{r['tok_s_stepwise']:>12.0f}{r['ms_step_stepwise']:>10.3f}")
+        print(
+            f"{'fast, each step read first':<28}{b:>6}{r['tok_s_stepwise']:>12.0f}{r['ms_step_stepwise']:>10.3f}"
+        )
     for b, r in (out.get("fast_one_stream") or {}).items():
         print(
             f"{'fast, models on one stream':<28}{b:>6}{r['tok_s']:>12.0f}{r['ms_step']:>10.3f}{r['ms_models']:>10.3f}"

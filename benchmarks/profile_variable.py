@@ -39,13 +39,17 @@ def prefill_ms(engine: FastEngine, count: int, length: int, repeat: int = 5) -> 
 
 def decode_ms(loop: FastLoop, batch: int, context: int, steps: int = 10) -> dict:
     slots = list(range(batch))
-    full, models, stepwise = fixed_steps(loop, slots, loop.start(slots, prompts(batch, context + batch, context)))
+    full, models, stepwise = fixed_steps(
+        loop, slots, loop.start(slots, prompts(batch, context + batch, context))
+    )
     for _ in range(2):
         full()
         models()
         stepwise()
     out = dict(
-        full=1e3 * timed(full, steps), models=1e3 * timed(models, steps), stepwise=1e3 * timed(stepwise, steps)
+        full=1e3 * timed(full, steps),
+        models=1e3 * timed(models, steps),
+        stepwise=1e3 * timed(stepwise, steps),
     )
     loop.engine.release(slots)
     return out

@@ -55,8 +55,11 @@ def kernel_trace(b, t, mix, params):
 
 
 def diagnose(name, b, t, mix, limit=3):
-    want = solve_alpha(b.double(), t.double(), MixConfig(alpha_min=mix.alpha_min, alpha_max=mix.alpha_max,
-                                                         solver_iterations=80))
+    want = solve_alpha(
+        b.double(),
+        t.double(),
+        MixConfig(alpha_min=mix.alpha_min, alpha_max=mix.alpha_max, solver_iterations=80),
+    )
     alpha, trace = kernel_trace(b, t, mix, SamplingParams())
     err = (alpha.double() - want).abs()
     print(name, "max err", err.max().item(), "rows > 1e-5:", (err > 1e-5).sum().item(), flush=True)
@@ -65,17 +68,31 @@ def diagnose(name, b, t, mix, limit=3):
         bb, tt = b[row].double(), t[row].double()
         lse_b, lse_t = torch.logsumexp(bb, 0).item(), torch.logsumexp(tt, 0).item()
         c = st[tm.CENTRE.value].item()
-        out = {"case": name, "row": row, "alpha": alpha[row].item(), "alpha64": want[row].item(),
-               "lse_b": [st[tm.LSE_B.value].item(), lse_b], "lse_t": [st[tm.LSE_T.value].item(), lse_t],
-               "centre": c, "shift": [st[tm.SHIFT.value].item(), lse_t - lse_b - c]}
+        out = {
+            "case": name,
+            "row": row,
+            "alpha": alpha[row].item(),
+            "alpha64": want[row].item(),
+            "lse_b": [st[tm.LSE_B.value].item(), lse_b],
+            "lse_t": [st[tm.LSE_T.value].item(), lse_t],
+            "centre": c,
+            "shift": [st[tm.SHIFT.value].item(), lse_t - lse_b - c],
+        }
         passes = []
         for tr in trace:
             pts = tr["points"][row].tolist()
             exact = f64(b[row], t[row], pts)
-            passes.append({"s": [round(x, 7) for x in pts], "f": tr["f"][row].tolist(),
-                           "f64": [e[0] for e in exact], "fp64": [e[1] for e in exact],
-                           "w": tr["w"][row].tolist(), "bracket": tr["state"][row, :4].tolist(),
-                           "done": tr["state"][row, tm.DONE.value].item()})
+            passes.append(
+                {
+                    "s": [round(x, 7) for x in pts],
+                    "f": tr["f"][row].tolist(),
+                    "f64": [e[0] for e in exact],
+                    "fp64": [e[1] for e in exact],
+                    "w": tr["w"][row].tolist(),
+                    "bracket": tr["state"][row, :4].tolist(),
+                    "done": tr["state"][row, tm.DONE.value].item(),
+                }
+            )
         out["passes"] = passes
         print(json.dumps(out), flush=True)
 
@@ -106,6 +123,7 @@ def pass_profile(batch: int = 256, models: bool = False) -> None:
         t = (b.float() + torch.randn_like(b, dtype=torch.float32)).to(torch.bfloat16)
     seeds = torch.arange(batch, device="cuda")
     mix, params = MixConfig(), SamplingParams()
+
     def call():
         mf.fused_outputs(b, t, seeds, seeds, mix, params)
 

@@ -37,7 +37,14 @@ LAYOUTS = [  # BLOCK, PROGRAMS, ROW_WARPS, STATS_WARPS, SAMPLE_WARPS; the first 
     (1024, 1056, 8, 8, 8), (128, 2112, 4, 4, 4), (128, 4224, 4, 4, 4), (512, 1056, 16, 16, 16),
 ]  # fmt: skip
 PASSES = [(4, 4, 8), (4, 4, 8, 8)]  # REFINE_POINTS
-SOLVES = [(4, (4, 4, 8, 8)), (4, (4, 4, 8)), (4, (4, 8, 8)), (4, (8, 8)), (4, (4, 8)), (8, (4, 4, 8))]  # grid: a power of 2
+SOLVES = [
+    (4, (4, 4, 8, 8)),
+    (4, (4, 4, 8)),
+    (4, (4, 8, 8)),
+    (4, (8, 8)),
+    (4, (4, 8)),
+    (8, (4, 4, 8)),
+]  # grid: a power of 2
 
 
 def configure(layout, passes) -> None:
@@ -106,7 +113,7 @@ def measure(layout, passes, all_cases, references) -> dict:
 
 def torch_path_errors(all_cases, references) -> dict:
     """The exact torch path's |alpha - alpha_float64| on the same rows (what float32 allows)."""
-    from optimal_sampling.step import sample_step
+    from optimal_sampling.mixing.step import sample_step
 
     out = {}
     for (name, b, t, temperature, bracket), want in zip(all_cases, references, strict=True):
@@ -119,10 +126,13 @@ def torch_path_errors(all_cases, references) -> dict:
 
 def torch_path_ms(case, repeat: int = 5) -> float:
     """The exact float32 torch path on the same rows: the baseline the fused kernels replace."""
-    from optimal_sampling.step import sample_step
+    from optimal_sampling.mixing.step import sample_step
 
     _, b, t, temperature, bracket = case
-    mix, params = MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]), SamplingParams(temperature=temperature)
+    mix, params = (
+        MixConfig(alpha_min=bracket[0], alpha_max=bracket[1]),
+        SamplingParams(temperature=temperature),
+    )
     seeds = torch.arange(b.shape[0], device="cuda")
     sample_step(b, t, seeds, seeds, mix, params)
     return 1e3 * timed(lambda: sample_step(b, t, seeds, seeds, mix, params), repeat)

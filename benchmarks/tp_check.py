@@ -27,7 +27,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from optimal_sampling.config import EngineConfig
-from optimal_sampling.distributed import init_world, new_tp_groups
+from optimal_sampling.distributed.groups import init_world, new_tp_groups
 from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.tensor_parallel import build_tensor_parallel_engine
@@ -153,7 +153,9 @@ def check_correctness(args, tp, device, dtype) -> None:
 
 def decode_rate(engine, batch: int, steps: int, vocab: int, device) -> float:
     """tokens/s of engine.decode at `batch` rows, after a warm-up (graph capture included)."""
-    engine.add(requests(batch, 70, vocab, seed=batch))  # 70..76 + 35 steps: one width bucket, no capture while timed
+    engine.add(
+        requests(batch, 70, vocab, seed=batch)
+    )  # 70..76 + 35 steps: one width bucket, no capture while timed
     slots = torch.arange(batch, device=device)
     tokens = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(3):

@@ -55,7 +55,9 @@ ARCH = {
 }
 
 
-def build_model(out_dir: Path, tokenizer, arch: str, seed: int, layers: int = 2, logit_width: int | None = None):
+def build_model(
+    out_dir: Path, tokenizer, arch: str, seed: int, layers: int = 2, logit_width: int | None = None
+):
     torch.manual_seed(seed)
     spec = dict(ARCH[arch])
     model_type = spec.pop("model_type")
@@ -112,7 +114,12 @@ def tiny_pair(model_root, tiny_tokenizer):
             base = build_model(model_root / f"{arch}-base", tiny_tokenizer, arch, seed=1)
             name = f"{arch}-teacher-{teacher_layers}-{teacher_width}"
             teacher = build_model(
-                model_root / name, tiny_tokenizer, arch, seed=2, layers=teacher_layers, logit_width=teacher_width
+                model_root / name,
+                tiny_tokenizer,
+                arch,
+                seed=2,
+                layers=teacher_layers,
+                logit_width=teacher_width,
             )
             built[key] = (str(base), str(teacher))
         return built[key]

@@ -59,16 +59,21 @@ def alpha_reference(lp_b, lp_t, method, lo=0.5, hi=1.0, fixed=0.5):
         def f(a):
             q = log_q(b, t, a)
             return kl(q, b_raw) - kl(q, t_raw)
+
         return _bracketed_root(f, lo, hi)
     if method == "ess_balance":
+
         def g(a):  # log ESS_teacher(q) - log ESS_base(q) is increasing in alpha
             q = log_q(b, t, a)
             return logsumexp(2 * b - q) - logsumexp(2 * t - q)
+
         return _bracketed_root(g, lo, hi)
     if method == "reverse_kl_symmetry":
+
         def h(a):  # KL(b||q) - KL(t||q) increases with alpha
             q = log_q(b, t, a)
             return kl(b, q) - kl(t, q)
+
         return _bracketed_root(h, lo, hi)
     if method == "entropy":
         h_b = -np.sum(np.where(np.isfinite(lp_b), np.exp(lp_b) * lp_b, 0.0))

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from optimal_sampling import io
 from optimal_sampling.cli import COMMANDS, main
+from optimal_sampling.jobs import store as io
 
 PROMPTS = ["def add(a, b):", "The quick brown fox", "Hello world!"]
 FIELD_TYPES = {

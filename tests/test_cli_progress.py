@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from optimal_sampling.progress import Progress, format_duration
+from optimal_sampling.jobs.progress import Progress, format_duration
 
 
 def test_plain_lines_when_not_a_terminal():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from optimal_sampling import io
 from optimal_sampling.cli import main
+from optimal_sampling.jobs import store as io
 
 KILL_PROMPTS = [f"Prompt number {i}: def f{i}(x):" for i in range(20)]
 
@@ -160,12 +160,12 @@ def _int_or_str(record: dict):
 
 def test_interrupt_keeps_finished_samples(pair, tmp_path, monkeypatch, capsys):
     """Ctrl-C: exit 130, every sample written so far is on disk and the next run completes the file."""
-    from optimal_sampling import cli
+    from optimal_sampling.jobs import generate as generate_job
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\nthree\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    real = cli._record_of
+    real = generate_job.record_of
     calls = {"n": 0}
 
     def record_then_interrupt(*args):
@@ -174,11 +174,11 @@ def test_interrupt_keeps_finished_samples(pair, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(cli, "_record_of", record_then_interrupt)
+    monkeypatch.setattr(generate_job, "record_of", record_then_interrupt)
     assert main(argv_for(pair, prompts, out)) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert len(keys(out)) == 2
-    monkeypatch.setattr(cli, "_record_of", real)
+    monkeypatch.setattr(generate_job, "record_of", real)
     assert main(argv_for(pair, prompts, out)) == 0
     assert sorted(keys(out)) == [(p, s) for p in range(3) for s in range(2)]
     assert os.path.getsize(out) == len(out.read_bytes())

@@ -11,7 +11,7 @@ README_PROMPT = "Write a Python function that checks whether a number is prime."
 
 @pytest.mark.slow
 def test_readme_command_on_the_demo_pair(capsys):
-    from optimal_sampling import demo
+    from optimal_sampling.models import demo
 
     base, teacher = demo.resolve_demo_pair()  # assembles, verifies the pinned SHA-256, converts once
     assert base.name.endswith(demo.DEMO_BASE_MODEL.sha256[:12])

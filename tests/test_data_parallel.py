@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimal_sampling import io, parallel
 from optimal_sampling.cli import main
+from optimal_sampling.distributed.environment import NO_MULTICAST
+from optimal_sampling.jobs import data_parallel as parallel
+from optimal_sampling.jobs import store as io
 
 SAMPLE_FIELDS = (
     "prompt_index",
@@ -100,9 +102,9 @@ def test_worker_environment_pins_gpus_and_keeps_multicast_off(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     env = parallel.worker_env("2,3", world=2)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in env
-    assert {k: env[k] for k in parallel.NO_MULTICAST} == parallel.NO_MULTICAST
+    assert {k: env[k] for k in NO_MULTICAST} == NO_MULTICAST
     assert env["OMP_NUM_THREADS"] == "1"  # set by the fixture: a user's choice is kept
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(parallel.__file__).parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(parallel.__file__).parent.parent.parent)
 
 
 def test_gpu_plan_gives_each_rank_its_block(monkeypatch):

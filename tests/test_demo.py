@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimal_sampling import demo
-from optimal_sampling import gguf as os_gguf
+from optimal_sampling.models import demo
+from optimal_sampling.models import gguf as os_gguf
 
 # ---------------------------------------------------------------------------- fake part packages
 

@@ -23,7 +23,7 @@ from optimal_sampling.engines.fast import FastEngine, supports
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.alpha import solve_alpha
 from optimal_sampling.mixing.logprobs import mix_logprobs, tempered_logprobs
-from optimal_sampling.step import sample_step
+from optimal_sampling.mixing.step import sample_step
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 PROMPTS = [(5, 17, 42, 7, 99), tuple(range(20, 33)), (3, 250, 11, 64, 8, 9, 120, 77, 31)]
@@ -134,7 +134,9 @@ def test_refills_wait_for_a_group_of_free_slots_and_keep_tokens(tiny_pair):
     assert all(size >= group for size in sizes[1:-1])
     assert rows[0] == 32 and max(rows) == 32  # never more rows than the batch limit
     for index in (0, 33, 39):
-        (alone,) = sampler.generate_iter([texts[index]], max_tokens=16, stop=["a", "e"], prompt_indices=[index])
+        (alone,) = sampler.generate_iter(
+            [texts[index]], max_tokens=16, stop=["a", "e"], prompt_indices=[index]
+        )
         assert alone.token_ids == together[index].token_ids
 
 
@@ -143,7 +145,9 @@ def test_pipelined_loop_keeps_the_tokens_of_the_step_by_step_loop(tiny_pair):
     device); requests that stop at step n drop the extra token. Same samples as reading each step
     first, with stops at different steps and slots refilled while others decode."""
     base_dir, teacher_dir = tiny_pair("qwen2")
-    check_pipelined_loop(OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=3, seed=11))
+    check_pipelined_loop(
+        OptimalSampler(base_dir, teacher_dir, engine="fast", device="cpu", max_batch_size=3, seed=11)
+    )
 
 
 def check_pipelined_loop(sampler: OptimalSampler) -> None:
@@ -152,7 +156,9 @@ def check_pipelined_loop(sampler: OptimalSampler) -> None:
     texts = TEXTS * 2
     calls = []
     run = sampler.engine.decode_and_sample
-    sampler.engine.decode_and_sample = lambda slots, tokens, *rest: calls.append(tokens) or run(slots, tokens, *rest)
+    sampler.engine.decode_and_sample = lambda slots, tokens, *rest: (
+        calls.append(tokens) or run(slots, tokens, *rest)
+    )
     pipelined = sampler.generate(texts, max_tokens=14, stop=["a", "e"], collect_diagnostics=True).samples
     assert calls and all(tokens is None for tokens in calls)  # every step took its tokens on the device
     sampler.engine.pipelines = False
@@ -252,7 +258,9 @@ def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, f
         torch.testing.assert_close(getattr(fused, name), getattr(exact, name), atol=1e-3, rtol=1e-3, msg=name)
     # log q at the kernel's own alpha against float64: a solved row takes log Z_q from the alpha
     # passes' sums (a Taylor step from the nearer bracket end), not from a pass of its own.
-    lp64 = mix_logprobs(tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), fused.alpha.double())
+    lp64 = mix_logprobs(
+        tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t), fused.alpha.double()
+    )
     want = lp64.gather(-1, fused.tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(fused.logprob_q.double(), want, atol=2e-5, rtol=1e-6, msg="log q vs float64")
     # The packed host rows hold exactly the five outputs.
@@ -279,8 +287,10 @@ def check_decode_attention(device: str) -> None:
     g = torch.Generator().manual_seed(1)
     block, programs = triton_attention.BLOCK_N, triton_attention.PROGRAMS
     cases = [  # 32-key blocks too; programs=1: one split, whose program writes the output itself
-        (3, 14, 2, 64, 100, block, programs), (1, 12, 2, 16, 70, block, programs),
-        (3, 12, 2, 16, 150, 32, programs), (2, 12, 2, 16, 150, block, 1),
+        (3, 14, 2, 64, 100, block, programs),
+        (1, 12, 2, 16, 70, block, programs),
+        (3, 12, 2, 16, 150, 32, programs),
+        (2, 12, 2, 16, 150, block, 1),
         (2, 4, 4, 16, 100, block, programs),  # one query head per KV head (Llama 2's MHA)
         (1, 12, 2, 16, 300, 16, programs),  # 19 blocks of keys: MAX_SPLITS caps the splits
     ]
@@ -320,7 +330,11 @@ def check_rope_decode_attention(device: str, dtype: torch.dtype = torch.float32)
         freqs = torch.arange(width).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
-        norms = [torch.rand(dim, generator=g).to(dtype).to(device) + 0.5 for _ in range(2)] if qk_norm else [None] * 2
+        norms = (
+            [torch.rand(dim, generator=g).to(dtype).to(device) + 0.5 for _ in range(2)]
+            if qk_norm
+            else [None] * 2
+        )
         qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=g).to(dtype).to(device)
         cache = [torch.randn(5, width, kv_heads, dim, generator=g).to(dtype).to(device) for _ in range(2)]
         slots = torch.randperm(5, generator=g)[:batch].to(device)
@@ -354,7 +368,9 @@ def check_rope_store(device: str) -> None:
     g = torch.Generator().manual_seed(3)
     for heads, kv_heads, dim, qk_norm in ((14, 2, 64, False), (6, 3, 32, True)):
         n, t, width = 3, 5, 16
-        freqs = torch.arange(width).float()[:, None] * (1.0 / (1e4 ** (torch.arange(0, dim, 2).float() / dim)))
+        freqs = torch.arange(width).float()[:, None] * (
+            1.0 / (1e4 ** (torch.arange(0, dim, 2).float() / dim))
+        )
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(device), emb.sin().to(device)
         norms = [torch.rand(dim, generator=g).to(device) + 0.5 for _ in range(2)] if qk_norm else [None] * 2
@@ -374,7 +390,9 @@ def check_rope_store(device: str) -> None:
         torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
         assert torch.equal(got_v, v.unflatten(-1, (kv_heads, dim)))
         torch.testing.assert_close(cache[0][rows, positions], want_k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cache[1][rows, positions], v.unflatten(-1, (kv_heads, dim)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            cache[1][rows, positions], v.unflatten(-1, (kv_heads, dim)), atol=0, rtol=0
+        )
         assert cache[0][1].abs().sum() == 0  # a slot no row names stays untouched
 
 

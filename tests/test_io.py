@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from optimal_sampling import io
+from optimal_sampling.jobs import store as io
 
 # ---------------------------------------------------------------------------- reading prompts
 

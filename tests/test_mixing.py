@@ -134,7 +134,9 @@ def test_teacher_constraint_restricts_support_and_renormalises():
     zb, zt = random_rows(9)
     lp_b, lp_t = tempered_logprobs(zb, 1.0), tempered_logprobs(zt, 1.0)
     mix = MixConfig(constraint_to_target=True, target_top_k=10, target_top_p=0.9)
-    lp_q = constrain_to_teacher(mix_logprobs(lp_b, lp_t, torch.full((16,), 0.6, dtype=torch.float64)), lp_t, mix)
+    lp_q = constrain_to_teacher(
+        mix_logprobs(lp_b, lp_t, torch.full((16,), 0.6, dtype=torch.float64)), lp_t, mix
+    )
     kept = torch.isfinite(lp_q)
     top10 = torch.zeros_like(kept).scatter(-1, lp_t.topk(10, -1).indices, True)
     assert torch.all(kept <= (top10 & top_p_mask(lp_t, 0.9)))
@@ -172,14 +174,16 @@ def test_properties(rows, method, a, b):
     if method == "kl_symmetry":
         d = step_diagnostics(lp_q, lp_b, lp_t)
         residual = d.kl_q_base - d.kl_q_teacher
-        at_bound = ((alpha - lo).abs() < 1e-9) & (residual >= 0) | ((alpha - hi).abs() < 1e-9) & (residual <= 0)
+        at_bound = ((alpha - lo).abs() < 1e-9) & (residual >= 0) | ((alpha - hi).abs() < 1e-9) & (
+            residual <= 0
+        )
         assert torch.all((residual.abs() < 1e-6) | at_bound)
 
 
 def test_uniforms_stay_strictly_inside_0_1_so_gumbel_noise_is_finite():
     """The extreme hashes give uniforms inside (0, 1), exactly and in order: a uniform of 1.0 has
     Gumbel noise +inf, and its token would be drawn whatever its probability."""
-    from optimal_sampling.sampling import uniform_of_bits
+    from optimal_sampling.mixing.draw import uniform_of_bits
 
     bits = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 1024, 2**32 - 513, 2**32 - 512, 2**32 - 1])
     u = uniform_of_bits(bits)
@@ -191,7 +195,7 @@ def test_uniforms_stay_strictly_inside_0_1_so_gumbel_noise_is_finite():
 def test_a_point_mass_is_always_drawn_over_a_full_vocabulary():
     """Every draw from q = a point mass is that token, over a 151,936-token vocabulary and 300
     seeds (with 24-bit uniforms about 1 % of rows held a uniform of 1.0 and drew another token)."""
-    from optimal_sampling.sampling import sample_tokens
+    from optimal_sampling.mixing.draw import sample_tokens
 
     rows, vocab = 300, 151936
     lp_q = torch.full((rows, vocab), float("-inf"))
@@ -203,7 +207,7 @@ def test_a_point_mass_is_always_drawn_over_a_full_vocabulary():
 def test_two_level_draw_follows_q_across_many_chunks():
     """The chunk-then-token Gumbel-max draws each token with probability q: heavy tokens in
     different chunks (and two in one chunk) plus a spread-out tail, 12,000 draws, chi-square."""
-    from optimal_sampling.sampling import DRAW_CHUNKS, draw_chunk, sample_tokens
+    from optimal_sampling.mixing.draw import DRAW_CHUNKS, draw_chunk, sample_tokens
 
     vocab = 20_000
     chunk = draw_chunk(vocab)

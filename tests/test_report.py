@@ -9,8 +9,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from optimal_sampling import report
 from optimal_sampling.cli import main
+from optimal_sampling.jobs import report
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -76,7 +76,9 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(samplers):
     together = sampler.generate(PROMPTS, max_tokens=10, seed=11, n=2, collect_diagnostics=True)
     for i, prompt in enumerate(PROMPTS):
         alone = sorted(
-            sampler.generate_iter([prompt], max_tokens=10, seed=11, n=2, collect_diagnostics=True, prompt_indices=[i]),
+            sampler.generate_iter(
+                [prompt], max_tokens=10, seed=11, n=2, collect_diagnostics=True, prompt_indices=[i]
+            ),
             key=lambda s: s.sample_index,
         )
         for k in range(2):
@@ -152,7 +154,10 @@ def test_stop_strings_eos_and_length(samplers):
 def test_eos_ids_include_generation_config_ones(samplers):
     sampler = samplers("llama")
     tok = sampler.base.tokenizer
-    assert sampler.eos_ids == {tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")}
+    assert sampler.eos_ids == {
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+        tok.convert_tokens_to_ids("<|im_end|>"),
+    }
 
 
 def test_cached_decoding_equals_uncached_recomputation(samplers):

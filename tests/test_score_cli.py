@@ -17,12 +17,19 @@ def test_score_cli_reproduces_generate_records(tiny_pair, tmp_path, capsys):
                  "--max-tokens", "8", "--temperature", "0.8", "--output", str(samples), "--quiet",
                  "--diagnostics", "--chat-template", "none"]) == 0  # fmt: skip
     scored = tmp_path / "scored.jsonl"
-    assert main(["score", *common, "--input", str(samples), "--output", str(scored), "--temperature", "0.8"]) == 0
+    assert (
+        main(["score", *common, "--input", str(samples), "--output", str(scored), "--temperature", "0.8"])
+        == 0
+    )
     generated = [json.loads(line) for line in samples.read_text().splitlines()]
     rescored = [json.loads(line) for line in scored.read_text().splitlines()]
     assert len(rescored) == len(generated) == 4
     for g, s in zip(generated, rescored):
-        assert (s["prompt_index"], s["sample_index"], s["token_ids"]) == (g["prompt_index"], g["sample_index"], g["token_ids"])
+        assert (s["prompt_index"], s["sample_index"], s["token_ids"]) == (
+            g["prompt_index"],
+            g["sample_index"],
+            g["token_ids"],
+        )
         for name in ("logprobs_base", "logprobs_teacher", "logprobs_q", "alphas", "ess_ratios"):
             np.testing.assert_allclose(s[name], g[name], atol=2e-4, rtol=1e-4, err_msg=name)
         assert abs(s["log_weight_base"] - g["log_weight_base"]) < 1e-3

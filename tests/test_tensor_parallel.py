@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optimal_sampling.config import EngineConfig
-from optimal_sampling.distributed import new_tp_groups
+from optimal_sampling.distributed.groups import new_tp_groups
 from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.tensor_parallel import build_tensor_parallel_engine
@@ -94,7 +94,7 @@ def test_logits_match_single_process(tiny_pair):
 def test_indivisible_heads_are_refused(tiny_pair):
     from transformers import AutoModelForCausalLM
 
-    from optimal_sampling.distributed import TensorParallel
+    from optimal_sampling.config import TensorParallel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_pair("llama")[0], dtype=torch.float32)
     with pytest.raises(ValueError, match="tp_size 3 must divide the model's attention heads"):

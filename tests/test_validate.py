@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
-from optimal_sampling import validate
 from optimal_sampling.cli import main
+from optimal_sampling.jobs import validate
 
 
 @pytest.fixture(autouse=True, scope="module")

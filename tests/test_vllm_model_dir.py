@@ -105,7 +105,7 @@ def test_importing_the_plugin_package_does_not_import_vllm():
 
 
 def test_cli_entry_writes_the_directory(tiny_pair, tmp_path, capsys):
-    from optimal_sampling.integrations.vllm.model_dir import run_cli
+    from optimal_sampling.cli.commands import vllm_model
 
     base, teacher = tiny_pair("qwen2")
     args = argparse.Namespace(
@@ -113,7 +113,7 @@ def test_cli_entry_writes_the_directory(tiny_pair, tmp_path, capsys):
         alpha_method="entropy", fixed_alpha=0.5, alpha_min=0.1, alpha_max=1.0,
         constraint_to_target=False, target_top_k=-1, target_top_p=1.0,
     )  # fmt: skip
-    assert run_cli(args) == 0
+    assert vllm_model(args) == 0
     block = json.loads((tmp_path / "m" / "config.json").read_text())[BLOCK_KEY]
     assert block["mix"]["alpha_method"] == "entropy" and block["temperature"] == 0.9
     assert "vllm serve" in capsys.readouterr().out

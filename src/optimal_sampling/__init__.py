@@ -12,7 +12,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["MixConfig", "OptimalSampler", "Sample", "SamplingOutput", "SamplingParams"]
+__all__ = [
+    "EngineConfig",
+    "MixConfig",
+    "OptimalSampler",
+    "ParallelConfig",
+    "Sample",
+    "SamplingOutput",
+    "SamplingParams",
+    "apply_chat_template",
+]
 __version__ = "0.1.0"
 
 _HOMES = {
@@ -20,13 +29,17 @@ _HOMES = {
     "SamplingParams": "config",
     "Sample": "outputs",
     "SamplingOutput": "outputs",
-    "OptimalSampler": "sampler",
+    "OptimalSampler": "runtime.sampler",
+    "EngineConfig": "config",
+    "ParallelConfig": "config",
+    "apply_chat_template": "models.chat",
 }
 
 if TYPE_CHECKING:
-    from .config import MixConfig, SamplingParams
+    from .config import EngineConfig, MixConfig, ParallelConfig, SamplingParams
+    from .models.chat import apply_chat_template
     from .outputs import Sample, SamplingOutput
-    from .sampler import OptimalSampler
+    from .runtime.sampler import OptimalSampler
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ naming the option, before any model is loaded or any token produced.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ALPHA_METHODS = ("kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy", "fixed")
 
@@ -43,7 +44,9 @@ class MixConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.alpha_method, str) or self.alpha_method not in ALPHA_METHODS:
-            raise ValueError(f"alpha_method must be one of {', '.join(ALPHA_METHODS)}; got {self.alpha_method!r}")
+            raise ValueError(
+                f"alpha_method must be one of {', '.join(ALPHA_METHODS)}; got {self.alpha_method!r}"
+            )
         for name in ("fixed_alpha", "alpha_min", "alpha_max", "target_top_p"):
             _check_unit_interval(name, getattr(self, name))
         if self.alpha_min > self.alpha_max:
@@ -128,3 +131,35 @@ class EngineConfig:
         frac = _check_number("mem_fraction_static", self.mem_fraction_static)
         if not 0.0 < frac <= 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {frac}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many GPUs one model replica spans (tensor parallelism)."""
+
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {self.tp_size!r}")
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in its tensor-parallel group: pure data, built by `distributed/`.
+
+    With size 1 (`SINGLE`) there is no group and nothing of torch.distributed is touched."""
+
+    size: int
+    rank: int  # rank within the group (0 = leader)
+    group: Any = None  # ProcessGroup for the model's collectives (NCCL on CUDA, gloo on CPU)
+    control: Any = None  # gloo ProcessGroup of the same ranks, for host objects
+    leader: int = 0  # global rank of the group's leader
+    helpers: tuple = ()  # self-started mode, leader only: the helper processes (subprocess.Popen)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = TensorParallel(size=1, rank=0)

@@ -12,6 +12,35 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+# One step's result field (engines, `mixing.step.StepResult`) -> the Sample field that collects it.
+SAMPLE_FIELD_OF_STEP = {
+    "logprob_base": "logprobs_base",
+    "logprob_teacher": "logprobs_teacher",
+    "logprob_q": "logprobs_q",
+    "alpha": "alphas",
+    "ess_ratio": "ess_ratios",
+    "kl_q_base": "kl_q_base",
+    "kl_q_teacher": "kl_q_teacher",
+}
+DIAGNOSTIC_FIELDS = ("alphas", "ess_ratios", "kl_q_base", "kl_q_teacher")
+
+
+def sample_columns(step_columns: dict[str, list], with_diagnostics: bool) -> dict[str, list]:
+    """Per-token columns named by step field -> the Sample fields they fill (diagnostics only
+    when asked for; the importance data always)."""
+    columns = {
+        SAMPLE_FIELD_OF_STEP[name]: values for name, values in step_columns.items() if name != "tokens"
+    }
+    for name in ("logprobs_base", "logprobs_teacher", "logprobs_q"):
+        columns.setdefault(name, [])
+    if with_diagnostics:
+        for name in DIAGNOSTIC_FIELDS:
+            columns.setdefault(name, [])
+    else:
+        for name in DIAGNOSTIC_FIELDS:
+            columns.pop(name, None)
+    return columns
+
 
 @dataclass
 class Sample:

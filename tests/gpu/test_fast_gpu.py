@@ -15,7 +15,7 @@ from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.engines.base import SlotRequest
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.reference import ReferenceEngine
-from optimal_sampling.step import sample_step
+from optimal_sampling.mixing.step import sample_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -132,7 +132,9 @@ def test_pipelined_loop_on_cuda_keeps_the_tokens_of_the_step_by_step_loop(tiny_p
 
     base_dir, teacher_dir = tiny_pair("qwen2")
     check_pipelined_loop(
-        OptimalSampler(base_dir, teacher_dir, engine="fast", device="cuda", dtype="float32", max_batch_size=3, seed=11)
+        OptimalSampler(
+            base_dir, teacher_dir, engine="fast", device="cuda", dtype="float32", max_batch_size=3, seed=11
+        )
     )
 
 

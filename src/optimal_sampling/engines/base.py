@@ -1,9 +1,13 @@
-"""What an engine is: two models, their KV caches, and slots; an engine never samples.
+"""What an engine is: two models, their KV caches, and slots; the interface the scheduler calls.
 
-A slot holds one sequence (a request) in both models' caches. The sampler
-1. `add`s requests into free slots (prefill) and gets each model's next-token logits,
-2. `decode`s one token for a set of active slots and gets the next logits,
+A slot holds one sequence (a request) in both models' caches. The scheduler
+1. `admit`s requests into free slots: prefill, then the first token's draw (a `Pending`);
+2. `step`s a set of active slots: decode one token and draw the next (a `Pending`);
 3. `release`s slots whose sequence finished.
+Those three, `batch_limit`, `max_context` and the flags below are every call the loop makes.
+An engine implements `add` (prefill -> logits), `decode` (one token -> logits) and `release`;
+the defaults of `sample`, `admit` and `step` then run the torch step (the oracle) on the host's
+stream. The fast engine overrides them with its captured, pipelined versions.
 
 Logits are returned cut to the shared vocabulary width `vocab_size`, so ids the tokenizer does
 not have are never sampled. Requests whose (base, teacher) prompt pair is identical are
@@ -13,9 +17,14 @@ prefilled once and their caches copied (n samples per prompt).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from ..config import MixConfig, SamplingParams
+from ..mixing.step import sample_step
 
 
 @dataclass(frozen=True)
@@ -25,17 +34,47 @@ class SlotRequest:
     teacher_ids: tuple[int, ...]
 
 
+class Pending(Protocol):
+    """A draw's results on their way to the host (first draws, async prefills, step copies)."""
+
+    def ready(self) -> bool:
+        """True once `to_host` would not wait."""
+
+    def to_host(self) -> dict[str, list]:
+        """One list per result field (`tokens`, `logprob_q`, ...), one entry per row."""
+
+
+class Ready:
+    """Results already on the host: a `Pending` that never waits."""
+
+    def __init__(self, result: dict[str, list]):
+        self.result = result
+
+    def ready(self) -> bool:
+        return True
+
+    def to_host(self) -> dict[str, list]:
+        return self.result
+
+
 class Engine(ABC):
     vocab_size: int  # shared vocabulary width of the returned logits
     device: torch.device
     max_slots: int
-    # Whether requests may be added while other slots are still decoding (continuous batching).
+    # Whether requests may be admitted while other slots are still decoding (continuous batching).
     supports_refill: bool = False
+    # Whether `step(tokens=None)` reads each slot's last token on the device, so the scheduler may
+    # queue step n + 1 before it has read step n.
+    pipelines: bool = False
 
     def batch_limit(self) -> int:
-        """Most rows the sampler puts in one decode step. An engine with more slots than this keeps
+        """Most rows the scheduler puts in one step. An engine with more slots than this keeps
         the others for requests already prefilled (first token drawn) that wait for a free row."""
         return self.max_slots
+
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) either model supports."""
+        return 1 << 30
 
     @abstractmethod
     def add(self, requests: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +88,38 @@ class Engine(ABC):
     def release(self, slots: list[int]) -> None:
         """Free slots whose sequences are finished."""
 
-    def max_context(self) -> int:
-        """Longest sequence (prompt + generated) either model supports."""
-        return 1 << 30
+    def sample(
+        self, logits_b: torch.Tensor, logits_t: torch.Tensor, row_seeds: Sequence[int], steps: Sequence[int],
+        mix: MixConfig, params: SamplingParams,
+    ) -> Pending:  # fmt: skip
+        """One token per row ([B, V] logits of each model): the torch step, read at once."""
+        device = logits_b.device
+        seeds_t = torch.tensor(list(row_seeds), dtype=torch.long, device=device)
+        steps_t = torch.tensor(list(steps), dtype=torch.long, device=device)
+        return Ready(sample_step(logits_b, logits_t.to(device), seeds_t, steps_t, mix, params).to_host())
+
+    def admit(
+        self, requests: list[SlotRequest], row_seeds: Sequence[int], steps: Sequence[int],
+        mix: MixConfig, params: SamplingParams,
+    ) -> Pending:  # fmt: skip
+        """Prefill `requests` and draw their first tokens."""
+        logits_b, logits_t = self.add(requests)
+        return self.sample(logits_b, logits_t, row_seeds, steps, mix, params)
+
+    def step(
+        self, slots: Sequence[int], tokens: Sequence[int] | None, row_seeds: Sequence[int],
+        steps: Sequence[int], mix: MixConfig, params: SamplingParams,
+    ) -> Pending:  # fmt: skip
+        """Append `tokens` (None: each slot's last token, where the engine `pipelines`) to `slots`
+        and draw the next token of each."""
+        slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        tokens_t = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        logits_b, logits_t = self.decode(slots_t, tokens_t)
+        return self.sample(logits_b, logits_t, row_seeds, steps, mix, params)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (helper processes); idempotent."""
+        return None
 
 
 def admit_group(max_batch: int) -> int:

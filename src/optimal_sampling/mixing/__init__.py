@@ -46,7 +46,10 @@ def mix_step(
     min_p: float = 0.0,
 ) -> MixedStep:
     """From raw logits ([B, V] each) to alpha and the final q of one decoding step."""
-    scores_base, scores_teacher = tempered_scores(logits_base, temperature), tempered_scores(logits_teacher, temperature)
+    scores_base, scores_teacher = (
+        tempered_scores(logits_base, temperature),
+        tempered_scores(logits_teacher, temperature),
+    )
     alpha = solve_alpha(scores_base, scores_teacher, mix)  # on scores: more precise than on lp
     lp_base = scores_base - stable_logsumexp(scores_base)
     lp_teacher = scores_teacher - stable_logsumexp(scores_teacher)

@@ -31,6 +31,7 @@ from .logprobs import stable_logsumexp
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     return scores - stable_logsumexp(scores)
 
+
 # Jeffreys divergence below which two rows count as the same distribution.
 IDENTICAL_JEFFREYS = 1e-9
 

@@ -67,5 +67,7 @@ def constrain_to_teacher(lp_q: torch.Tensor, lp_teacher: torch.Tensor, config: M
         return lp_q
     keep = teacher_support_mask(lp_teacher, config)
     constrained = renormalise(lp_q, keep)
-    empty = torch.isnan(constrained).all(dim=-1, keepdim=True) | torch.isneginf(constrained).all(-1, keepdim=True)
+    empty = torch.isnan(constrained).all(dim=-1, keepdim=True) | torch.isneginf(constrained).all(
+        -1, keepdim=True
+    )
     return torch.where(empty, renormalise(lp_teacher, keep), constrained)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...config import EngineConfig
-from ...loading import LoadedModel
+from ...models.loading import LoadedModel
 from ..base import Engine, spare_slots
 from .engine import FastEngine
 from .mixing_fast import fused_sample_step, fused_supported

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from ...config import MixConfig, SamplingParams
-from ...step import StepResult
-from ..base import Engine, SlotRequest, unique_prompts
+from ...mixing.step import StepResult
+from ..base import Engine, Pending, Ready, SlotRequest, unique_prompts
 from .attention import decode_attention_sdpa, prefill_attention
 from .graphs import GraphCache, batch_bucket, bucket_of
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
@@ -81,11 +81,6 @@ class CachedModel:
     v: torch.Tensor
     lengths: list[int]  # per slot, on the host
     counters: torch.Tensor  # [(slots + 1) * kv_heads] int32 zeros: decode attention's split counters
-
-
-def kv_bytes_per_token(net: CompactModel) -> int:
-    s = net.spec
-    return 2 * s.layers * s.kv_heads * s.head_dim * torch.finfo(net.dtype).bits // 8
 
 
 def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
@@ -205,7 +200,9 @@ class FastEngine(Engine):
         return out_b, out_t
 
     def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
-        def step(packed: torch.Tensor):  # [6, B]: slots, tokens (-1: the slot's last), pos_b, pos_t, seeds, steps
+        def step(
+            packed: torch.Tensor,
+        ):  # [6, B]: slots, tokens (-1: the slot's last), pos_b, pos_t, seeds, steps
             slots, given, pos_b, pos_t, seeds, steps = packed.unbind(0)
             tokens = torch.where(given >= 0, given, self.last_tokens[slots])
             logits_b, logits_t = self.both_models(
@@ -254,12 +251,21 @@ class FastEngine(Engine):
         outputs = self.run_step(list(slots), tokens, row_seeds, steps, self.sampler_for(mix, params))
         return result_from_tensors(outputs, params)
 
-    def sample(
+    def sample_tensors(
         self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
     ) -> StepResult:
         """The step sampler this engine uses, on given logits (e.g. after `add`); eager."""
         seeds, counts = to_device(row_seeds, self.device), to_device(steps, self.device)
         return result_from_tensors(self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts), params)
+
+    def sample(self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams) -> Pending:
+        return Ready(self.sample_tensors(logits_b, logits_t, row_seeds, steps, mix, params).to_host())
+
+    def admit(self, requests, row_seeds, steps, mix: MixConfig, params: SamplingParams) -> Pending:
+        return self.add_async(requests, row_seeds, steps, mix, params)
+
+    def step(self, slots, tokens, row_seeds, steps, mix: MixConfig, params: SamplingParams) -> Pending:
+        return self.decode_and_sample(list(slots), tokens, row_seeds, steps, mix, params).copy_to_host()
 
     def add_async(
         self, requests: list[SlotRequest], row_seeds: Sequence[int], steps: Sequence[int],
@@ -279,9 +285,11 @@ class FastEngine(Engine):
             done.record()
         return PendingAdd(result, done, self.device)
 
-    def first_draw(self, requests: list[SlotRequest], row_seeds, steps, mix: MixConfig, params: SamplingParams):
+    def first_draw(
+        self, requests: list[SlotRequest], row_seeds, steps, mix: MixConfig, params: SamplingParams
+    ):
         """add + sample; the drawn tokens become the slots' last tokens on the device."""
-        result = self.sample(*self.add(requests), row_seeds, steps, mix, params)
+        result = self.sample_tensors(*self.add(requests), row_seeds, steps, mix, params)
         self.last_tokens[to_device([r.slot for r in requests], self.device)] = result.tokens
         return result
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ...config import MixConfig, SamplingParams
-from ...sampling import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
-from ...step import StepResult, sample_step
+from ...mixing.draw import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
+from ...mixing.step import StepResult, sample_step
 
 BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
 DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...distributed import TensorParallel
+from ...distributed.groups import TensorParallel
 from .engine import FastEngine
 from .model import CompactModel, LayerWeights
 from .spec import ModelSpec, rope_tables, spec_of

@@ -62,13 +62,17 @@ def _split_kernel(
         sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         row = q_ptr + b * stride_qb
         q_rows = row + head[:, None] * D
-        q = _roped(q_rows, d, g[:, None] < GROUPS, c, sn, qn_ptr, eps, D, QK_NORM, k_ptr).to(k_ptr.dtype.element_ty)
+        q = _roped(q_rows, d, g[:, None] < GROUPS, c, sn, qn_ptr, eps, D, QK_NORM, k_ptr).to(
+            k_ptr.dtype.element_ty
+        )
         k_new = _roped(row + (HEADS + h) * D, d, d[None, :] < D, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
         v_new = tl.load(row + (HEADS + tl.num_programs(1) + h) * D + d[None, :])  # [1, D]
     else:
         cached = tl.load(lengths_ptr + b)
         q = tl.load(
-            q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g[:, None] < GROUPS, other=0.0
+            q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+            mask=g[:, None] < GROUPS,
+            other=0.0,
         )
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
@@ -163,7 +167,9 @@ def decode_attention_triton(
     per model, so a captured graph needs no memset); None allocates them."""
     batch, heads, dim = q.shape
     assert q.stride(-1) == 1
-    return _launch(q, q.stride(0), q.stride(1), heads, cache_k_layer, cache_v_layer, slots, lengths, width, counters)
+    return _launch(
+        q, q.stride(0), q.stride(1), heads, cache_k_layer, cache_v_layer, slots, lengths, width, counters
+    )
 
 
 def rope_decode_attention(
@@ -178,7 +184,17 @@ def rope_decode_attention(
     qkv = qkv.contiguous()
     tables = dict(cos=cos, sin=sin, q_norm=q_norm, k_norm=k_norm, eps=eps)
     return _launch(
-        qkv, qkv.stride(0), dim, heads, cache_k_layer, cache_v_layer, slots, positions, width, counters, tables
+        qkv,
+        qkv.stride(0),
+        dim,
+        heads,
+        cache_k_layer,
+        cache_v_layer,
+        slots,
+        positions,
+        width,
+        counters,
+        tables,
     )
 
 

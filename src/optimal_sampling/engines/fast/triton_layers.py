@@ -121,7 +121,9 @@ def rope_store(
     q = torch.empty(*positions.shape, heads, dim, dtype=qkv.dtype, device=qkv.device)
     k, v = q, q  # unused pointers unless keys
     if keys:
-        k, v = (torch.empty(*positions.shape, kv_heads, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+        k, v = (
+            torch.empty(*positions.shape, kv_heads, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(2)
+        )
     _rope_store_kernel[(rows,)](
         qkv.reshape(rows, -1).contiguous(), flat_pos, flat_slots, cos, sin, q, cache_k, cache_v, k, v,
         cos if q_norm is None else q_norm, cos if k_norm is None else k_norm,

@@ -40,7 +40,9 @@ import triton.language as tl
 NEG_INF = tl.constexpr(float("-inf"))
 DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
 ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
-SHIFT_STATS = 3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), 1 if the row could overflow
+SHIFT_STATS = (
+    3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), 1 if the row could overflow
+)
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
 STATE = 18  # per row, float64
 STATE_W = tl.constexpr(STATE)
@@ -208,8 +210,30 @@ def _log1p(r):
     """log(1 + r) in float64 for |r| < 0.5 (atanh series, ~1e-13), else float32 log."""
     y = r / (2.0 + r)
     y2 = y * y
-    series = 2.0 * y * (1.0 + y2 * (1.0 / 3 + y2 * (1.0 / 5 + y2 * (1.0 / 7 + y2 * (1.0 / 9 + y2 * (
-        1.0 / 11 + y2 * (1.0 / 13 + y2 * (1.0 / 15 + y2 * (1.0 / 17 + y2 / 19)))))))))
+    series = (
+        2.0
+        * y
+        * (
+            1.0
+            + y2
+            * (
+                1.0 / 3
+                + y2
+                * (
+                    1.0 / 5
+                    + y2
+                    * (
+                        1.0 / 7
+                        + y2
+                        * (
+                            1.0 / 9
+                            + y2 * (1.0 / 11 + y2 * (1.0 / 13 + y2 * (1.0 / 15 + y2 * (1.0 / 17 + y2 / 19))))
+                        )
+                    )
+                )
+            )
+        )
+    )
     return tl.where(tl.abs(r) < 0.5, series, tl.log(1.0 + r.to(tl.float32)).to(tl.float64))  # fmt: skip
 
 
@@ -312,7 +336,9 @@ def stats_kernel(
         zb, _, d, joint = _tempered(raw_b, raw_t, inv_temp)
         g = tl.where(joint, (d - centre) - shift, 0.0)
         zj = tl.where(joint, zb, NEG_INF)  # off the joint support: exp(-inf) = 0 and d = g = 0
-        e = tl.exp((zj - _safe(refs)[:, None]) + s_pts[:, None] * d)  # the exponent is near 0 where it matters
+        e = tl.exp(
+            (zj - _safe(refs)[:, None]) + s_pts[:, None] * d
+        )  # the exponent is near 0 where it matters
         eg = e * g
         w += e
         s1 += eg
@@ -430,7 +456,9 @@ def combine_kernel(
         mean = mean - (shift - shift.to(tl.float32).to(tl.float64))
     f = mean.to(tl.float32)
     if GRID:
-        jeffreys = tl.sum(tl.where(j == ONE_AT, f, 0.0), axis=0) - tl.sum(tl.where(j == ZERO_AT, f, 0.0), axis=0)
+        jeffreys = tl.sum(tl.where(j == ONE_AT, f, 0.0), axis=0) - tl.sum(
+            tl.where(j == ZERO_AT, f, 0.0), axis=0
+        )
         f_lo = tl.sum(tl.where(j == FIRST_IN, f, 0.0), axis=0)
         f_hi = tl.sum(tl.where(j == K - 1, f, 0.0), axis=0)
         fp_lo = tl.sum(tl.where(j == FIRST_IN, fp, 0.0), axis=0)
@@ -624,7 +652,9 @@ def draw_kernel(
     m = tl.load(part_ptr + (row * CHUNKS + c) * 2)
     s = tl.load(part_ptr + (row * CHUNKS + c) * 2 + 1)
     top = tl.max(m, axis=0)
-    log_z = top.to(tl.float64) + tl.log(tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0))
+    log_z = top.to(tl.float64) + tl.log(
+        tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0)
+    )
     # (no `_` assigned before the loop: Triton would type it as a loop-carried variable)
     picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)[1]
     alpha, lse_b, lse_t = _row_mix(alpha_ptr, st, row)
@@ -684,7 +714,9 @@ def argmax_kernel(
     top = tl.max(best, axis=0)
     at = part_ptr + (row * SPLITS + split) * 4
     tl.store(at, top)
-    tl.store(at + 1, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0).to(tl.float32))  # exact: V < 2**24
+    tl.store(
+        at + 1, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0).to(tl.float32)
+    )  # exact: V < 2**24
     if ONLINE_LSE:
         m, s, _ = _lanes(mq, sq)
         tl.store(at + 2, m)

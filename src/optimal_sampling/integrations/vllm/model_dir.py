@@ -17,7 +17,6 @@ This module never imports vLLM, so the directory can be written where vLLM is no
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ...config import MixConfig
-from ...loading import check_tokenizers_compatible, load_tokenizer, resolve_model_path
+from ...models.loading import check_tokenizers_compatible, load_tokenizer, resolve_model_path
 from .settings import ARCHITECTURE, BLOCK_KEY, PLACEHOLDER_TENSOR, PluginSettings, SubModel
 
 PLACEHOLDER_FILE = "optimal_sampling_placeholder.safetensors"
@@ -161,18 +160,3 @@ def _written_by_us(out: Path) -> bool:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-# ---------------------------------------------------------------------------- the CLI side
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`optimal-sampling vllm-model`: write the directory and print how to serve it."""
-    from ...cli import mix_config_of
-
-    out = write_vllm_model_dir(
-        args.base, args.teacher, args.out, mix_config_of(args), args.temperature, overwrite=args.overwrite
-    )
-    print(out)
-    print(f"serve it with:  vllm serve {out}   (send requests with temperature 1)")
-    return 0

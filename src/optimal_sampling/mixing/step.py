@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .config import MixConfig, SamplingParams
-from .mixing import mix_step, policy_logprobs_of, step_diagnostics
-from .sampling import sample_tokens
+from ..config import MixConfig, SamplingParams
+from . import MixedStep, mix_step, policy_logprobs_of, step_diagnostics
+from .draw import sample_tokens
 
 
 @dataclass
@@ -79,8 +79,22 @@ def sample_step(
     params: SamplingParams,
 ) -> StepResult:
     """Mix, draw one token per row, and gather what importance weighting needs."""
-    mixed = mix_step(logits_base, logits_teacher, mix, params.temperature, params.top_k, params.top_p, params.min_p)
+    mixed = mix_step(
+        logits_base, logits_teacher, mix, params.temperature, params.top_k, params.top_p, params.min_p
+    )
     tokens = sample_tokens(mixed.lp_q, params.greedy, row_seeds, steps)
+    return importance_data(logits_base, logits_teacher, mixed, tokens, params.collect_diagnostics)
+
+
+def importance_data(
+    logits_base: torch.Tensor,  # [B, V]
+    logits_teacher: torch.Tensor,  # [B, V]
+    mixed: MixedStep,
+    tokens: torch.Tensor,  # [B] int64: drawn (sampling) or given (scoring)
+    with_diagnostics: bool,
+) -> StepResult:
+    """Per row: the token's untempered log pi_base / log pi_teacher, its log q, alpha, and the
+    diagnostics of the q it was drawn from. Sampling and teacher-forced scoring both use this."""
     result = StepResult(
         tokens=tokens,
         logprob_base=policy_logprobs_of(logits_base, tokens),
@@ -88,7 +102,11 @@ def sample_step(
         logprob_q=mixed.lp_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
         alpha=mixed.alpha,
     )
-    if params.collect_diagnostics:
+    if with_diagnostics:
         diag = step_diagnostics(mixed.lp_q, mixed.lp_base, mixed.lp_teacher)
-        result.ess_ratio, result.kl_q_base, result.kl_q_teacher = diag.ess_ratio, diag.kl_q_base, diag.kl_q_teacher
+        result.ess_ratio, result.kl_q_base, result.kl_q_teacher = (
+            diag.ess_ratio,
+            diag.kl_q_base,
+            diag.kl_q_teacher,
+        )
     return result

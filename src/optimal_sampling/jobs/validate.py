@@ -12,14 +12,13 @@ Checks, each a row of a pass/fail table (exit code 1 if any row fails):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .config import MixConfig
+from ..config import MixConfig
 
 DEFAULT_PROMPTS = (
     "def fibonacci(n):",
@@ -47,16 +46,20 @@ class Check:
 # ============================================================================ command
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import _quiet_transformers
+def run(
+    base: str | None, teacher: str | None, dtype: str = "auto", device: str = "auto", engine: str = "auto",
+    prompts: tuple[str, ...] = (), max_tokens: int = 16, steps: int = 8,
+) -> int:  # fmt: skip
+    """Print the table; 0 when every check passed, else 1."""
+    from ..models.loading import quiet_transformers
 
-    _quiet_transformers()
-    for name in ("max_tokens", "steps"):
-        if getattr(args, name) < 1:
+    quiet_transformers()
+    for name, value in (("max_tokens", max_tokens), ("steps", steps)):
+        if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    prompts = tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS
-    checks = validate_pair(args.base, args.teacher, args.dtype, args.device, args.engine, prompts,
-                           args.max_tokens, args.steps)  # fmt: skip
+    checks = validate_pair(
+        base, teacher, dtype, device, engine, tuple(prompts) or DEFAULT_PROMPTS, max_tokens, steps
+    )
     print(format_table(checks))
     failed = [c.name for c in checks if c.passed is not True]
     print(
@@ -90,7 +93,7 @@ def validate_pair(
              "engine == transformers"]  # fmt: skip
     if pair is None:
         return [tokenizer_check, *(Check(n, None, "skipped: tokenizers incompatible") for n in names)]
-    from .sampler import OptimalSampler
+    from ..runtime.sampler import OptimalSampler
 
     sampler = OptimalSampler(
         pair.base_path, pair.teacher_path, dtype=dtype, device=device, engine=engine, seed=0
@@ -111,12 +114,12 @@ def validate_pair(
 
 def check_tokenizers(base: str | None, teacher: str | None):
     """(resolved pair or None, the check); a missing model is a usage error, not a failed check."""
-    from .cli import preflight_models
-    from .loading import real_vocab_size
+    from ..models.loading import real_vocab_size
+    from ..models.pair import resolve_model_pair
 
     name = "tokenizers compatible"
     try:
-        pair = preflight_models(base, teacher)
+        pair = resolve_model_pair(base, teacher)
     except ValueError as err:
         if "not compatible" not in str(err):
             raise
@@ -145,7 +148,7 @@ def _guard_value(fn: Callable[[], object]) -> object:
 
 
 def check_logit_widths(sampler) -> tuple[bool, str]:
-    from .loading import logit_width, real_vocab_size
+    from ..models.loading import logit_width, real_vocab_size
 
     width_b, width_t = logit_width(sampler.base.model), logit_width(sampler.teacher.model)
     tok_b, tok_t = real_vocab_size(sampler.base.tokenizer), real_vocab_size(sampler.teacher.tokenizer)
@@ -195,7 +198,7 @@ def check_solver(rows: object, method: str) -> tuple[bool, str]:
         raise rows
     logits_b, logits_t = rows
     config = MixConfig(alpha_method=method, alpha_min=0.0, alpha_max=1.0)
-    from .mixing import solve_alpha, tempered_logprobs
+    from ..mixing import solve_alpha, tempered_logprobs
 
     # the sampler solves on float32 log-probs of the model's logits
     lp_b32, lp_t32 = tempered_logprobs(logits_b.float(), 1.0), tempered_logprobs(logits_t.float(), 1.0)
@@ -375,7 +378,7 @@ def _compare_engine(sampler, prompts, steps: int, reference: Callable) -> tuple[
 
 def _engine_prefill_logits(sampler, full: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits after full[: i + 1] for i >= start, each from a fresh engine prefill."""
-    from .engines.base import SlotRequest
+    from ..engines.base import SlotRequest
 
     engine = sampler.engine
     rows_b, rows_t = [], []
@@ -390,7 +393,7 @@ def _engine_prefill_logits(sampler, full: list[int], start: int) -> tuple[torch.
 
 def _engine_logits(sampler, ids: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Prefill then `steps` decode steps of the base's greedy tokens; logits [steps+1, V] each."""
-    from .engines.base import SlotRequest
+    from ..engines.base import SlotRequest
 
     engine = sampler.engine
     logits_b, logits_t = engine.add([SlotRequest(0, tuple(ids), tuple(ids))])

@@ -11,7 +11,6 @@ to sum to one, is (sum w)^2 / sum w^2: how many of its samples are worth as draw
 
 from __future__ import annotations
 
-import argparse
 import html
 import itertools
 import json
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import UsageError
 
 MAX_SCATTER_POINTS = 5000
 PANEL_SIZE = (4.5, 3.4)
@@ -54,19 +55,17 @@ class Run:
 # ============================================================================ command
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-
-    if args.label and len(args.label) != len(args.files):
-        raise UsageError(f"--label was given {len(args.label)} times for {len(args.files)} files")
-    runs = load_runs(args.files, args.label)
-    index = write_report(runs, Path(args.out))
+def run(files: list[str], out: str, labels: list[str] | None = None) -> int:
+    if labels and len(labels) != len(files):
+        raise UsageError(f"--label was given {len(labels)} times for {len(files)} files")
+    runs = load_runs(files, labels)
+    index = write_report(runs, Path(out))
     print(f"optimal-sampling: wrote {index}")
     return 0
 
 
 def load_runs(files: list[str], labels: list[str] | None = None) -> list[Run]:
-    from .io import read_records
+    from .store import read_records
 
     runs = []
     for position, file in enumerate(files):
@@ -81,7 +80,7 @@ def load_runs(files: list[str], labels: list[str] | None = None) -> list[Run]:
 
 def default_label(path: Path) -> str:
     """The alpha method from the run's metadata sidecar, else the file name."""
-    from .io import META_SUFFIX
+    from .store import META_SUFFIX
 
     meta = path.with_name(path.name + META_SUFFIX)
     try:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .outputs import Sample
-
-_DIAGNOSTIC_FIELDS = ("alpha", "ess_ratio", "kl_q_base", "kl_q_teacher")
+from ..outputs import Sample, sample_columns
 
 
 @dataclass
@@ -74,8 +72,8 @@ class StopChecker:
 
 
 def to_sample(state: RequestState, with_diagnostics: bool) -> Sample:
-    req, cols = state.request, state.columns
-    sample = Sample(
+    req = state.request
+    return Sample(
         prompt_index=req.prompt_index,
         sample_index=req.sample_index,
         prompt=req.prompt,
@@ -83,14 +81,6 @@ def to_sample(state: RequestState, with_diagnostics: bool) -> Sample:
         text=state.text or "",
         token_ids=list(state.tokens),
         finish_reason=state.finish_reason or "length",
-        logprobs_base=cols.get("logprob_base", []),
-        logprobs_teacher=cols.get("logprob_teacher", []),
-        logprobs_q=cols.get("logprob_q", []),
         stop_reason=state.stop_reason,
+        **sample_columns(state.columns, with_diagnostics),
     )
-    if with_diagnostics:
-        sample.alphas = cols.get("alpha", [])
-        sample.ess_ratios = cols.get("ess_ratio", [])
-        sample.kl_q_base = cols.get("kl_q_base", [])
-        sample.kl_q_teacher = cols.get("kl_q_teacher", [])
-    return sample

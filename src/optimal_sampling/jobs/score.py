@@ -10,15 +10,27 @@ and renamed when complete, so a crash never leaves a file that looks finished.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..config import EngineConfig, MixConfig
 
 KEEP_FIELDS = ("prompt_index", "sample_index", "id")
 
 
-def read_score_records(path: str, args: argparse.Namespace) -> tuple[list[str], list[str], list, list[dict]]:
+@dataclass(frozen=True)
+class ScoreFields:
+    """Which record fields hold the prompts and the completion."""
+
+    prompt_field: str = "prompt"
+    teacher_prompt_field: str | None = "teacher_prompt"
+    completion_field: str = "completion"
+    retokenize: bool = False  # tokenize the completion text even where token_ids exist
+
+
+def read_score_records(path: str, args: ScoreFields) -> tuple[list[str], list[str], list, list[dict]]:
     """(prompts, teacher prompts, completions, records) of a JSONL file; errors name the line."""
     file = Path(path)
     if not file.is_file():
@@ -45,7 +57,7 @@ def read_score_records(path: str, args: argparse.Namespace) -> tuple[list[str], 
     return prompts, teacher_prompts, completions, records
 
 
-def _completion_of(record: dict, args: argparse.Namespace, where: str):
+def _completion_of(record: dict, args: ScoreFields, where: str):
     ids = record.get("token_ids")
     if not args.retokenize and isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
         return ids
@@ -67,22 +79,26 @@ def scored_record(record: dict, sample, index: int) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import build_sampler, engine_config_of, mix_config_of, preflight_models
-    from .io import encode_record
+def run(
+    input_path: str, output_path: str, fields: ScoreFields, mix: MixConfig, engine: EngineConfig,
+    base: str | None, teacher: str | None, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> int:  # fmt: skip
+    from ..models.pair import resolve_model_pair
+    from .generate import build_sampler
+    from .store import encode_record
 
-    mix, engine = mix_config_of(args), engine_config_of(args)
-    prompts, teacher_prompts, completions, records = read_score_records(args.input, args)
-    target = Path(args.output)
+    prompts, teacher_prompts, completions, records = read_score_records(input_path, fields)
+    target = Path(output_path)
     partial = target.with_name(target.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("wb"):  # writable before any model is loaded
         pass
-    pair = preflight_models(args.base, args.teacher)
+    pair = resolve_model_pair(base, teacher)
     sampler = build_sampler(pair, mix, engine, seed=0)
     scored = sampler.score(
-        prompts, completions, teacher_prompts=teacher_prompts, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, collect_diagnostics=True,
+        prompts, completions, teacher_prompts=teacher_prompts, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, collect_diagnostics=True,
     )  # fmt: skip
     with partial.open("wb") as handle:
         for index, (record, sample) in enumerate(zip(records, scored.samples)):

@@ -123,3 +123,9 @@ def check_tokenizers_compatible(base: PreTrainedTokenizerBase, teacher: PreTrain
                 f"the tokenizers are not compatible: id {i} is {base_tokens.get(i)!r} for the base "
                 f"and {teacher_tokens.get(i)!r} for the teacher"
             )
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and progress bars off (the CLI shows its own progress)."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .config import SamplingParams
-from .mixing import mix_step, policy_logprobs_of, step_diagnostics
-from .outputs import Sample
+from ..config import SamplingParams
+from ..mixing import mix_step
+from ..mixing.step import importance_data
+from ..outputs import Sample, sample_columns
 
 
 def _completion_ids(tokenizer, completion: str | Sequence[int], index: int) -> list[int]:
@@ -53,7 +54,9 @@ def score_iter(
     for req, completion in zip(requests, completions):
         ids = _completion_ids(sampler.base.tokenizer, completion, req.prompt_index)
         if max(ids) >= vocab or min(ids) < 0:
-            raise ValueError(f"completion {req.prompt_index} has a token id outside the shared vocabulary ({vocab})")
+            raise ValueError(
+                f"completion {req.prompt_index} has a token id outside the shared vocabulary ({vocab})"
+            )
         logits_b = _next_token_logits(sampler.base.model, req.base_ids, ids, vocab)
         logits_t = _next_token_logits(sampler.teacher.model, req.teacher_ids, ids, vocab).to(logits_b.device)
         yield _scored_sample(sampler, req, ids, logits_b, logits_t, params)
@@ -61,19 +64,10 @@ def score_iter(
 
 def _scored_sample(sampler, req, ids, logits_b, logits_t, params: SamplingParams) -> Sample:
     tokens = torch.tensor(ids, device=logits_b.device)
-    mixed = mix_step(logits_b, logits_t, sampler.mix, params.temperature, params.top_k, params.top_p, params.min_p)
-    columns = {
-        "logprobs_base": policy_logprobs_of(logits_b, tokens),
-        "logprobs_teacher": policy_logprobs_of(logits_t, tokens),
-        "logprobs_q": mixed.lp_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
-        "alphas": mixed.alpha,
-    }
-    if params.collect_diagnostics:
-        diag = step_diagnostics(mixed.lp_q, mixed.lp_base, mixed.lp_teacher)
-        columns.update(ess_ratios=diag.ess_ratio, kl_q_base=diag.kl_q_base, kl_q_teacher=diag.kl_q_teacher)
-    host = {k: v.double().cpu().tolist() for k, v in columns.items()}
-    if not params.collect_diagnostics:
-        host.pop("alphas")
+    mixed = mix_step(
+        logits_b, logits_t, sampler.mix, params.temperature, params.top_k, params.top_p, params.min_p
+    )
+    columns = importance_data(logits_b, logits_t, mixed, tokens, params.collect_diagnostics).to_host()
     last = ids[-1]
     return Sample(
         prompt_index=req.prompt_index,
@@ -83,5 +77,5 @@ def _scored_sample(sampler, req, ids, logits_b, logits_t, params: SamplingParams
         text=sampler.base.tokenizer.decode(ids, skip_special_tokens=True),
         token_ids=ids,
         finish_reason="stop" if last in sampler.eos_ids else "length",
-        **host,
+        **sample_columns(columns, params.collect_diagnostics),
     )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from optimal_sampling.gguf import convert_gguf_to_hf, is_converted, read_source_record
+from .gguf import convert_gguf_to_hf, is_converted, read_source_record
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Two ways to run T ranks per model replica, one SPMD engine:
   WORLD_SIZE = DP x T, and ranks r*T .. r*T+T-1 form tensor-parallel group r. Every rank runs
   the same sampler loop on the same inputs; only the group's leader (TP rank 0) writes output.
 - self-started (`OptimalSampler(..., tp_size=T)` in a plain process): the sampler starts T-1
-  helper processes (`python -m optimal_sampling.distributed`), rendezvous on 127.0.0.1 and a
+  helper processes (`python -m optimal_sampling.runtime.tp_helper`), rendezvous on 127.0.0.1 and a
   free port. Only the calling process runs the sampler loop; its engine is an `EngineProxy` that
   sends each engine call (add / decode / release) to the helpers before running it, and the
   helpers run the same call on their shards (`serve`).
@@ -29,37 +29,17 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .parallel import NO_MULTICAST, disable_nvlink_multicast, exit_with_parent
+from ..config import SINGLE, TensorParallel
+from .environment import child_env, disable_nvlink_multicast, rank_device
 
 TIMEOUT = timedelta(days=7)  # a rank may wait long at a collective while the leader tokenizes
 STOP = "stop"
-
-
-@dataclass(frozen=True)
-class TensorParallel:
-    """This process's place in its tensor-parallel group."""
-
-    size: int
-    rank: int  # rank within the group (0 = leader)
-    group: Any = None  # ProcessGroup for the model's collectives (NCCL on CUDA, gloo on CPU)
-    control: Any = None  # gloo ProcessGroup of the same ranks, for host objects
-    leader: int = 0  # global rank of the group's leader
-    helpers: tuple = ()  # self-started mode, leader only: the helper processes (subprocess.Popen)
-
-    @property
-    def is_leader(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = TensorParallel(size=1, rank=0)
+RANK_DEVICES = "with tp_size > 1 give auto, cuda or cpu; each rank picks its GPU"
 
 
 def backend_for(device: torch.device) -> str:
@@ -69,24 +49,6 @@ def backend_for(device: torch.device) -> str:
 def launched_externally() -> bool:
     """True under torchrun (or a launcher like it): RANK and WORLD_SIZE are set."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def rank_device(device: str) -> torch.device:
-    """The device of this rank: cuda:LOCAL_RANK for auto/cuda when CUDA is there, else the CPU."""
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if device.startswith("cuda:"):  # chosen by a launcher (parallel.rank_device)
-        torch.cuda.set_device(torch.device(device))
-        return torch.device(device)
-    if device not in ("auto", "cuda"):
-        raise ValueError(
-            f"device {device!r}: with tp_size > 1 give auto, cuda or cpu; each rank picks its GPU"
-        )
-    if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    index = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
 
 
 def init_world(device: torch.device, init_method: str | None = None, rank: int | None = None,
@@ -133,28 +95,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def helper_env(rank: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(NO_MULTICAST)
-    env["LOCAL_RANK"] = str(rank)  # helper i uses the i-th visible GPU
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def start_helpers(sampler_kwargs: dict, tp_size: int, init_method: str) -> list[subprocess.Popen]:
-    """Ranks 1..T-1: each builds the same sampler on its shard and serves engine calls."""
+def start_helpers(module: str, payload: object, tp_size: int, init_method: str) -> list[subprocess.Popen]:
+    """Ranks 1..T-1: `python -m module`, reading (payload, rendezvous, rank, size) from stdin."""
     helpers = []
     for rank in range(1, tp_size):
         process = subprocess.Popen(
-            [sys.executable, "-m", "optimal_sampling.distributed"],
-            stdin=subprocess.PIPE,
-            env=helper_env(rank),
-        )
-        process.stdin.write(pickle.dumps((sampler_kwargs, init_method, rank, tp_size)))
+            [sys.executable, "-m", module], stdin=subprocess.PIPE, env=child_env(local_rank=rank)
+        )  # helper i uses the i-th visible GPU
+        process.stdin.write(pickle.dumps((payload, init_method, rank, tp_size)))
         process.stdin.close()
         helpers.append(process)
     return helpers
+
+
+def read_helper_payload() -> tuple[object, str, int, int]:
+    """A helper's (payload, rendezvous, rank, size), as `start_helpers` wrote them."""
+    return pickle.loads(sys.stdin.buffer.read())
 
 
 def watch_helpers(helpers: list[subprocess.Popen], interval_s: float = 0.5) -> None:
@@ -174,20 +130,21 @@ def watch_helpers(helpers: list[subprocess.Popen], interval_s: float = 0.5) -> N
 
 
 def start_tensor_parallel(
-    tp_size: int, device: str, sampler_kwargs: dict
+    tp_size: int, device: str, helper_module: str, payload: object
 ) -> tuple[TensorParallel, torch.device]:
-    """This process's group and device: joins torchrun's world, or starts the helpers itself."""
+    """This process's group and device: joins torchrun's world, or starts the helpers itself
+    (`python -m helper_module`, each given `payload`)."""
     if tp_size == 1:
         return SINGLE, None
     disable_nvlink_multicast()
     if dist.is_initialized() or launched_externally():
-        where = rank_device(device)
+        where = rank_device(device, allowed=RANK_DEVICES)
         init_world(where)
         return new_tp_groups(tp_size, where), where
     os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK", "0")
-    where = rank_device(device)
+    where = rank_device(device, allowed=RANK_DEVICES)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    helpers = start_helpers(sampler_kwargs, tp_size, init_method)
+    helpers = start_helpers(helper_module, payload, tp_size, init_method)
     watch_helpers(helpers)
     init_world(where, init_method, 0, tp_size)
     tp = new_tp_groups(tp_size, where)
@@ -206,7 +163,7 @@ class EngineProxy:
     """The leader's engine in self-started mode: every model-touching call goes to the helpers
     first (over the gloo control group), then runs here; everything else is delegated."""
 
-    CALLS = ("add", "decode", "decode_and_sample", "release")
+    CALLS = ("add", "decode", "decode_and_sample", "admit", "step", "release")
 
     def __init__(self, engine, tp: TensorParallel):
         self._engine, self._tp = engine, tp
@@ -253,22 +210,3 @@ def serve(engine, tp: TensorParallel) -> None:
             return
         name, args = box[0]
         run_call(engine, name, args)
-
-
-def helper_main() -> int:
-    """Entry of a self-started helper: read (sampler kwargs, rendezvous, rank, size) from stdin."""
-    exit_with_parent()
-    sampler_kwargs, init_method, rank, size = pickle.loads(sys.stdin.buffer.read())
-    disable_nvlink_multicast()
-    device = rank_device(sampler_kwargs.get("device", "auto"))
-    init_world(device, init_method, rank, size)
-    from .sampler import OptimalSampler
-
-    sampler = OptimalSampler(**sampler_kwargs)
-    serve(sampler.engine, sampler.tp)
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(helper_main())

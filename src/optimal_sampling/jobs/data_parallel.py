@@ -29,7 +29,6 @@ Invariants:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import queue
@@ -38,35 +37,35 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
-from .cli import (
+from ..distributed.environment import (
+    child_env,
+    cpu_count,
+    disable_nvlink_multicast,
+    exit_with_parent,
+    rank_device,
+    uses_cuda,
+)
+from ..errors import UsageError
+from ..models.pair import resolve_model_pair
+from .generate import (
     PROG,
+    GenerateOptions,
     GenerateSetup,
-    UsageError,
     finish_output,
     generate_kwargs,
     load_sampler,
-    preflight_models,
-    prepare_generate,
+    nothing_to_do,
+    prepare,
     templated_prompts,
     write_records,
 )
 
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-TORCHRUN_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest one
 STOP_GRACE_S = 10.0
 POLL_S = 0.2
@@ -84,11 +83,6 @@ class Role:
     local_rank: int = 0  # torchrun: the GPU index on this node
 
 
-def disable_nvlink_multicast(environ: MutableMapping[str, str] = os.environ) -> None:
-    """NVLink multicast (NVLS) off for NCCL, torch symmetric memory and NVSHMEM in `environ`."""
-    environ.update(NO_MULTICAST)
-
-
 def torchrun_ranks(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun with more than one process."""
     if "RANK" not in environ or "WORLD_SIZE" not in environ:
@@ -101,50 +95,48 @@ def torchrun_ranks(environ: Mapping[str, str] = os.environ) -> tuple[int, int, i
     return (rank, world, local) if world > 1 else None
 
 
-def role_of(args: argparse.Namespace) -> Role | None:
+def role_of(options: GenerateOptions) -> Role | None:
     """The process's part in a data-parallel run, or None for a plain single-process run."""
-    _check_options(args)
-    if args.dp_rank is not None:
-        return Role("worker", args.dp_rank, args.dp_world)
+    check_options(options.data_parallel, options.parallel.tp_size, options.dp_rank, options.dp_world)
+    if options.dp_rank is not None:
+        return Role("worker", options.dp_rank, options.dp_world)
     ranks = torchrun_ranks()
     if ranks is not None:
         rank, world, local = ranks
-        if world % args.tp_size:
-            raise UsageError(f"WORLD_SIZE {world} is not a multiple of --tp-size {args.tp_size}")
-        dp_world = world // args.tp_size
-        if args.data_parallel not in (1, dp_world):
+        if world % options.parallel.tp_size:
+            raise UsageError(f"WORLD_SIZE {world} is not a multiple of --tp-size {options.parallel.tp_size}")
+        dp_world = world // options.parallel.tp_size
+        if options.data_parallel not in (1, dp_world):
             raise UsageError(f"under torchrun the data-parallel size is WORLD_SIZE / --tp-size = {dp_world}; "
                              "leave --data-parallel out")  # fmt: skip
-        return Role("torchrun", rank // args.tp_size, dp_world, local)
-    if args.data_parallel > 1:
-        return Role("launcher", 0, args.data_parallel)
+        return Role("torchrun", rank // options.parallel.tp_size, dp_world, local)
+    if options.data_parallel > 1:
+        return Role("launcher", 0, options.data_parallel)
     return None
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    if args.data_parallel < 1:
-        raise UsageError(f"--data-parallel must be at least 1, got {args.data_parallel}")
-    if args.tp_size < 1:
-        raise UsageError(f"--tp-size must be at least 1, got {args.tp_size}")
-    if (args.dp_rank is None) != (args.dp_world is None) or (
-        args.dp_rank is not None and not 0 <= args.dp_rank < args.dp_world
-    ):
+def check_options(data_parallel: int, tp_size: int, dp_rank: int | None, dp_world: int | None) -> None:
+    if data_parallel < 1:
+        raise UsageError(f"--data-parallel must be at least 1, got {data_parallel}")
+    if tp_size < 1:
+        raise UsageError(f"--tp-size must be at least 1, got {tp_size}")
+    if (dp_rank is None) != (dp_world is None) or (dp_rank is not None and not 0 <= dp_rank < dp_world):
         raise UsageError("--dp-rank and --dp-world are internal: give both, with 0 <= rank < world")
 
 
-def is_parallel(args: argparse.Namespace) -> bool:
-    return role_of(args) is not None
+def is_parallel(options: GenerateOptions) -> bool:
+    return role_of(options) is not None
 
 
-def run(args: argparse.Namespace) -> int:
-    role = role_of(args)
-    if args.output is None:
+def run(options: GenerateOptions) -> int:
+    role = role_of(options)
+    if options.output is None:
         raise UsageError("data-parallel generation needs --output")
     if role.kind == "launcher":
-        return run_launcher(args, role)
+        return run_launcher(options, role)
     if role.kind == "worker":
-        return run_worker(args, role)
-    return run_torchrun_rank(args, role)
+        return run_worker(options, role)
+    return run_torchrun_rank(options, role)
 
 
 # ============================================================================ sharding
@@ -171,27 +163,27 @@ class Reporter:
 
 
 def generate_shard(
-    args: argparse.Namespace, setup: GenerateSetup, rank: int, world: int, reporter: Reporter
+    options: GenerateOptions, setup: GenerateSetup, rank: int, world: int, reporter: Reporter
 ) -> int:
     """Sample the share of `rank` that no file holds yet into its shard; returns samples written."""
-    from .io import JournalWriter, scan_journal
+    from .store import JournalWriter, scan_journal
 
     job = setup.job
     indices = shard_prompts(job.n_prompts, rank, world)
     if shard_remaining(setup, rank, world) == 0:
         return 0
-    sampler, base_prompts, teacher_prompts = load_sampler(args, setup)
+    sampler, base_prompts, teacher_prompts = load_sampler(setup)
     if not sampler.tp.is_leader:  # torchrun TP follower: same loop, its leader writes
         for _ in sampler.generate_iter(
             [base_prompts[i] for i in indices], teacher_prompts=[teacher_prompts[i] for i in indices],
-            prompt_indices=indices, skip=job.skip, **generate_kwargs(setup.params),
+            prompt_indices=indices, skip=job.skip, **generate_kwargs(setup.options.params),
         ):  # fmt: skip
             pass
         return 0
     reporter.ready()
     stream = sampler.generate_iter(
         [base_prompts[i] for i in indices], teacher_prompts=[teacher_prompts[i] for i in indices],
-        prompt_indices=indices, skip=job.skip, on_tokens=reporter.add_tokens, **generate_kwargs(setup.params),
+        prompt_indices=indices, skip=job.skip, on_tokens=reporter.add_tokens, **generate_kwargs(setup.options.params),
     )  # fmt: skip
     plan = job.plan.shard_plan(rank)
     state = scan_journal(plan.journal)
@@ -245,23 +237,11 @@ class StdoutReporter(Reporter):
         self.last = time.monotonic()
 
 
-def exit_with_parent(interval_s: float = 1.0) -> None:
-    """A worker whose launcher is gone (killed) stops too, so no orphan keeps writing a shard."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def run_worker(args: argparse.Namespace, role: Role) -> int:
+def run_worker(options: GenerateOptions, role: Role) -> int:
     exit_with_parent()
-    args.overwrite = False  # the launcher already cleared the old files
-    setup = prepare_generate(args)
-    generate_shard(args, setup, role.rank, role.world, StdoutReporter())
+    options = replace(options, overwrite=False)  # the launcher already cleared the old files
+    setup = prepare(options)
+    generate_shard(options, setup, role.rank, role.world, StdoutReporter())
     return 0
 
 
@@ -275,29 +255,27 @@ class Worker:
     log: Path
 
 
-def run_launcher(args: argparse.Namespace, role: Role) -> int:
-    from .io import start_fresh, write_meta
+def run_launcher(options: GenerateOptions, role: Role) -> int:
+    from .store import start_fresh, write_meta
 
     # 1. every check, before anything is started or touched
     disable_nvlink_multicast()
-    setup = prepare_generate(args)
+    setup = prepare(options)
     job = setup.job
     if job.remaining == 0:
-        from .cli import _nothing_to_do
-
-        return _nothing_to_do(job)
-    pair = preflight_models(args.base, args.teacher)
-    templated_prompts(args.chat_template, setup.prompts, pair)
-    gpus = gpu_plan(args.device, role.world, args.tp_size)
+        return nothing_to_do(job)
+    pair = resolve_model_pair(options.base, options.teacher)
+    templated_prompts(options.chat_template, setup.prompts, pair)
+    gpus = gpu_plan(options.engine.device, role.world, options.parallel.tp_size)
     ranks = [r for r in range(role.world) if shard_remaining(setup, r, role.world) > 0]
     # 2. the output's sidecar (and --overwrite), then the workers
-    if args.overwrite:
+    if options.overwrite:
         start_fresh(job.plan)
-    if args.overwrite or not job.state.meta_ok:
+    if options.overwrite or not job.state.meta_ok:
         write_meta(job.plan, job.meta)
-    workers = start_workers(args, ranks, role.world, gpus, job.plan)
+    workers = start_workers(options, ranks, role.world, gpus, job.plan)
     # 3. wait, then merge
-    sink = AggregateProgress(args, job.total, job.total - job.remaining)
+    sink = AggregateProgress(options, job.total, job.total - job.remaining)
     failure = supervise(workers, sink)
     if failure is not None:
         print(f"{PROG}: error: {failure}; finished samples are kept, run the same command again to resume",
@@ -306,7 +284,7 @@ def run_launcher(args: argparse.Namespace, role: Role) -> int:
     finish_output(job)
     for log in job.plan.target.parent.glob(f"{glob.escape(job.plan.target.name)}.rank*.log"):
         log.unlink(missing_ok=True)
-    if not args.quiet:
+    if not options.quiet:
         print(f"{PROG}: {sink.summary()}", file=sys.stderr)
         print(f"{PROG}: wrote {sink.samples} samples to {job.plan.target} "
               f"({len(workers)} data-parallel workers)", file=sys.stderr)  # fmt: skip
@@ -322,18 +300,6 @@ def visible_gpus() -> list[str]:
     if listed is None:
         return [str(i) for i in range(count)]
     return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
-
-
-def uses_cuda(device: str, allowed: str) -> bool:
-    """Whether a parallel run on `device` places its processes on GPUs; `allowed` ends the error
-    for a device other than auto, cuda or cpu (a parallel run chooses each process's GPU itself)."""
-    if device == "cpu":
-        return False
-    if device not in ("auto", "cuda"):
-        raise UsageError(f"--device {device}: {allowed}")
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def gpu_plan(device: str, world: int, tp_size: int) -> list[str] | None:
@@ -352,23 +318,15 @@ def gpu_plan(device: str, world: int, tp_size: int) -> list[str] | None:
 def worker_env(gpus: str | None, world: int) -> dict[str, str]:
     """The launcher's environment, with the worker's GPUs, a fair share of the CPU threads, no
     NVLink multicast, no torchrun variables, and this package importable without installation."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env.update(NO_MULTICAST)
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world)))
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
+    return child_env(gpus=gpus, threads=cpu_count() // world)
 
 
-def worker_command(args: argparse.Namespace, rank: int, world: int) -> list[str]:
+def worker_command(options: GenerateOptions, rank: int, world: int) -> list[str]:
     return [
         sys.executable,
         "-m",
         "optimal_sampling",
-        *args.raw_argv,
+        *options.argv,
         "--dp-rank",
         str(rank),
         "--dp-world",
@@ -377,24 +335,24 @@ def worker_command(args: argparse.Namespace, rank: int, world: int) -> list[str]
 
 
 def start_workers(
-    args: argparse.Namespace, ranks: list[int], world: int, gpus: list[str] | None, plan
+    options: GenerateOptions, ranks: list[int], world: int, gpus: list[str] | None, plan
 ) -> list[Worker]:
     """One worker per rank; if one cannot be started, those already running are stopped."""
     workers: list[Worker] = []
     try:
         for rank in ranks:
-            workers.append(start_worker(args, rank, world, gpus, plan))
+            workers.append(start_worker(options, rank, world, gpus, plan))
     except BaseException:
         stop_workers(workers)
         raise
     return workers
 
 
-def start_worker(args: argparse.Namespace, rank: int, world: int, gpus: list[str] | None, plan) -> Worker:
+def start_worker(options: GenerateOptions, rank: int, world: int, gpus: list[str] | None, plan) -> Worker:
     log = plan.target.with_name(f"{plan.target.name}.rank{rank}.log")
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
-            worker_command(args, rank, world), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            worker_command(options, rank, world), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             env=worker_env(gpus[rank] if gpus else None, world),
         )  # fmt: skip
     return Worker(rank, process, log)
@@ -416,8 +374,8 @@ class AggregateProgress:
     worker is ready (its models are loaded), so the rate counts sampling, not start-up; per rank,
     the tokens and the time from its `ready` to its last report give its own sampling rate."""
 
-    def __init__(self, args: argparse.Namespace, total: int, done: int):
-        self.args, self.total, self.done = args, total, done
+    def __init__(self, options: GenerateOptions, total: int, done: int):
+        self.options, self.total, self.done = options, total, done
         self.progress = None
         self.samples = 0
         self.ranks: dict[int, RankStats] = {}
@@ -439,10 +397,10 @@ class AggregateProgress:
                 self.progress.add_sample()
 
     def _start(self) -> None:
-        if self.progress is None and not self.args.quiet:
+        if self.progress is None and not self.options.quiet:
             from .progress import Progress
 
-            self.progress = Progress(self.total, self.done, interval_s=self.args.log_interval)
+            self.progress = Progress(self.total, self.done, interval_s=self.options.log_interval)
 
     def summary(self) -> str:
         """One line: the sum of the ranks' sampling rates, and each rank's."""
@@ -545,14 +503,14 @@ def _last_line(path: Path, limit: int = 1 << 14) -> str:
 class RankZeroProgress(Reporter):
     """Under torchrun, rank 0 shows the progress of its own share (the others stay quiet)."""
 
-    def __init__(self, args: argparse.Namespace, total: int, done: int):
-        self.args, self.total, self.done = args, total, done
+    def __init__(self, options: GenerateOptions, total: int, done: int):
+        self.options, self.total, self.done = options, total, done
         self.progress = None
 
     def ready(self) -> None:
         from .progress import Progress
 
-        self.progress = Progress(self.total, self.done, interval_s=self.args.log_interval)
+        self.progress = Progress(self.total, self.done, interval_s=self.options.log_interval)
 
     def add_tokens(self, count: int) -> None:
         if self.progress:
@@ -568,68 +526,68 @@ class RankZeroProgress(Reporter):
             self.progress = None
 
 
-def run_torchrun_rank(args: argparse.Namespace, role: Role) -> int:
+def run_torchrun_rank(options: GenerateOptions, role: Role) -> int:
     import torch.distributed as dist
 
     disable_nvlink_multicast()
-    args.device = rank_device(args.device, role.local_rank)
+    device = torchrun_device(options.engine.device, role.local_rank)
+    options = replace(options, engine=replace(options.engine, device=device))
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
-        return _torchrun_body(args, role, dist)
+        return _torchrun_body(options, role, dist)
     finally:
         dist.destroy_process_group()
 
 
-def rank_device(device: str, local_rank: int) -> str:
+def torchrun_device(device: str, local_rank: int) -> str:
     """cuda:LOCAL_RANK where CUDA is used; the device is the launcher's to choose, not the user's."""
     if not uses_cuda(device, "under torchrun give auto, cuda or cpu; rank uses cuda:LOCAL_RANK"):
         return device
-    import torch
-
-    torch.cuda.set_device(local_rank)
-    return f"cuda:{local_rank}"
+    return str(rank_device("cuda", local_rank))
 
 
-def _torchrun_body(args: argparse.Namespace, role: Role, dist) -> int:
-    from .io import start_fresh, write_meta
+def _torchrun_body(options: GenerateOptions, role: Role, dist) -> int:
+    from .store import start_fresh, write_meta
 
-    setup = _checked_by_all(args, role, dist)
+    setup = _checked_by_all(options, role, dist)
     job = setup.job
     if dist.get_rank() == 0:
-        if args.overwrite:
+        if options.overwrite:
             start_fresh(job.plan)
-        if args.overwrite or not job.state.meta_ok:
+        if options.overwrite or not job.state.meta_ok:
             write_meta(job.plan, job.meta)
     dist.barrier()
     shard_total = len(shard_prompts(job.n_prompts, role.rank, role.world)) * job.n
     shard_left = shard_remaining(setup, role.rank, role.world)
     reporter = (
-        RankZeroProgress(args, shard_total, shard_total - shard_left) if _shows_progress(args) else Reporter()
+        RankZeroProgress(options, shard_total, shard_total - shard_left)
+        if _shows_progress(options)
+        else Reporter()
     )
-    generate_shard(args, setup, role.rank, role.world, reporter)
+    generate_shard(options, setup, role.rank, role.world, reporter)
     dist.barrier()
     if dist.get_rank() == 0:
         finish_output(job)
-        if not args.quiet:
+        if not options.quiet:
             print(f"{PROG}: wrote {job.total} samples to {job.plan.target} ({role.world} data-parallel ranks)",
                   file=sys.stderr)  # fmt: skip
     return 0
 
 
-def _shows_progress(args: argparse.Namespace) -> bool:
+def _shows_progress(options: GenerateOptions) -> bool:
     import torch.distributed as dist
 
-    return dist.get_rank() == 0 and not args.quiet
+    return dist.get_rank() == 0 and not options.quiet
 
 
-def _checked_by_all(args: argparse.Namespace, role: Role, dist) -> GenerateSetup:
+def _checked_by_all(options: GenerateOptions, role: Role, dist) -> GenerateSetup:
     """Every rank runs the checks; if any rank fails, all stop (each failing rank says why)."""
     import torch
 
     error: BaseException | None = None
     setup = None
     try:
-        setup = prepare_generate(args)
+        setup = prepare(options)
     except (ValueError, TypeError, OSError) as err:
         error = err
     failed = torch.tensor([0 if error is None else 1])

@@ -1,0 +1,35 @@
+"""Entry of a self-started tensor-parallel helper (`python -m optimal_sampling.runtime.tp_helper`).
+
+The leader's `OptimalSampler(tp_size=T)` starts T-1 of these; each reads the leader's
+`SamplerSpec` and rendezvous from stdin, builds the same sampler on its shard, and runs every
+engine call the leader announces until it says stop (see `distributed.groups`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from ..distributed.environment import disable_nvlink_multicast, exit_with_parent, rank_device
+from ..distributed.groups import RANK_DEVICES, init_world, read_helper_payload, serve
+from .sampler import OptimalSampler, SamplerSpec
+
+
+def main() -> int:
+    exit_with_parent()
+    spec, init_method, rank, size = read_helper_payload()
+    if not isinstance(spec, SamplerSpec):
+        raise TypeError(f"a helper needs a SamplerSpec, got {type(spec).__name__}")
+    disable_nvlink_multicast()
+    init_world(rank_device(spec.engine.device, allowed=RANK_DEVICES), init_method, rank, size)
+    sampler = OptimalSampler.from_configs(
+        spec.model_base, spec.model_teacher, spec.mix, spec.engine, spec.parallel, spec.seed
+    )
+    serve(sampler.engine, sampler.tp)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
