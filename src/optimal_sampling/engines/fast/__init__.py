@@ -7,11 +7,10 @@ and builds a `FastEngine`. See engine.py for the invariants.
 
 from __future__ import annotations
 
-import torch
-
 from ...config import EngineConfig
 from ...models.loading import LoadedModel
 from ..base import Engine, spare_slots
+from .cache_plan import plan_max_len
 from .engine import FastEngine
 from .mixing_fast import fused_sample_step, fused_supported
 from .spec import spec_of, unsupported_reason
@@ -25,9 +24,6 @@ __all__ = [
     "plan_cache",
 ]
 
-CPU_CACHE_BYTES = 1 << 30
-MIN_CACHE_LEN = 256
-
 
 def supports(base_model, teacher_model) -> bool:
     return unsupported_reason(base_model) is None and unsupported_reason(teacher_model) is None
@@ -38,24 +34,9 @@ def plan_cache(base_model, teacher_model, vocab_size: int, config: EngineConfig)
     (`spare_slots`), each as long as the models' context and memory allow."""
     device = next(base_model.parameters()).device
     slots = config.max_batch_size + spare_slots(config.max_batch_size)
-    context = min(spec_of(base_model).context, spec_of(teacher_model).context)
+    specs = [spec_of(base_model), spec_of(teacher_model)]
     dtype_bytes = next(base_model.parameters()).element_size()
-    per_token = sum(
-        2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
-        for s in (spec_of(base_model), spec_of(teacher_model))
-    )
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        workspace = 24 * (slots + 1) * vocab_size * 4 + (1 << 30)  # step temporaries, graphs, prefill
-        budget = free * config.mem_fraction_static - workspace
-    else:
-        budget = CPU_CACHE_BYTES
-    max_len = min(context, int(budget // ((slots + 1) * per_token)))
-    if max_len < min(context, MIN_CACHE_LEN):
-        raise ValueError(
-            f"not enough memory for a {slots}-slot KV cache: lower max_batch_size or raise mem_fraction_static"
-        )
-    return slots, max_len
+    return slots, plan_max_len(specs, dtype_bytes, device, slots, vocab_size, config.mem_fraction_static)
 
 
 def build_fast_engine(

@@ -5,14 +5,15 @@ samplers are graph-capturable callables `(logits_base, logits_teacher, row_seeds
 of [B] tensors in the order of `result_fields(params)`, so the engine captures them in the same
 CUDA graph as the two forward passes.
 
-The fused kernels (triton_mix.py) cover the common case: alpha_method kl_symmetry or fixed, no
+The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_row_state.py:
+the buffers' layout) cover the common case: alpha_method kl_symmetry or fixed, no
 teacher constraint, no top-k/top-p/min-p, no diagnostics. They keep |alpha - alpha_float64| <=
 1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
 refining passes of a few points, which rows already solved skip, instead of 24 Newton
 iterations over [B, V] tensors; they spread every row over the whole GPU and never write a
-[B, V] tensor. Other configurations use the exact `optimal_sampling.step.sample_step`.
+[B, V] tensor. Other configurations use the exact `optimal_sampling.mixing.step.sample_step`.
 
-For the sampler: `fused_sample_step` has the signature of `step.sample_step`; select it where
+For the sampler: `fused_sample_step` has the signature of `mixing.step.sample_step`; select it where
 `fused_supported(mix, params)` and the logits are on CUDA.
 """
 
@@ -109,7 +110,7 @@ def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
 
 
 def grid_points(lo: float, hi: float, points: int | None = None) -> list[float]:
-    """The grid pass's points as the kernel makes them (triton_mix._grid), for checks and traces."""
+    """The grid pass's points as the kernel makes them (triton_common.grid), for checks and traces."""
     points = points or GRID_POINTS
     layout = grid_layout(lo, hi, points)
     first = layout["FIRST_IN"]
@@ -144,7 +145,7 @@ def fused_outputs(
 
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
     eager only; benchmarks/sampler_diag.py)."""
-    from . import triton_mix as tm
+    from . import triton_draw, triton_row_state, triton_solve
 
     batch, vocab = logits_b.shape
     assert logits_b.stride(1) == 1 and logits_t.stride(1) == 1 and logits_t.shape == logits_b.shape
@@ -157,15 +158,15 @@ def fused_outputs(
     lo, hi = mix.alpha_min, mix.alpha_max
     solve = mix.alpha_method == "kl_symmetry" and lo < hi
     layout = grid_layout(lo, hi)
-    state = torch.empty(batch, tm.STATE, dtype=torch.float64, device=device)
-    row_parts = torch.empty(batch, splits, tm.ROW_STATS, dtype=torch.float64, device=device)
+    state = torch.empty(batch, triton_row_state.STATE, dtype=torch.float64, device=device)
+    row_parts = torch.empty(batch, splits, triton_row_state.ROW_STATS, dtype=torch.float64, device=device)
     maxima = torch.empty(batch, splits, GRID_POINTS, dtype=torch.float32, device=device)
     grid_max = torch.empty(batch, GRID_POINTS, dtype=torch.float32, device=device)
-    tm.row_kernel[(batch, splits)](
+    triton_solve.row_kernel[(batch, splits)](
         *rows, inv_temp, lo, hi, row_parts, maxima, SPLITS=splits, K=GRID_POINTS, **layout,
         MAXIMA=solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=ROW_WARPS,
     )  # fmt: skip
-    tm.row_combine_kernel[(batch,)](
+    triton_solve.row_combine_kernel[(batch,)](
         row_parts, maxima, grid_max, state, SPLITS=splits, K=GRID_POINTS, MAXIMA=solve, TEMPERED=tempered,
         num_warps=1,
     )  # fmt: skip
@@ -180,21 +181,21 @@ def fused_outputs(
     outputs = (tokens, logprobs, host, batch)
     if params.greedy:
         parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
-        tm.argmax_kernel[(batch, splits)](
+        triton_draw.argmax_kernel[(batch, splits)](
             *rows, inv_temp, state, alpha, parts,
             SPLITS=splits, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
         )  # fmt: skip
-        tm.argmax_finish_kernel[(batch,)](
+        triton_draw.argmax_finish_kernel[(batch,)](
             *rows[:4], inv_temp, state, alpha, parts, *outputs, SPLITS=splits, ONLINE_LSE=not solve,
         )  # fmt: skip
-    else:  # the two-level draw of sampling.sample_tokens: chunk masses, then one chunk's tokens
+    else:  # the two-level draw of mixing.draw.sample_tokens: chunk masses, then one chunk's tokens
         chunk = draw_chunk(vocab)
-        masses = torch.empty(batch, DRAW_CHUNKS, 2, dtype=torch.float32, device=device)
-        tm.mass_kernel[(batch, DRAW_CHUNKS)](
+        masses = torch.empty(batch, DRAW_CHUNKS, triton_row_state.MASS_STATS, dtype=torch.float32, device=device)
+        triton_draw.mass_kernel[(batch, DRAW_CHUNKS)](
             *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, masses,
             CHUNKS=DRAW_CHUNKS, ONLINE=not solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=MASS_WARPS,
         )  # fmt: skip
-        tm.draw_kernel[(batch,)](
+        triton_draw.draw_kernel[(batch,)](
             *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, masses, *outputs,
             CHUNKS=DRAW_CHUNKS, CHUNK_NOISE=CHUNK_NOISE, SCAN=DRAW_SCAN, num_warps=DRAW_WARPS,
         )  # fmt: skip
@@ -205,23 +206,23 @@ def solve_kl_symmetry(
     rows, inv_temp: float, lo: float, hi: float, layout: dict, splits: int, state, grid_max, alpha, trace=None
 ):
     """alpha [B]: the grid pass, then REFINE_POINTS passes (skipped by rows already done)."""
-    from . import triton_mix as tm
+    from . import triton_row_state, triton_solve
 
     batch, device = alpha.shape[0], alpha.device
     counts = (GRID_POINTS, *REFINE_POINTS)
     points, refs = grid_max, grid_max  # the grid pass makes its own points; refs are the exact maxima
-    shift_parts = torch.empty(batch, splits, tm.SHIFT_STATS, dtype=torch.float64, device=device)
+    shift_parts = torch.empty(batch, splits, triton_row_state.SHIFT_STATS, dtype=torch.float64, device=device)
     for p, k in enumerate(counts):
         grid, last = p == 0, p == len(counts) - 1
         kn = 4 if last else counts[p + 1]
-        parts = torch.empty(batch, splits, k, tm.STATS, dtype=torch.float64, device=device)
-        tm.stats_kernel[(batch, splits)](
+        parts = torch.empty(batch, splits, k, triton_row_state.STATS, dtype=torch.float64, device=device)
+        triton_solve.stats_kernel[(batch, splits)](
             *rows, inv_temp, lo, hi, points, refs, state, parts, shift_parts,
             SPLITS=splits, K=k, GRID=grid, **layout, BLOCK=BLOCK, num_warps=STATS_WARPS,
         )  # fmt: skip
         next_points = torch.empty(batch, kn, dtype=torch.float32, device=device)
         next_refs = torch.empty(batch, kn, dtype=torch.float32, device=device)
-        tm.combine_kernel[(batch,)](
+        triton_solve.combine_kernel[(batch,)](
             parts, shift_parts, grid_max, state, points, refs, next_points, next_refs, alpha, lo, hi,
             SPLITS=splits, K=k, KG=GRID_POINTS, KN=kn, GRID=grid, LAST=last, **layout, num_warps=1,
         )  # fmt: skip
@@ -234,5 +235,5 @@ def solve_kl_symmetry(
 def fused_sample_step(
     logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
 ) -> StepResult:
-    """Drop-in for `step.sample_step` where `fused_supported(mix, params)`."""
+    """Drop-in for `mixing.step.sample_step` where `fused_supported(mix, params)`."""
     return result_from_tensors(fused_outputs(logits_b, logits_t, row_seeds, steps, mix, params), params)

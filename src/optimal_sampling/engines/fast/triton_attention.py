@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_layers import _roped
+from .triton_layers import roped
 
 # Tuned by benchmarks/attention_sweep.py on an H200 (this kernel with RoPE and the in-kernel merge,
 # 2026-11-27 device run 8): 64-key blocks, 128 programs, at most 16 splits. One layer at context
@@ -62,10 +62,10 @@ def _split_kernel(
         sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         row = q_ptr + b * stride_qb
         q_rows = row + head[:, None] * D
-        q = _roped(q_rows, d, g[:, None] < GROUPS, c, sn, qn_ptr, eps, D, QK_NORM, k_ptr).to(
+        q = roped(q_rows, d, g[:, None] < GROUPS, c, sn, qn_ptr, eps, D, QK_NORM, k_ptr).to(
             k_ptr.dtype.element_ty
         )
-        k_new = _roped(row + (HEADS + h) * D, d, d[None, :] < D, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
+        k_new = roped(row + (HEADS + h) * D, d, d[None, :] < D, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
         v_new = tl.load(row + (HEADS + tl.num_programs(1) + h) * D + d[None, :])  # [1, D]
     else:
         cached = tl.load(lengths_ptr + b)

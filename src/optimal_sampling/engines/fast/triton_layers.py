@@ -3,7 +3,7 @@
 - `rms_norm` / `add_rms_norm`: (residual add +) RMSNorm in one pass per row;
 - `rope_store`: split the fused qkv row, optional per-head RMSNorm (Qwen3), RoPE, and write k and
   v straight into the KV cache at (slot, position); returns the rotated q (and k, for prefill);
-  one program per row (`_roped`, shared with the decode attention kernel, rotates a block of heads);
+  one program per row (`roped`, shared with the decode attention kernel, rotates a block of heads);
 - `silu_mul`: silu(gate) * up of the fused gate/up projection.
 Invariant: each kernel rounds to the model dtype exactly where transformers' eager code does
 (the product of two bf16 values is rounded once, as a PyTorch bf16 op). Triton's fast exp and
@@ -59,7 +59,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 @triton.jit
-def _roped(row_ptr, d, mask, c, sn, w_ptr, eps, D: tl.constexpr, QK_NORM: tl.constexpr, like):
+def roped(row_ptr, d, mask, c, sn, w_ptr, eps, D: tl.constexpr, QK_NORM: tl.constexpr, like):
     """Heads [R, D] (row_ptr: each head's start, [R, 1] or a scalar) rotated as transformers does:
     x * cos + rotate_half(x) * sin, after a per-head RMSNorm (Qwen3) where asked, each op rounded
     to the dtype of `like` (each product, then the sum); float32. c, sn: [D] cos and sin at the
@@ -91,10 +91,10 @@ def _rope_store_kernel(
     sn = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     src = qkv_ptr + row * (HEADS + 2 * KV_HEADS) * D
     hq = tl.arange(0, HPAD)[:, None]
-    q = _roped(src + hq * D, d, hq < HEADS, c, sn, qn_ptr, eps, D, QK_NORM, q_ptr)
+    q = roped(src + hq * D, d, hq < HEADS, c, sn, qn_ptr, eps, D, QK_NORM, q_ptr)
     tl.store(q_ptr + (row * HEADS + hq) * D + d[None, :], q, mask=hq < HEADS)
     hk = tl.arange(0, KPAD)[:, None]
-    k = _roped(src + (HEADS + hk) * D, d, hk < KV_HEADS, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
+    k = roped(src + (HEADS + hk) * D, d, hk < KV_HEADS, c, sn, kn_ptr, eps, D, QK_NORM, k_ptr)
     v = tl.load(src + (HEADS + KV_HEADS + hk) * D + d[None, :], mask=hk < KV_HEADS)
     at = tl.load(slot_ptr + row) * stride_cs + pos * stride_ct + hk * stride_ch + d[None, :]
     tl.store(k_ptr + at, k, mask=hk < KV_HEADS)

@@ -1,4 +1,4 @@
-"""Fused alpha solve (kl_symmetry or fixed), mixing, Gumbel-max draw and importance data in Triton.
+"""The alpha passes of the fused sampler (steps 1-4 below; the draw is triton_draw.py). Fused alpha solve (kl_symmetry or fixed), mixing, Gumbel-max draw and importance data in Triton.
 
 Rows of the two logit matrices [B, V] are cut into `splits` chunks so that any batch fills the
 GPU; a pass is one kernel over (row, chunk) programs and one small per-row merge kernel.
@@ -19,7 +19,7 @@ support, the root of f(s) = E_{q_s}[d] - (lse_t - lse_b) is alpha and f'(s) = Va
    with K(s) = log sum exp(z_b + s d) over the joint support taken by a second-order Taylor step
    from the nearer bracket end, where the passes summed K, K' = f + c + shift' and K'' = f'
    (used by the greedy path; only where alpha was not solved does its argmax pass sum log Z_q);
-5. the draw (sampling.sample_tokens' two-level Gumbel-max, with its noise bit for bit): a mass
+5. the draw (mixing.draw.sample_tokens' two-level Gumbel-max, with its noise bit for bit): a mass
    pass sums q per draw chunk (exp(u - log Z_q) with u = log q + log Z_q and the Taylor log Z_q
    as reference; one exp per token, no noise), then one program per row picks a chunk by
    log-mass plus chunk noise and a token of that chunk by u plus token noise, and takes log Z_q
@@ -37,111 +37,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_INF = tl.constexpr(float("-inf"))
-DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
-ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
-SHIFT_STATS = (
-    3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), 1 if the row could overflow
+from .triton_common import expm1, fetch, grid, log1p, lse, merge_lse, online, reduce_lanes, safe, tempered
+from .triton_row_state import (
+    CENTRE,
+    DONE,
+    DONE_WIDTH,
+    F_LEFT,
+    F_RIGHT,
+    FAR,
+    FP_LEFT,
+    FP_RIGHT,
+    IDENTICAL,
+    K_LEFT,
+    K_RIGHT,
+    LEFT,
+    LOG_Z,
+    LSE_B,
+    LSE_T,
+    NEG_INF,
+    OUTCOME,
+    RAW_LSE_B,
+    RAW_LSE_T,
+    RIGHT,
+    ROW_STATS_W,
+    SHIFT,
+    SHIFT_STATS_W,
+    STATE_W,
+    STATS_W,
 )
-STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
-STATE = 18  # per row, float64
-STATE_W = tl.constexpr(STATE)
-# state columns
-LEFT = tl.constexpr(0)
-RIGHT = tl.constexpr(1)
-F_LEFT = tl.constexpr(2)
-F_RIGHT = tl.constexpr(3)
-FP_LEFT = tl.constexpr(4)
-FP_RIGHT = tl.constexpr(5)
-LSE_B = tl.constexpr(6)
-LSE_T = tl.constexpr(7)
-CENTRE = tl.constexpr(8)
-SHIFT = tl.constexpr(9)
-OUTCOME = tl.constexpr(10)  # 0 root inside, 1 at alpha_min, 2 at alpha_max, 3 identical policies
-DONE = tl.constexpr(11)
-RAW_LSE_B = tl.constexpr(12)
-RAW_LSE_T = tl.constexpr(13)
-FAR = tl.constexpr(14)  # tokens in one support only: the shift is then lse_t - lse_b - c, not precise
-K_LEFT = tl.constexpr(15)  # K(s) = log sum over the joint support of exp(z_b + s d), at the bracket ends
-K_RIGHT = tl.constexpr(16)
-LOG_Z = tl.constexpr(17)  # log Z_q at alpha, from K at the nearer end (a solved row)
-
-
-@triton.jit
-def _mix32(x):
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x2C1B3C6D
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _safe(m):
-    return tl.where(m == NEG_INF, 0.0, m)
-
-
-@triton.jit
-def _expm1(d):
-    """exp(d) - 1 for |d| < 0.1 to ~1e-9 relative (Taylor: exp(d) - 1 cancels there)."""
-    return d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0)))))
-
-
-@triton.jit
-def _tempered(raw_b, raw_t, inv_temp):
-    """z_b / T, z_t / T, d = (z_t - z_b) / T and the joint support; on it z_t / T is z_b / T + d."""
-    joint = (raw_b > NEG_INF) & (raw_t > NEG_INF)
-    d = tl.where(joint, (raw_t - raw_b) * inv_temp, 0.0)
-    zb = raw_b * inv_temp
-    zt = tl.where(joint, zb + d, raw_t * inv_temp)
-    return zb, zt, d, joint
-
-
-@triton.jit
-def _fetch(zb_ptr, zt_ptr, idx, end):
-    """Issue the loads of the block at idx, unconverted: the loop uses them one step later, so
-    the next block's memory latency hides behind this block's arithmetic."""
-    ok = idx < end
-    return tl.load(zb_ptr + idx, mask=ok, other=NEG_INF), tl.load(zt_ptr + idx, mask=ok, other=NEG_INF)
-
-
-@triton.jit
-def _online(m, s, x):
-    """Per-lane running max m and sum s of exp(. - m) after x; also exp(-|x - m|) and x > m."""
-    m_new = tl.maximum(m, x)
-    t = tl.exp(tl.minimum(m, x) - _safe(m_new))
-    up = x > m
-    return m_new, tl.where(up, s * t + 1.0, s + t), t, up
-
-
-@triton.jit
-def _lanes(m, s):
-    """Reduce per-lane (max, sum) [BLOCK] to one (max, sum), and the lanes' rescale factors."""
-    top = tl.max(m)
-    scale = tl.exp(m - _safe(top))
-    return top, tl.sum(s * scale), scale
-
-
-@triton.jit
-def _merge_lse(m, s, m_b, s_b):
-    m_new = tl.maximum(m, m_b)
-    return m_new, s * tl.exp(m - _safe(m_new)) + s_b * tl.exp(m_b - _safe(m_new))
-
-
-@triton.jit
-def _lse(m, s):
-    return tl.where(s > 0, m + tl.log(s), NEG_INF)
-
-
-@triton.jit
-def _grid(j, lo, hi, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr):
-    """Grid points: K - FIRST_IN evenly spaced over [lo, hi] at FIRST_IN.., and 0 and 1 before them
-    where the bracket lacks them."""
-    steps = K - 1 - FIRST_IN
-    even = lo + (hi - lo) * (j - FIRST_IN).to(tl.float32) / steps
-    pts = tl.where(j == FIRST_IN, lo, tl.where(j == K - 1, hi, even))
-    pts = tl.where((j == ZERO_AT) & (j < FIRST_IN), 0.0, pts)
-    return tl.where((j == ONE_AT) & (j < FIRST_IN), 1.0, pts)
 
 
 @triton.jit
@@ -166,75 +89,45 @@ def row_kernel(
     rmt = tl.full([1, BLOCK], NEG_INF, tl.float32)
     rst = tl.zeros([1, BLOCK], tl.float32)
     j = tl.arange(0, K)
-    s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+    s_pts = grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
     top = tl.full([K, BLOCK], NEG_INF, tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
-        zb, zt, d, joint = _tempered(raw_b, raw_t, inv_temp)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        zb, zt, d, joint = tempered(raw_b, raw_t, inv_temp)
         far += ((raw_b > NEG_INF) != (raw_t > NEG_INF)).to(tl.int32)
-        mb, sb, _, up = _online(mb, sb, zb)
+        mb, sb, _, up = online(mb, sb, zb)
         d_top = tl.where(up, d, d_top)
-        mt, st, _, _ = _online(mt, st, zt)
+        mt, st, _, _ = online(mt, st, zt)
         if TEMPERED:
-            rmb, rsb, _, _ = _online(rmb, rsb, raw_b)
-            rmt, rst, _, _ = _online(rmt, rst, raw_t)
+            rmb, rsb, _, _ = online(rmb, rsb, raw_b)
+            rmt, rst, _, _ = online(rmt, rst, raw_t)
         if MAXIMA:
             top = tl.maximum(top, tl.where(joint, zb, NEG_INF) + s_pts[:, None] * d)  # d = 0 off joint
-    out = part_ptr + (row * SPLITS + split) * 10  # float64: the precise shift is a ratio of these sums
+    out = (
+        part_ptr + (row * SPLITS + split) * ROW_STATS_W
+    )  # float64: the precise shift is a ratio of these sums
     m = tl.max(mb)
-    scale = tl.exp(mb - _safe(m)).to(tl.float64)
+    scale = tl.exp(mb - safe(m)).to(tl.float64)
     tl.store(out, m.to(tl.float64))
     tl.store(out + 1, tl.sum(sb.to(tl.float64) * scale))
     tl.store(out + 4, tl.max(tl.where(mb == m, d_top, NEG_INF)))
-    m, s, _ = _lanes(mt, st)
+    m, s, _ = reduce_lanes(mt, st)
     tl.store(out + 2, m)
     tl.store(out + 3, s)
     tl.store(out + 5, tl.sum(far).to(tl.float32))
     if TEMPERED:
-        m, s, _ = _lanes(rmb, rsb)
+        m, s, _ = reduce_lanes(rmb, rsb)
         tl.store(out + 6, m)
         tl.store(out + 7, s)
-        m, s, _ = _lanes(rmt, rst)
+        m, s, _ = reduce_lanes(rmt, rst)
         tl.store(out + 8, m)
         tl.store(out + 9, s)
     if MAXIMA:
         tl.store(max_ptr + (row * SPLITS + split) * K + j, tl.max(top, axis=1))
-
-
-@triton.jit
-def _log1p(r):
-    """log(1 + r) in float64 for |r| < 0.5 (atanh series, ~1e-13), else float32 log."""
-    y = r / (2.0 + r)
-    y2 = y * y
-    series = (
-        2.0
-        * y
-        * (
-            1.0
-            + y2
-            * (
-                1.0 / 3
-                + y2
-                * (
-                    1.0 / 5
-                    + y2
-                    * (
-                        1.0 / 7
-                        + y2
-                        * (
-                            1.0 / 9
-                            + y2 * (1.0 / 11 + y2 * (1.0 / 13 + y2 * (1.0 / 15 + y2 * (1.0 / 17 + y2 / 19))))
-                        )
-                    )
-                )
-            )
-        )
-    )
-    return tl.where(tl.abs(r) < 0.5, series, tl.log(1.0 + r.to(tl.float32)).to(tl.float64))  # fmt: skip
 
 
 @triton.jit
@@ -253,21 +146,21 @@ def row_combine_kernel(
     j = tl.arange(0, K)
     top = tl.full([K], NEG_INF, tl.float32)
     for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
-        at = part_ptr + (row * SPLITS + sp) * 10
+        at = part_ptr + (row * SPLITS + sp) * ROW_STATS_W
         pm = tl.load(at).to(tl.float32)
         m_new = tl.maximum(mb, pm)
-        old, new = tl.exp(mb - _safe(m_new)).to(tl.float64), tl.exp(pm - _safe(m_new)).to(tl.float64)
+        old, new = tl.exp(mb - safe(m_new)).to(tl.float64), tl.exp(pm - safe(m_new)).to(tl.float64)
         sb = sb * old + tl.load(at + 1) * new
         centre = tl.where(pm > mb, tl.load(at + 4).to(tl.float32), centre)
         mb = m_new
-        mt, st = _merge_lse(mt, st, tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32))
+        mt, st = merge_lse(mt, st, tl.load(at + 2).to(tl.float32), tl.load(at + 3).to(tl.float32))
         far += tl.load(at + 5).to(tl.float32)
         if TEMPERED:
-            rmb, rsb = _merge_lse(rmb, rsb, tl.load(at + 6).to(tl.float32), tl.load(at + 7).to(tl.float32))
-            rmt, rst = _merge_lse(rmt, rst, tl.load(at + 8).to(tl.float32), tl.load(at + 9).to(tl.float32))
+            rmb, rsb = merge_lse(rmb, rsb, tl.load(at + 6).to(tl.float32), tl.load(at + 7).to(tl.float32))
+            rmt, rst = merge_lse(rmt, rst, tl.load(at + 8).to(tl.float32), tl.load(at + 9).to(tl.float32))
         if MAXIMA:
             top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
-    lse_b, lse_t = _lse(mb, sb.to(tl.float32)), _lse(mt, st)
+    lse_b, lse_t = lse(mb, sb.to(tl.float32)), lse(mt, st)
     rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)  # the grid pass refines it
     st_ptr = state_ptr + row * STATE_W
     tl.store(st_ptr + LSE_B, lse_b.to(tl.float64))
@@ -278,8 +171,8 @@ def row_combine_kernel(
     tl.store(st_ptr + OUTCOME, 0.0)
     tl.store(st_ptr + DONE, 0.0)
     if TEMPERED:
-        tl.store(st_ptr + RAW_LSE_B, _lse(rmb, rsb).to(tl.float64))
-        tl.store(st_ptr + RAW_LSE_T, _lse(rmt, rst).to(tl.float64))
+        tl.store(st_ptr + RAW_LSE_B, lse(rmb, rsb).to(tl.float64))
+        tl.store(st_ptr + RAW_LSE_T, lse(rmt, rst).to(tl.float64))
     else:
         tl.store(st_ptr + RAW_LSE_B, lse_b.to(tl.float64))
         tl.store(st_ptr + RAW_LSE_T, lse_t.to(tl.float64))
@@ -308,7 +201,7 @@ def stats_kernel(
     st_ptr = state_ptr + row * STATE_W
     j = tl.arange(0, K)
     if GRID:
-        s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+        s_pts = grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
     else:
         s_pts = tl.load(pts_ptr + row * K + j)
     refs = tl.load(refs_ptr + row * K + j)
@@ -329,16 +222,14 @@ def stats_kernel(
     p_em1 = tl.zeros([1, BLOCK], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, blocks):
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
-        zb, _, d, joint = _tempered(raw_b, raw_t, inv_temp)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        zb, _, d, joint = tempered(raw_b, raw_t, inv_temp)
         g = tl.where(joint, (d - centre) - shift, 0.0)
         zj = tl.where(joint, zb, NEG_INF)  # off the joint support: exp(-inf) = 0 and d = g = 0
-        e = tl.exp(
-            (zj - _safe(refs)[:, None]) + s_pts[:, None] * d
-        )  # the exponent is near 0 where it matters
+        e = tl.exp((zj - safe(refs)[:, None]) + s_pts[:, None] * d)  # the exponent is near 0 where it matters
         eg = e * g
         w += e
         s1 += eg
@@ -347,21 +238,23 @@ def stats_kernel(
             pb = tl.sum(tl.where(j[:, None] == ZERO_AT, e, 0.0), axis=0, keep_dims=True)  # 0 off joint
             pt = tl.sum(tl.where(j[:, None] == ONE_AT, e, 0.0), axis=0, keep_dims=True) * kappa
             p_sum += pb
-            p_em1 += tl.where(tl.abs(g) < 0.1, pb * _expm1(g), pt - pb)
+            p_em1 += tl.where(tl.abs(g) < 0.1, pb * expm1(g), pt - pb)
     if live:
         if GRID:
-            at = shift_ptr + (row * SPLITS + split) * 3
+            at = shift_ptr + (row * SPLITS + split) * SHIFT_STATS_W
             tl.store(at, tl.sum(p_sum.to(tl.float64)))
             tl.store(at + 1, tl.sum(p_em1.to(tl.float64)))
             tl.store(at + 2, (log_kappa > 80.0).to(tl.float64))
-        out = part_ptr + ((row * SPLITS + split) * K + j) * 3  # float64: f is a tiny sum of O(|g|) terms
+        out = (
+            part_ptr + ((row * SPLITS + split) * K + j) * STATS_W
+        )  # float64: f is a tiny sum of O(|g|) terms
         tl.store(out, tl.sum(w.to(tl.float64), axis=1))
         tl.store(out + 1, tl.sum(s1.to(tl.float64), axis=1))
         tl.store(out + 2, tl.sum(s2, axis=1).to(tl.float64))
 
 
 @triton.jit
-def _narrow(s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid):
+def narrow(s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid):
     """Shrink [left, right] to the sign change among the evaluated points (f increasing); f, f'
     and K follow the ends."""
     neg = valid & (f <= 0) & (s_pts >= left)
@@ -384,13 +277,13 @@ def _narrow(s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_
 
 
 @triton.jit
-def _inside(x, left, right):
+def inside(x, left, right):
     ok = (x > left) & (x < right) & (x == x)
     return tl.where(ok, x, 0.5 * (left + right))
 
 
 @triton.jit
-def _estimate(left, right, f_left, f_right, fp_left, fp_right):
+def estimate(left, right, f_left, f_right, fp_left, fp_right):
     """Best root estimate in [left, right]: Newton from the end with the shorter step, else secant.
 
     The ends count as inside: a root within float32 rounding of an end is that end."""
@@ -404,7 +297,7 @@ def _estimate(left, right, f_left, f_right, fp_left, fp_right):
 
 
 @triton.jit
-def _converged(left, right, f_left, f_right, fp_left, fp_right):
+def converged(left, right, f_left, f_right, fp_left, fp_right):
     """The bracket is narrower than DONE_WIDTH, or a Newton step from an end is below 1e-7."""
     step_l = tl.abs(f_left) / tl.where(fp_left > 0, fp_left, 1e-30)
     step_r = tl.abs(f_right) / tl.where(fp_right > 0, fp_right, 1e-30)
@@ -422,14 +315,14 @@ def combine_kernel(
     st = state_ptr + row * STATE_W
     j = tl.arange(0, K)
     if GRID:
-        s_pts = _grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
+        s_pts = grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
     else:
         s_pts = tl.load(pts_ptr + row * K + j)
     w = tl.zeros([K], tl.float64)
     s1 = tl.zeros([K], tl.float64)
     s2 = tl.zeros([K], tl.float64)
     for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
-        at = part_ptr + ((row * SPLITS + sp) * K + j) * 3
+        at = part_ptr + ((row * SPLITS + sp) * K + j) * STATS_W
         w += tl.load(at)
         s1 += tl.load(at + 1)
         s2 += tl.load(at + 2)
@@ -443,12 +336,12 @@ def combine_kernel(
         p_em1 = tl.zeros([], tl.float64)
         risky = tl.zeros([], tl.float64)
         for sp in range(0, SPLITS):
-            at = shift_ptr + (row * SPLITS + sp) * 3
+            at = shift_ptr + (row * SPLITS + sp) * SHIFT_STATS_W
             p_sum += tl.load(at)
             p_em1 += tl.load(at + 1)
             risky += tl.load(at + 2)
         precise = (tl.load(st + FAR) == 0) & (risky == 0) & (p_sum > 0)
-        shift = tl.where(precise, _log1p(p_em1 / tl.where(p_sum > 0, p_sum, 1.0)), tl.load(st + SHIFT))
+        shift = tl.where(precise, log1p(p_em1 / tl.where(p_sum > 0, p_sum, 1.0)), tl.load(st + SHIFT))
         tl.store(st + SHIFT, shift)
         mean = mean - shift
     else:  # the stats pass took g = d - c - float32(shift'): take off what float32 rounded away
@@ -465,23 +358,23 @@ def combine_kernel(
         fp_hi = tl.sum(tl.where(j == K - 1, fp, 0.0), axis=0)
         k_lo = tl.sum(tl.where(j == FIRST_IN, k, 0.0), axis=0)
         k_hi = tl.sum(tl.where(j == K - 1, k, 0.0), axis=0)
-        same = (jeffreys <= 1e-9) | (tl.max(w, axis=0) <= 0)
+        same = (jeffreys <= IDENTICAL) | (tl.max(w, axis=0) <= 0)
         outcome = tl.where(same, 3.0, tl.where(f_lo >= 0, 1.0, tl.where(f_hi <= 0, 2.0, 0.0)))
-        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = _narrow(
+        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = narrow(
             s_pts, f, fp, k, lo, hi, f_lo, f_hi, fp_lo, fp_hi, k_lo, k_hi, valid & (j >= FIRST_IN)
         )  # fmt: skip
         tl.store(st + OUTCOME, outcome.to(tl.float64))
-        done = (outcome != 0) | _converged(left, right, f_left, f_right, fp_left, fp_right)
+        done = (outcome != 0) | converged(left, right, f_left, f_right, fp_left, fp_right)
     else:
         left, right = tl.load(st + LEFT).to(tl.float32), tl.load(st + RIGHT).to(tl.float32)
         f_left, f_right = tl.load(st + F_LEFT).to(tl.float32), tl.load(st + F_RIGHT).to(tl.float32)
         fp_left, fp_right = tl.load(st + FP_LEFT).to(tl.float32), tl.load(st + FP_RIGHT).to(tl.float32)
         k_left, k_right = tl.load(st + K_LEFT), tl.load(st + K_RIGHT)
         # a row already done skipped this pass: no point is valid
-        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = _narrow(
+        left, right, f_left, f_right, fp_left, fp_right, k_left, k_right = narrow(
             s_pts, f, fp, k, left, right, f_left, f_right, fp_left, fp_right, k_left, k_right, valid
         )  # fmt: skip
-        done = done | _converged(left, right, f_left, f_right, fp_left, fp_right)
+        done = done | converged(left, right, f_left, f_right, fp_left, fp_right)
     tl.store(st + LEFT, left.to(tl.float64))
     tl.store(st + RIGHT, right.to(tl.float64))
     tl.store(st + F_LEFT, f_left.to(tl.float64))
@@ -492,7 +385,7 @@ def combine_kernel(
     tl.store(st + K_RIGHT, k_right)
     tl.store(st + DONE, done.to(tl.float64))
     if LAST:
-        alpha = _estimate(left, right, f_left, f_right, fp_left, fp_right)
+        alpha = estimate(left, right, f_left, f_right, fp_left, fp_right)
         outcome = tl.load(st + OUTCOME).to(tl.float32)
         alpha = tl.where(outcome == 1.0, lo, tl.where(outcome == 2.0, hi, alpha))
         alpha = tl.where(outcome == 3.0, 0.5 * (lo + hi), alpha)
@@ -513,7 +406,7 @@ def combine_kernel(
         secant = left - f_left * (right - left) / (f_right - f_left)
         even = left + (right - left) * (jn - 2).to(tl.float32) / (KN - 2)
         cand = tl.where(jn == 0, left - f_left / fp_left, tl.where(jn == 1, right - f_right / fp_right, even))
-        cand = _inside(tl.where(jn == 2, secant, cand), left, right)
+        cand = inside(tl.where(jn == 2, secant, cand), left, right)
         # reference: the chord of the grid maxima over the bracket grid (evenly spaced on [lo, hi])
         h = (hi - lo) / (KG - 1 - FIRST_IN)
         pos = (cand - lo) / tl.where(h > 0, h, 1.0)
@@ -524,230 +417,3 @@ def combine_kernel(
         ref = g0 + (g1 - g0) * frac
         tl.store(next_ptr + row * KN + jn, cand)
         tl.store(next_refs_ptr + row * KN + jn, ref)
-
-
-@triton.jit
-def _mixed(zb, zt, lse_b, lse_t, alpha):
-    """Unnormalised log q = (1-alpha) lp_b + alpha lp_t with 0 * (-inf) = 0."""
-    wb = 1.0 - alpha
-    return tl.where(wb == 0, 0.0, wb * (zb - lse_b)) + tl.where(alpha == 0, 0.0, alpha * (zt - lse_t))
-
-
-@triton.jit
-def _row_key(seeds_ptr, steps_ptr, row):
-    return _mix32(_mix32(tl.load(seeds_ptr + row).to(tl.uint32)) ^ tl.load(steps_ptr + row).to(tl.uint32))
-
-
-@triton.jit
-def _gumbel(row_key, idx):
-    """The Gumbel noise of noise index idx: -log(-log(u)) with u = sampling.noise_uniforms', bit for bit."""
-    bits = _mix32(_mix32(row_key ^ _mix32(idx.to(tl.uint32) * 0x9E37)) ^ row_key)
-    unif = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-    return -tl.log(-tl.log(unif))
-
-
-@triton.jit
-def _first_max(key, idx, none):
-    """(max of key, the smallest idx holding it); NaN keys count as -inf."""
-    key = tl.where(key == key, key, NEG_INF)
-    top = tl.max(key, axis=0)
-    return top, tl.min(tl.where(key == top, idx, none), axis=0)
-
-
-@triton.jit
-def _log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, wb, wt, ref, TEMPERED: tl.constexpr):
-    """(1 - alpha) lp_b + alpha lp_t - ref = log q + log Z_q - ref, cheaply: each log-prob is
-    clamped at -1e30, so a -inf one times a zero weight is 0 and times a positive weight ~-inf."""
-    if TEMPERED:
-        raw_b, raw_t = raw_b * inv_temp, raw_t * inv_temp
-    lb = tl.maximum(raw_b - lse_b, -1e30)
-    lt = tl.maximum(raw_t - lse_t, -1e30)
-    return wb * lb + (wt * lt - ref)
-
-
-@triton.jit
-def _row_mix(alpha_ptr, st, row):
-    """A row's alpha and its tempered policies' log-normalisers (lse_b, lse_t) from the state row
-    `st`: what every pass over log q (mass, draw, argmax) starts from."""
-    return tl.load(alpha_ptr + row), tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
-
-
-@triton.jit
-def mass_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Per (row, draw chunk): the chunk's mass of q as a (max, sum) pair, one exp per token and no
-    noise. A solved row sums exp(log q + log Z_q - LOG_Z), q up to the Taylor error of LOG_Z
-    (every term <= ~1, so no overflow, and the mass is not lost to underflow); a row whose alpha
-    was not solved (ONLINE) keeps a running max per lane instead."""
-    row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    zb_ptr += row * stride_b
-    zt_ptr += row * stride_t
-    st = state_ptr + row * STATE_W
-    alpha, lse_b, lse_t = _row_mix(alpha_ptr, st, row)
-    if ONLINE:
-        ref = 0.0
-    else:
-        ref = tl.load(st + LOG_Z).to(tl.float32)
-    lanes = tl.arange(0, BLOCK)
-    mq = tl.full([BLOCK], NEG_INF, tl.float32)
-    sq = tl.zeros([BLOCK], tl.float32)
-    start = c * chunk
-    end = tl.minimum(start + chunk, V)
-    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
-    for i in range(0, n_blocks):
-        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t = _fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
-        u = _log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, 1.0 - alpha, alpha, ref, TEMPERED)
-        if ONLINE:
-            mq, sq, _, _ = _online(mq, sq, u)
-        else:
-            sq += tl.exp(u)
-    if ONLINE:
-        m, s, _ = _lanes(mq, sq)
-    else:
-        m, s = ref, tl.sum(sq, axis=0)
-    at = part_ptr + (row * CHUNKS + c) * 2
-    tl.store(at, m)
-    tl.store(at + 1, s)
-
-
-@triton.jit
-def _write_outputs(
-    zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, alpha, token, log_z, tok_ptr, lp_ptr, host_ptr, B, row
-):  # fmt: skip
-    """The token and its log-probs: lp [3, B] (base, teacher, q) and all five as host [B, 5] float64."""
-    lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
-    tb = tl.load(zb_ptr + row * stride_b + token).to(tl.float32)
-    tt = tl.load(zt_ptr + row * stride_t + token).to(tl.float32)
-    zb, zt, _, _ = _tempered(tb, tt, inv_temp)
-    lp_b = tb - tl.load(st + RAW_LSE_B).to(tl.float32)
-    lp_t = tt - tl.load(st + RAW_LSE_T).to(tl.float32)
-    lp_q = _mixed(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
-    tl.store(tok_ptr + row, token.to(tl.int64))
-    tl.store(lp_ptr + row, lp_b)
-    tl.store(lp_ptr + B + row, lp_t)
-    tl.store(lp_ptr + 2 * B + row, lp_q.to(tl.float32))
-    host = host_ptr + row * 5
-    tl.store(host, token.to(tl.float64))
-    tl.store(host + 1, lp_b.to(tl.float64))
-    tl.store(host + 2, lp_t.to(tl.float64))
-    tl.store(host + 3, lp_q.to(tl.float32).to(tl.float64))
-    tl.store(host + 4, alpha.to(tl.float64))
-
-
-@triton.jit
-def draw_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
-    part_ptr, tok_ptr, lp_ptr, host_ptr, B,
-    CHUNKS: tl.constexpr, CHUNK_NOISE: tl.constexpr, SCAN: tl.constexpr,
-):  # fmt: skip
-    """Per row, the two-level Gumbel-max draw (sampling.sample_tokens): a chunk by its log-mass
-    plus chunk noise, then a token of that chunk by u plus token noise; log Z_q from the masses."""
-    row = tl.program_id(0).to(tl.int64)
-    st = state_ptr + row * STATE_W
-    row_key = _row_key(seeds_ptr, steps_ptr, row)
-    c = tl.arange(0, CHUNKS)
-    m = tl.load(part_ptr + (row * CHUNKS + c) * 2)
-    s = tl.load(part_ptr + (row * CHUNKS + c) * 2 + 1)
-    top = tl.max(m, axis=0)
-    log_z = top.to(tl.float64) + tl.log(
-        tl.sum(s.to(tl.float64) * tl.exp(m - _safe(top)).to(tl.float64), axis=0)
-    )
-    # (no `_` assigned before the loop: Triton would type it as a loop-carried variable)
-    picked = _first_max(_lse(m, s) + _gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)[1]
-    alpha, lse_b, lse_t = _row_mix(alpha_ptr, st, row)
-    start = picked * chunk
-    end = tl.minimum(start + chunk, V)
-    lanes = tl.arange(0, SCAN)
-    best = tl.full([], NEG_INF, tl.float32)
-    token = tl.zeros([], tl.int32)
-    for i in range(0, tl.cdiv(chunk, SCAN)):
-        idx = start + i * SCAN + lanes
-        ok = idx < end
-        raw_b = tl.load(zb_ptr + row * stride_b + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        raw_t = tl.load(zt_ptr + row * stride_t + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
-        key = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha) + _gumbel(row_key, idx), NEG_INF)
-        top_i, at = _first_max(key, idx, 2147483647)
-        better = top_i > best  # later blocks hold larger indices: the first index wins ties
-        token = tl.where(better, at, token)
-        best = tl.where(better, top_i, best)
-    _write_outputs(
-        zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, alpha, token, log_z, tok_ptr, lp_ptr, host_ptr, B, row
-    )  # fmt: skip
-
-
-@triton.jit
-def argmax_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Greedy, per (row, chunk): the largest u and its index, and (ONLINE_LSE: rows whose alpha was
-    not solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
-    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    zb_ptr += row * stride_b
-    zt_ptr += row * stride_t
-    alpha, lse_b, lse_t = _row_mix(alpha_ptr, state_ptr + row * STATE_W, row)
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], NEG_INF, tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
-    mq = tl.full([BLOCK], NEG_INF, tl.float32)
-    sq = tl.zeros([BLOCK], tl.float32)
-    start = split * chunk
-    end = tl.minimum(start + chunk, V)
-    next_b, next_t = _fetch(zb_ptr, zt_ptr, start + lanes, end)
-    for i in range(0, n_blocks):
-        idx = start + i * BLOCK + lanes
-        ok = idx < end
-        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
-        next_b, next_t = _fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
-        zb, zt, _, _ = _tempered(raw_b, raw_t, inv_temp)
-        u = tl.where(ok, _mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
-        if ONLINE_LSE:
-            mq, sq, _, _ = _online(mq, sq, u)
-        key = tl.where(u == u, u, NEG_INF)
-        better = key > best  # indices rise along a lane: the first index wins ties
-        best_idx = tl.where(better, idx, best_idx)
-        best = tl.where(better, key, best)
-    top = tl.max(best, axis=0)
-    at = part_ptr + (row * SPLITS + split) * 4
-    tl.store(at, top)
-    tl.store(
-        at + 1, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0).to(tl.float32)
-    )  # exact: V < 2**24
-    if ONLINE_LSE:
-        m, s, _ = _lanes(mq, sq)
-        tl.store(at + 2, m)
-        tl.store(at + 3, s)
-
-
-@triton.jit
-def argmax_finish_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    tok_ptr, lp_ptr, host_ptr, B,
-    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr,
-):  # fmt: skip
-    """Greedy: merge a row's partials into the token (first index on ties) and its outputs."""
-    row = tl.program_id(0).to(tl.int64)
-    best = tl.full([], NEG_INF, tl.float32)
-    best_idx = tl.zeros([], tl.int32)
-    mq, sq = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
-    for sp in range(0, SPLITS):
-        at = part_ptr + (row * SPLITS + sp) * 4
-        value = tl.load(at)
-        better = value > best
-        best_idx = tl.where(better, tl.load(at + 1).to(tl.int32), best_idx)
-        best = tl.where(better, value, best)
-        if ONLINE_LSE:
-            mq, sq = _merge_lse(mq, sq, tl.load(at + 2), tl.load(at + 3))
-    st = state_ptr + row * STATE_W
-    if ONLINE_LSE:
-        log_z = _lse(mq, sq).to(tl.float64)
-    else:
-        log_z = tl.load(st + LOG_Z)
-    _write_outputs(
-        zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, st, tl.load(alpha_ptr + row), best_idx, log_z,
-        tok_ptr, lp_ptr, host_ptr, B, row,
-    )  # fmt: skip
