@@ -38,13 +38,12 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from optimal_sampling.config import MixConfig, SamplingParams
-from optimal_sampling.engines.base import SlotRequest, admit_group, spare_slots
+from optimal_sampling.engines.base import Ready, SlotRequest, admit_group, spare_slots
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
 from optimal_sampling.engines.fast.mixing_fast import fused_outputs
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.step import sample_step
-from optimal_sampling.runtime.sampler import FirstDraw
 
 VOCAB = 151936
 PROMPT = 128
@@ -245,7 +244,7 @@ def bench_variable(
             if overlap:
                 handle = loop.start_async(admitted, batch_prompts)
             else:
-                handle = FirstDraw({"tokens": loop.start(admitted, batch_prompts)})
+                handle = Ready({"tokens": loop.start(admitted, batch_prompts)})
             pending = admitted, [target for _, target in jobs], handle
             refills += 1
         if pending is not None and (not busy or pending[2].ready()):
@@ -267,7 +266,7 @@ def bench_variable(
                 queued = rows, loop.launch(rows, asked)
             else:
                 tokens = loop.step(rows, [active[s][2] for s in rows], asked)
-                queued = rows, FirstDraw({"tokens": tokens})
+                queued = rows, Ready({"tokens": tokens})
             steps += 1
         if pipelined:
             queued, in_flight = in_flight, queued

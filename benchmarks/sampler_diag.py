@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_decode, when run from the repo root
 
 import optimal_sampling.engines.fast.mixing_fast as mf
-import optimal_sampling.engines.fast.triton_mix as tm
+import optimal_sampling.engines.fast.triton_row_state as tm
 from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.mixing.alpha import solve_alpha
 

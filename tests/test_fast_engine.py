@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -267,6 +268,51 @@ def check_fused_sampler(device: str, temperature: float, bracket: tuple[float, f
     assert fused.to_host() == replace(fused, host_rows=None).to_host()
 
 
+def check_fused_entropy_and_diagnostics(device: str, temperature: float, method: str) -> None:
+    """alpha of the entropy and reverse_kl_symmetry methods and the diagnostics at the fused alpha
+    against float64, and the tokens against the torch step."""
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+    from optimal_sampling.mixing.diagnostics import step_diagnostics
+
+    base, teacher = (x.to(device) for x in adversarial_logits())
+    mix = MixConfig(alpha_method=method, alpha_min=0.2, alpha_max=0.9)
+    params = SamplingParams(temperature=temperature, collect_diagnostics=True)
+    rows = base.shape[0]
+    seeds, steps = torch.arange(rows, device=device) * 31 + 5, torch.arange(rows, device=device)
+    fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
+    exact = sample_step(base, teacher, seeds, steps, mix, params)
+    t = temperature or 1.0
+    lp_b, lp_t = tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t)
+    if method in ("entropy", "reverse_kl_symmetry"):
+        exact_mix = MixConfig(alpha_method=method, alpha_min=0.2, alpha_max=0.9)
+        error = (fused.alpha.double() - solve_alpha(lp_b, lp_t, exact_mix)).abs()
+        assert error.max() <= 1e-4, f"alpha off by {error.tolist()}"
+    assert fused.tokens.tolist() == exact.tokens.tolist()
+    want = step_diagnostics(mix_logprobs(lp_b, lp_t, fused.alpha.double()), lp_b, lp_t)
+    for name in ("kl_q_base", "kl_q_teacher"):
+        torch.testing.assert_close(
+            getattr(fused, name).double(), getattr(want, name), atol=2e-5, rtol=1e-4, msg=name
+        )
+    # ESS ratios span hundreds of orders of magnitude (row 4); compared in log space, as float32 holds them
+    want_ratio = want.ess_ratio.float().double()
+    torch.testing.assert_close(fused.ess_ratio.double().log(), want_ratio.log(), atol=1e-4, rtol=1e-4)
+    assert fused.to_host() == replace(fused, host_rows=None).to_host()  # the packed rows hold all eight
+
+
+def test_fused_step_covers_the_alpha_methods_with_diagnostics():
+    """Which configurations the engine's captured step runs on the fused kernels (CUDA)."""
+    from optimal_sampling.engines.fast.mixing_fast import fused_supported
+
+    for method in ("kl_symmetry", "entropy", "reverse_kl_symmetry", "fixed"):
+        for diagnostics in (False, True):
+            assert fused_supported(
+                MixConfig(alpha_method=method), SamplingParams(collect_diagnostics=diagnostics)
+            )
+    assert not fused_supported(MixConfig(alpha_method="ess_balance"), SamplingParams())
+    assert not fused_supported(MixConfig(), SamplingParams(top_p=0.9))
+    assert not fused_supported(MixConfig(constraint_to_target=True, target_top_k=5), SamplingParams())
+
+
 def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
     from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
 
@@ -404,6 +450,16 @@ def run_kernel_checks(device: str) -> None:
         configs = [(0.6, (0.0, 1.0)), (1.0, (0.2, 0.8)), (0.3, (0.7, 0.7))]
     for temperature, bracket in configs:
         check_fused_sampler(device, temperature, bracket)
+    methods = (
+        (1.0, "entropy"),
+        (0.6, "kl_symmetry"),
+        (0.0, "entropy"),
+        (0.8, "fixed"),
+        (0.7, "reverse_kl_symmetry"),
+    )
+    for temperature, method in methods:
+        if device == "cuda" or temperature != 0.0:
+            check_fused_entropy_and_diagnostics(device, temperature, method)
     check_fixed_alpha_one_is_the_teacher(device)
     check_decode_attention(device)
     check_rope_decode_attention(device)

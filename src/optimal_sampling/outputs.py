@@ -5,6 +5,11 @@ Per token: logprob_base / logprob_teacher are the untempered policies' log-probs
 logprob_q the log-prob under the distribution it was actually drawn from (after temperature,
 teacher constraint and truncation). exp(sum(logprob_base) - sum(logprob_q)) is the exact
 sequence importance weight pi_base(y) / q(y); likewise for the teacher.
+
+Weight versions (live updates, runtime/weights.py): `weight_version` is the version of the weights
+that drew the sample's first token (0: the weights the sampler was built with). A sample that ran
+across an update also lists `weight_versions`, one per token; it is None when every token has
+`weight_version`. A request ended by an update with abort_running=True has finish reason "abort".
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ SAMPLE_FIELD_OF_STEP = {
     "ess_ratio": "ess_ratios",
     "kl_q_base": "kl_q_base",
     "kl_q_teacher": "kl_q_teacher",
+    "weight_version": "weight_versions",
 }
 DIAGNOSTIC_FIELDS = ("alphas", "ess_ratios", "kl_q_base", "kl_q_teacher")
 
@@ -39,6 +45,11 @@ def sample_columns(step_columns: dict[str, list], with_diagnostics: bool) -> dic
     else:
         for name in DIAGNOSTIC_FIELDS:
             columns.pop(name, None)
+    versions = columns.pop("weight_versions", None)
+    if versions:
+        columns["weight_version"] = versions[0]
+        if len(set(versions)) > 1:
+            columns["weight_versions"] = list(versions)
     return columns
 
 
@@ -50,7 +61,7 @@ class Sample:
     teacher_prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (a weight update ended it)
     logprobs_base: list[float]
     logprobs_teacher: list[float]
     logprobs_q: list[float]
@@ -59,6 +70,8 @@ class Sample:
     kl_q_base: list[float] | None = None
     kl_q_teacher: list[float] | None = None
     stop_reason: str | int | None = None  # the stop string or EOS id that ended the sample
+    weight_version: int = 0  # version of the weights that drew the first token
+    weight_versions: list[int] | None = None  # per token, only when the sample spans an update
 
     @property
     def sum_logprob_base(self) -> float:

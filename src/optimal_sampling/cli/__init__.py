@@ -5,14 +5,17 @@ Each subcommand is one `Command` in `COMMANDS`: a function that adds its argumen
 `commands.py` and only turn arguments into the job layer's options). Option names are the
 Python API's parameter names in kebab case.
 
-Exit codes: 0 success, 1 a check failed (`validate`), 2 a user mistake (one line on stderr, no
-traceback; `--traceback` shows it), 130 interrupted.
+Exit codes: 0 success, 1 a check failed (`validate`) or the disk is full (one line naming the file;
+the same command resumes), 2 a user mistake (one line on stderr, no traceback; `--traceback` shows
+it), 130 interrupted, 141 stdout closed early (`| head`: nothing is printed about it).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from .arguments import (
     add_parallel_arguments,
     add_prompt_arguments,
     add_sampling_arguments,
+    add_server_arguments,
 )
 
 PROG = "optimal-sampling"
@@ -110,6 +114,12 @@ def configure_vllm_model(p: argparse.ArgumentParser) -> None:
     add_mix_arguments(p)
 
 
+def configure_serve(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_mix_arguments(p)
+    add_server_arguments(p)
+
+
 COMMANDS: dict[str, Command] = {
     "generate": Command(
         "sample from the optimal mixture of a base and a teacher model",
@@ -135,6 +145,11 @@ COMMANDS: dict[str, Command] = {
         "write a vLLM model directory that samples from q (vllm serve DIR)",
         configure_vllm_model,
         "optimal_sampling.cli.commands:vllm_model",
+    ),  # fmt: skip
+    "serve": Command(
+        "serve the mixture over HTTP: the OpenAI API and SGLang's native /generate (needs the serve extra)",
+        configure_serve,
+        "optimal_sampling.cli.commands:serve",
     ),  # fmt: skip
 }
 
@@ -170,14 +185,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"choose a command: {', '.join(COMMANDS)} (see {PROG} --help)")
         module, function = COMMANDS[args.command].run.split(":")
         return getattr(importlib.import_module(module), function)(args)
+    except BrokenPipeError:
+        return _stdout_closed()
     except (ValueError, TypeError, OSError) as err:
         if getattr(args, "traceback", False):
             raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _report_error(err)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _report_error(err: BaseException) -> int:
+    """One line on stderr; the exit code: 1 for a full disk (not the user's mistake, and what was
+    written is kept), 2 for everything else."""
+    from ..jobs.store import DISK_FULL
+
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        where = f"cannot write {err.filename}" if err.filename else "cannot write"
+        print(f"{PROG}: error: {where}: {err.strerror or err}; free some space, then run the same command "
+              "again to resume", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+    return 2
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`| head -1`): stop quietly, as a SIGPIPE'd tool would. stdout
+    is pointed at /dev/null so that the interpreter's final flush does not complain again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (captured by a test): nothing to silence
+        pass
+    return 128 + int(signal.SIGPIPE)  # the shell's status for a pipeline member that lost its reader
 
 
 def _one_line(err: BaseException) -> str:

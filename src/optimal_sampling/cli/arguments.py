@@ -90,3 +90,22 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                         "WORLD_SIZE = replicas x T (default 1)")  # fmt: skip
     g.add_argument("--dp-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     g.add_argument("--dp-world", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: none)")  # fmt: skip
+    g.add_argument("--served-model-name", default="optimal-sampling",
+                   help="the model name clients send and /v1/models lists (default optimal-sampling)")  # fmt: skip
+    g.add_argument("--batch-size", type=int, default=64, help="sequences decoded together (default 64)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of requests that give none (default: a fresh random seed per request)")  # fmt: skip
+    g.add_argument("--tp-size", type=int, default=1, metavar="T",
+                   help="GPUs per model replica (tensor parallelism; helpers started by the engine process) (default 1)")  # fmt: skip
+    g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="on Ctrl-C/SIGTERM, seconds running requests get to finish before they are aborted (default 10)")  # fmt: skip
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")  # fmt: skip

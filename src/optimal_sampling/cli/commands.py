@@ -95,3 +95,27 @@ def vllm_model(args: argparse.Namespace) -> int:
     print(out)
     print(f"serve it with:  vllm serve {out}   (send requests with temperature 1)")
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the pair once (in the engine process), then serve it until Ctrl-C / SIGTERM."""
+    from ..server import require_serve_extra
+
+    require_serve_extra()
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    from ..runtime.sampler import SamplerSpec
+    from ..server.app import run_server
+    from ..server.state import ServerSettings
+
+    spec = SamplerSpec(
+        args.base,
+        args.teacher,
+        mix_config_of(args),
+        engine_config_of(args),
+        ParallelConfig(args.tp_size),
+        args.seed,
+    )
+    settings = ServerSettings(args.served_model_name, args.api_key, args.base, args.teacher)
+    run_server(spec, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
+    return 0

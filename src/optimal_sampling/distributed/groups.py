@@ -155,15 +155,24 @@ def start_tensor_parallel(
 
 
 def as_host(value):
-    """Tensors to lists, so a call pickles small and lands on the helper's own device."""
-    return value.tolist() if isinstance(value, torch.Tensor) else value
+    """Tensors to lists, so a call pickles small and lands on the helper's own device; the
+    (name, tensor) pairs of a weight update to CPU tensors (pickled as raw bytes, not lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, list) and value and all(is_named_tensor(item) for item in value):
+        return [(name, tensor.detach().to("cpu")) for name, tensor in value]
+    return value
+
+
+def is_named_tensor(item: object) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)
 
 
 class EngineProxy:
     """The leader's engine in self-started mode: every model-touching call goes to the helpers
     first (over the gloo control group), then runs here; everything else is delegated."""
 
-    CALLS = ("add", "decode", "decode_and_sample", "admit", "step", "release")
+    CALLS = ("add", "decode", "decode_and_sample", "admit", "step", "release", "load_weights")
 
     def __init__(self, engine, tp: TensorParallel):
         self._engine, self._tp = engine, tp

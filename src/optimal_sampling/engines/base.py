@@ -9,6 +9,11 @@ An engine implements `add` (prefill -> logits), `decode` (one token -> logits) a
 the defaults of `sample`, `admit` and `step` then run the torch step (the oracle) on the host's
 stream. The fast engine overrides them with its captured, pipelined versions.
 
+Live weight updates: `load_weights(model, [(name, tensor), ...])` copies full Hugging Face
+tensors into the engine's own weights in place (all validated first, see engines/weights.py).
+An engine supports it by describing its weights (`weight_map`); the default refuses clearly.
+The caller runs it between steps, never while one is being computed.
+
 Logits are returned cut to the shared vocabulary width `vocab_size`, so ids the tokenizer does
 not have are never sampled. Requests whose (base, teacher) prompt pair is identical are
 prefilled once and their caches copied (n samples per prompt).
@@ -25,6 +30,7 @@ import torch
 
 from ..config import MixConfig, SamplingParams
 from ..mixing.step import sample_step
+from .weights import NamedTensors, WeightMap, check_model_name, check_weights, load_checked
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class Engine(ABC):
     # Whether `step(tokens=None)` reads each slot's last token on the device, so the scheduler may
     # queue step n + 1 before it has read step n.
     pipelines: bool = False
+    # Whether the engine computes with the tensors of the Hugging Face models it was built from, so
+    # a weight update of the engine is one of those models too (False: it holds copies).
+    shares_model_weights: bool = False
 
     def batch_limit(self) -> int:
         """Most rows the scheduler puts in one step. An engine with more slots than this keeps
@@ -116,6 +125,24 @@ class Engine(ABC):
         tokens_t = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         logits_b, logits_t = self.decode(slots_t, tokens_t)
         return self.sample(logits_b, logits_t, row_seeds, steps, mix, params)
+
+    def weight_map(self, model: str) -> WeightMap:
+        """Where each Hugging Face parameter of `model` ("base" or "teacher") lives in this engine."""
+        raise NotImplementedError(
+            f"the {type(self).__name__} cannot update its weights in place; build a new sampler instead"
+        )
+
+    def check_weights(
+        self, model: str, shapes: Sequence[tuple[str, Sequence[int], torch.dtype | None]]
+    ) -> None:
+        """ValueError naming the first (name, shape, dtype) `load_weights` would refuse; touches nothing."""
+        check_weights(self.weight_map(check_model_name(model)), shapes, model)
+
+    def load_weights(self, model: str, weights: NamedTensors) -> None:
+        """Copy full Hugging Face tensors, as (name, tensor) pairs (a whole or partial state dict,
+        any floating dtype or device), into `model`'s weights in place; all checked first, so a
+        ValueError leaves every weight as it was. Only between steps."""
+        load_checked(self.weight_map(check_model_name(model)), weights, model)
 
     def close(self) -> None:
         """Release what the engine holds beyond memory (helper processes); idempotent."""

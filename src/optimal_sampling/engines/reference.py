@@ -4,6 +4,7 @@ It is the oracle every other engine is tested against, and the fallback for arch
 fast engine does not cover. Requests run in waves: a wave is prefilled together (left padding,
 positions counted over real tokens only, so padding never leaks into attention or positions),
 finished rows are dropped from the caches, and a new wave starts when all slots are free.
+Weight updates copy into the Hugging Face models' own parameters (tied ones under either name).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .base import Engine, SlotRequest, unique_prompts
+from .weights import WeightMap, hf_weight_map
 
 
 def cache_keyword(model: PreTrainedModel) -> str:
@@ -91,6 +93,7 @@ class _CachedModel:
 
 class ReferenceEngine(Engine):
     supports_refill = False
+    shares_model_weights = True
 
     def __init__(self, base: PreTrainedModel, teacher: PreTrainedModel, vocab_size: int, max_slots: int = 64):
         self.base = _CachedModel(base, vocab_size)
@@ -102,6 +105,9 @@ class ReferenceEngine(Engine):
 
     def max_context(self) -> int:
         return min(model_context_length(self.base.model), model_context_length(self.teacher.model))
+
+    def weight_map(self, model: str) -> WeightMap:
+        return hf_weight_map((self.base if model == "base" else self.teacher).model)
 
     def add(self, requests: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.row_slots:

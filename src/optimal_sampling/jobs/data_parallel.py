@@ -1,17 +1,19 @@
 """Data-parallel `generate`: N worker processes on one host, or one rank of a torchrun job.
 
 Three roles, chosen from the command line and the environment (`role_of`):
-- launcher (`--data-parallel N`, N > 1): makes every check a single-process run makes (options,
-  input, output path, resumability, both tokenizers, the GPU count) before any worker starts,
+- launcher (`--data-parallel N`, N > 1): holds the output's lock (`lock.py`) for the whole run and
+  makes every check a single-process run makes (options, input, output path, resumability, both
+  tokenizers, prompt lengths, --tp-size, the GPU count) before any worker starts,
   writes the output's sidecar, starts one worker per rank that has work left (`python -m
   optimal_sampling` with the same arguments plus hidden `--dp-rank/--dp-world`), each with its own
   GPUs in CUDA_VISIBLE_DEVICES, shows aggregate progress from the workers' stdout, stops them all
-  when one dies, and merges the shards into the output when all succeed.
+  when one dies (a worker's input error is reported as such, exit 2; anything else as resumable,
+  exit 1), and merges the shards into the output when all succeed.
 - worker (the hidden flags): samples its share into `<output>.rank<r>.jsonl` and reports
   `ready` / `tokens K` / `samples K` lines on stdout; its stderr goes to `<output>.rank<r>.log`.
 - torchrun rank (RANK and WORLD_SIZE > 1 in the environment): a worker that checks for itself,
-  uses cuda:LOCAL_RANK, waits for the others at a torch.distributed (gloo) barrier; rank 0 writes
-  the sidecar before and merges after. The output path must be on a filesystem all nodes share.
+  uses cuda:LOCAL_RANK, waits for the others at a torch.distributed (gloo) barrier; rank 0 holds
+  the output's lock, writes the sidecar before and merges after. The output path must be on a filesystem all nodes share.
 
 Invariants:
 - Rank r of N owns the prompts whose index % N == r, with all their samples: shards are
@@ -29,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import queue
@@ -52,17 +55,18 @@ from ..distributed.environment import (
     uses_cuda,
 )
 from ..errors import UsageError
-from ..models.pair import resolve_model_pair
 from .generate import (
     PROG,
+    CheckedModels,
     GenerateOptions,
     GenerateSetup,
+    check_models,
     finish_output,
     generate_kwargs,
     load_sampler,
+    lock_output,
     nothing_to_do,
     prepare,
-    templated_prompts,
     write_records,
 )
 
@@ -70,6 +74,7 @@ BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slow
 STOP_GRACE_S = 10.0
 POLL_S = 0.2
 REPORT_INTERVAL_S = 0.25
+USAGE_EXIT = 2  # the CLI's status for a mistake in the command or the input
 
 
 # ============================================================================ roles
@@ -163,8 +168,9 @@ class Reporter:
 
 
 def generate_shard(
-    options: GenerateOptions, setup: GenerateSetup, rank: int, world: int, reporter: Reporter
-) -> int:
+    options: GenerateOptions, setup: GenerateSetup, rank: int, world: int, reporter: Reporter,
+    checked: CheckedModels | None = None,
+) -> int:  # fmt: skip
     """Sample the share of `rank` that no file holds yet into its shard; returns samples written."""
     from .store import JournalWriter, scan_journal
 
@@ -172,7 +178,7 @@ def generate_shard(
     indices = shard_prompts(job.n_prompts, rank, world)
     if shard_remaining(setup, rank, world) == 0:
         return 0
-    sampler, base_prompts, teacher_prompts = load_sampler(setup)
+    sampler, base_prompts, teacher_prompts = load_sampler(setup, checked)
     if not sampler.tp.is_leader:  # torchrun TP follower: same loop, its leader writes
         for _ in sampler.generate_iter(
             [base_prompts[i] for i in indices], teacher_prompts=[teacher_prompts[i] for i in indices],
@@ -256,6 +262,11 @@ class Worker:
 
 
 def run_launcher(options: GenerateOptions, role: Role) -> int:
+    with lock_output(options.output):
+        return _launch(options, role)
+
+
+def _launch(options: GenerateOptions, role: Role) -> int:
     from .store import start_fresh, write_meta
 
     # 1. every check, before anything is started or touched
@@ -264,8 +275,7 @@ def run_launcher(options: GenerateOptions, role: Role) -> int:
     job = setup.job
     if job.remaining == 0:
         return nothing_to_do(job)
-    pair = resolve_model_pair(options.base, options.teacher)
-    templated_prompts(options.chat_template, setup.prompts, pair)
+    check_models(setup)
     gpus = gpu_plan(options.engine.device, role.world, options.parallel.tp_size)
     ranks = [r for r in range(role.world) if shard_remaining(setup, r, role.world) > 0]
     # 2. the output's sidecar (and --overwrite), then the workers
@@ -278,9 +288,7 @@ def run_launcher(options: GenerateOptions, role: Role) -> int:
     sink = AggregateProgress(options, job.total, job.total - job.remaining)
     failure = supervise(workers, sink)
     if failure is not None:
-        print(f"{PROG}: error: {failure}; finished samples are kept, run the same command again to resume",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        return report_failure(failure)
     finish_output(job)
     for log in job.plan.target.parent.glob(f"{glob.escape(job.plan.target.name)}.rank*.log"):
         log.unlink(missing_ok=True)
@@ -414,7 +422,23 @@ class AggregateProgress:
             self.progress = None
 
 
-def supervise(workers: list[Worker], sink: AggregateProgress) -> str | None:
+@dataclass(frozen=True)
+class WorkerFailure:
+    message: str
+    input_error: bool  # the worker refused its input or options (exit 2): a rerun would fail again
+
+
+def report_failure(failure: WorkerFailure) -> int:
+    """One line on stderr; the exit code: 2 for an input error, else 1 (a rerun resumes)."""
+    if failure.input_error:
+        print(f"{PROG}: error: {failure.message}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: error: {failure.message}; finished samples are kept, run the same command again to resume",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def supervise(workers: list[Worker], sink: AggregateProgress) -> WorkerFailure | None:
     """Relay reports until every worker has exited; on the first failure stop the others and
     return what happened to it (None when all succeeded)."""
     events: queue.Queue[tuple[int, str]] = queue.Queue()
@@ -474,16 +498,21 @@ def stop_workers(workers: list[Worker], grace_s: float = STOP_GRACE_S) -> None:
             worker.process.wait()
 
 
-def describe_failure(worker: Worker, code: int) -> str:
+def describe_failure(worker: Worker, code: int) -> WorkerFailure:
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown signal"
-        return f"data-parallel worker rank {worker.rank} died (signal {-code}, {name})"
-    last = _last_line(worker.log)
+        return WorkerFailure(f"data-parallel worker rank {worker.rank} died (signal {-code}, {name})", False)
+    last = _last_line(worker.log).removeprefix(f"{PROG}: error: ")
+    if code == USAGE_EXIT:
+        return WorkerFailure(f"data-parallel worker rank {worker.rank} stopped on an input error: {last} "
+                             f"(log {worker.log})", True)  # fmt: skip
     said = f": {last}" if last else ""
-    return f"data-parallel worker rank {worker.rank} failed (exit code {code}{said}; log {worker.log})"
+    return WorkerFailure(
+        f"data-parallel worker rank {worker.rank} failed (exit code {code}{said}; log {worker.log})", False
+    )
 
 
 def _last_line(path: Path, limit: int = 1 << 14) -> str:
@@ -547,9 +576,14 @@ def torchrun_device(device: str, local_rank: int) -> str:
 
 
 def _torchrun_body(options: GenerateOptions, role: Role, dist) -> int:
+    with contextlib.ExitStack() as held:  # rank 0: the output's lock, from its first check to the merge
+        return _torchrun_job(options, role, dist, held)
+
+
+def _torchrun_job(options: GenerateOptions, role: Role, dist, held: contextlib.ExitStack) -> int:
     from .store import start_fresh, write_meta
 
-    setup = _checked_by_all(options, role, dist)
+    setup, checked = _checked_by_all(options, role, dist, held)
     job = setup.job
     if dist.get_rank() == 0:
         if options.overwrite:
@@ -564,7 +598,7 @@ def _torchrun_body(options: GenerateOptions, role: Role, dist) -> int:
         if _shows_progress(options)
         else Reporter()
     )
-    generate_shard(options, setup, role.rank, role.world, reporter)
+    generate_shard(options, setup, role.rank, role.world, reporter, checked)
     dist.barrier()
     if dist.get_rank() == 0:
         finish_output(job)
@@ -580,14 +614,22 @@ def _shows_progress(options: GenerateOptions) -> bool:
     return dist.get_rank() == 0 and not options.quiet
 
 
-def _checked_by_all(options: GenerateOptions, role: Role, dist) -> GenerateSetup:
-    """Every rank runs the checks; if any rank fails, all stop (each failing rank says why)."""
+def _checked_by_all(
+    options: GenerateOptions, role: Role, dist, held: contextlib.ExitStack
+) -> tuple[GenerateSetup, CheckedModels | None]:
+    """Every rank runs the checks (the tokenizers' too, where its share has work left), rank 0
+    first takes the output's lock into `held`; if any rank fails, all stop (each failing rank
+    says why)."""
     import torch
 
     error: BaseException | None = None
-    setup = None
+    setup = checked = None
     try:
+        if dist.get_rank() == 0:
+            held.enter_context(lock_output(options.output))
         setup = prepare(options)
+        if shard_remaining(setup, role.rank, role.world) > 0:
+            checked = check_models(setup)
     except (ValueError, TypeError, OSError) as err:
         error = err
     failed = torch.tensor([0 if error is None else 1])
@@ -596,4 +638,4 @@ def _checked_by_all(options: GenerateOptions, role: Role, dist) -> GenerateSetup
         raise error
     if int(failed.item()):
         raise UsageError(f"rank {dist.get_rank()}: stopping, another rank's checks failed (see its error)")
-    return setup
+    return setup, checked

@@ -1,13 +1,23 @@
 """The `generate` job: prompts in, samples out (to a resumable file or the terminal).
 
-`prepare` makes every check that needs no model (options, input, output path, resumability)
-before anything is loaded or touched; `run` then loads the pair, samples, and streams each
-finished sample to the output as it finishes. The data-parallel launcher and ranks
-(`data_parallel.py`) reuse these steps with the same checks and output format.
+The order of a run is its safety:
+1. `lock_output`: the output's exclusive lock (`lock.py`), held until the job ends;
+2. `prepare`: every check that needs no model (options, model paths, input, output path,
+   resumability), in that order, so that a mistake in the command is not masked by the resume
+   check;
+3. `check_models`: every check that needs the tokenizers and config.json but no weights (prompt
+   encodability and lengths, --tp-size against the heads);
+4. load the weights and sample, streaming each finished sample to the output as it finishes.
+Nothing existing is removed or modified before the first sample is ready (`LazyJournal`): with
+--overwrite the old files go only once every check, the sampler's own included, has passed.
+The data-parallel launcher and ranks (`data_parallel.py`) reuse these steps with the same checks
+and output format.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +27,7 @@ from typing import TextIO
 from ..config import EngineConfig, MixConfig, ParallelConfig, SamplingParams
 from ..errors import UsageError
 from ..models.chat import chat_prompts
+from ..models.loading import check_model_reference, check_tensor_parallel_fits, read_model_shape
 from ..models.pair import ModelPair, resolve_model_pair
 from .store import PromptSet
 
@@ -48,6 +59,12 @@ class GenerateOptions:
     dp_world: int | None = None
     argv: tuple[str, ...] = ()  # the command line, for workers and the output's metadata
 
+    def __post_init__(self) -> None:
+        interval = self.log_interval
+        number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
+        if not number or not math.isfinite(interval) or interval < 0:
+            raise UsageError(f"--log-interval must be a finite number of seconds >= 0, got {interval}")
+
 
 def version() -> str:
     try:
@@ -68,8 +85,12 @@ def gather_prompts(options: GenerateOptions) -> PromptSet:
     if options.teacher_prompt_field:
         raise UsageError("--teacher-prompt-field needs --input with records")
     if options.prompts:
-        if any(not p for p in options.prompts):
-            raise UsageError("--prompt must not be empty")
+        from .store import check_unicode
+
+        for number, prompt in enumerate(options.prompts, start=1):
+            if not prompt:
+                raise UsageError("--prompt must not be empty")
+            check_unicode(prompt, f"--prompt number {number}")
         return PromptSet(list(options.prompts))
     print(f"{PROG}: no --prompt or --input; using an example prompt: {EXAMPLE_PROMPT!r}", file=sys.stderr)
     return PromptSet([EXAMPLE_PROMPT])
@@ -123,7 +144,11 @@ def templated_prompts(mode: str, prompts: PromptSet, pair: ModelPair) -> tuple[l
 
 
 def build_sampler(
-    pair: ModelPair, mix: MixConfig, engine: EngineConfig, seed: int | None, parallel: ParallelConfig | None = None
+    pair: ModelPair,
+    mix: MixConfig,
+    engine: EngineConfig,
+    seed: int | None,
+    parallel: ParallelConfig | None = None,
 ):
     from ..runtime.sampler import OptimalSampler
 
@@ -161,32 +186,87 @@ class GenerateSetup:
     job: OutputJob | None  # None: samples go to the terminal
 
 
+def lock_output(output: str | None):
+    """The output's exclusive lock for the job (a no-op context without an output), taken once the
+    path is known to be usable, so that a bad path is reported as such."""
+    from .lock import OutputLock
+    from .store import plan_output
+
+    if output is None:
+        return contextlib.nullcontext()
+    return OutputLock(plan_output(output).target)
+
+
 def prepare(options: GenerateOptions) -> GenerateSetup:
-    """Every check that needs no model: options, input, output path, resumability."""
+    """Every check that needs no model: options, model paths, input, output path, resumability."""
+    check_model_options(options.base, options.teacher)
     prompts = gather_prompts(options)
     job = prepare_output(options, prompts) if options.output else None
     return GenerateSetup(options, prompts, job)
 
 
+def check_model_options(base: str | None, teacher: str | None) -> None:
+    """The model references, checked without loading anything (a GGUF is not converted yet)."""
+    if (base is None) != (teacher is None):
+        raise UsageError("give both --base and --teacher, or neither for the demo pair")
+    for reference in (base, teacher):
+        if reference is not None:
+            check_model_reference(reference)
+
+
 def prepare_output(options: GenerateOptions, prompts: PromptSet) -> OutputJob:
-    from .store import plan_output
+    from .store import check_not_input, plan_output
 
     plan = plan_output(options.output)
+    check_not_input(plan, options.input)
     meta = run_meta(run_parameters(options))
     state = plan.inspect(meta, prompts, overwrite=options.overwrite)
     return OutputJob(plan, state, meta, len(prompts.prompts), options.params.n, options.overwrite)
 
 
-def load_sampler(setup: GenerateSetup):
-    """(sampler, base prompts, teacher prompts): the models, and the prompts as they see them."""
+@dataclass
+class CheckedModels:
+    """The pair's tokenizers and the prompts as the models see them, every prompt checked."""
+
+    pair: ModelPair
+    base_prompts: list[str]
+    teacher_prompts: list[str]
+
+
+def check_models(setup: GenerateSetup) -> CheckedModels:
+    """Every check that needs the tokenizers and config.json but no weights: the vocabularies
+    agree, every prompt tokenizes to a length that fits both contexts, --tp-size divides both."""
     from ..models.loading import quiet_transformers
 
     options = setup.options
     quiet_transformers()
     pair = resolve_model_pair(options.base, options.teacher)
     base_prompts, teacher_prompts = templated_prompts(options.chat_template, setup.prompts, pair)
-    sampler = build_sampler(pair, options.mix, options.engine, options.params.seed, options.parallel)
-    return sampler, base_prompts, teacher_prompts
+    shapes = {"base": read_model_shape(pair.base_path), "teacher": read_model_shape(pair.teacher_path)}
+    context = min(shape.context for shape in shapes.values())
+    check_prompt_lengths(pair.base_tokenizer, base_prompts, context, "prompt")
+    check_prompt_lengths(pair.teacher_tokenizer, teacher_prompts, context, "teacher prompt")
+    if options.parallel.tp_size > 1:
+        for name, shape in shapes.items():
+            check_tensor_parallel_fits(shape, options.parallel.tp_size, f"{name} model")
+    return CheckedModels(pair, base_prompts, teacher_prompts)
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], context: int, what: str) -> None:
+    """As the sampler checks them (the same tokenization), but before any weights load."""
+    for index, ids in enumerate(tokenizer(prompts)["input_ids"]):
+        if not ids:
+            raise UsageError(f"{what} {index} is empty after tokenization")
+        if len(ids) >= context:
+            raise UsageError(f"{what} {index} has {len(ids)} tokens; the models' context is {context}")
+
+
+def load_sampler(setup: GenerateSetup, checked: CheckedModels | None = None):
+    """(sampler, base prompts, teacher prompts): the models, and the prompts as they see them."""
+    checked = checked or check_models(setup)
+    options = setup.options
+    sampler = build_sampler(checked.pair, options.mix, options.engine, options.params.seed, options.parallel)
+    return sampler, checked.base_prompts, checked.teacher_prompts
 
 
 def generate_kwargs(params: SamplingParams) -> dict:
@@ -197,13 +277,18 @@ def generate_kwargs(params: SamplingParams) -> dict:
 
 def run(options: GenerateOptions) -> int:
     """A single-process run; returns the exit code."""
+    with lock_output(options.output):
+        return run_locked(options)
+
+
+def run_locked(options: GenerateOptions) -> int:
     # 1. every check that needs no model
     setup = prepare(options)
     job = setup.job
     if job is not None and job.remaining == 0:
         return nothing_to_do(job)
-    # 2. models, then the prompts as the models see them
-    sampler, base_prompts, teacher_prompts = load_sampler(setup)
+    # 2. the checks that need the tokenizers, then the models
+    sampler, base_prompts, teacher_prompts = load_sampler(setup, check_models(setup))
     # 3. sample, streaming each finished sample to the output or the terminal
     progress = progress_of(options, job)
     stream = sampler.generate_iter(
@@ -232,12 +317,41 @@ def nothing_to_do(job: OutputJob) -> int:
     return 0
 
 
-def write_samples(job: OutputJob, stream, prompts: PromptSet, progress) -> int:
-    from .store import JournalWriter, start_fresh
+class LazyJournal:
+    """The job's `store.JournalWriter`, opened at the first record.
 
-    if job.overwrite:
-        start_fresh(job.plan)
-    writer = JournalWriter(job.plan, job.state, job.meta)
+    A sampler yields its first sample only after it has accepted every request (its own prompt
+    checks included), so the old files of --overwrite are removed, and the sidecar is written,
+    only once nothing is left to refuse the run: a run that fails earlier leaves the output as it was.
+    """
+
+    def __init__(self, job: OutputJob):
+        self.job = job
+        self.writer = None
+
+    @property
+    def written(self) -> int:
+        return self.writer.written if self.writer is not None else 0
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = self._open()
+        self.writer.write(record)
+
+    def _open(self):
+        from .store import JournalWriter, start_fresh
+
+        if self.job.overwrite:
+            start_fresh(self.job.plan)
+        return JournalWriter(self.job.plan, self.job.state, self.job.meta)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_samples(job: OutputJob, stream, prompts: PromptSet, progress) -> int:
+    writer = LazyJournal(job)
     try:
         write_records(writer, stream, prompts, job.meta, progress.add_sample if progress else None)
     finally:
@@ -253,7 +367,7 @@ def write_samples(job: OutputJob, stream, prompts: PromptSet, progress) -> int:
 def write_records(
     writer, stream, prompts: PromptSet, meta: dict, on_sample: Callable[[], None] | None = None
 ) -> None:
-    """Append one record per sample of `stream` to `writer` (a store.JournalWriter)."""
+    """Append one record per sample of `stream` to `writer` (a store.JournalWriter or LazyJournal)."""
     inputs = (prompts.prompts, prompts.teacher_prompts or prompts.prompts)
     for sample in stream:
         writer.write(record_of(sample, inputs, meta["fingerprint"]))

@@ -58,10 +58,20 @@ class Run:
 def run(files: list[str], out: str, labels: list[str] | None = None) -> int:
     if labels and len(labels) != len(files):
         raise UsageError(f"--label was given {len(labels)} times for {len(files)} files")
+    check_matplotlib()
     runs = load_runs(files, labels)
     index = write_report(runs, Path(out))
     print(f"optimal-sampling: wrote {index}")
     return 0
+
+
+def check_matplotlib() -> None:
+    """Plots need the `report` extra: say so in one line before anything is read or created."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        raise UsageError('report needs matplotlib: pip install "optimal-sampling[report]"') from None
 
 
 def load_runs(files: list[str], labels: list[str] | None = None) -> list[Run]:

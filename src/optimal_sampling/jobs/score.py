@@ -4,18 +4,25 @@ Input is JSONL: our own `generate` records (their `prompt`, `teacher_prompt` and
 the models saw them) or any records with a prompt and a completion field. Output is JSONL, one
 record per input record, in input order: the input's identifying fields plus alpha, the three
 per-token log-prob lists and the sequence log weights, exactly what `generate` reports for those
-tokens under the given mixing and sampling settings. The output is written to `FILE.partial`
-and renamed when complete, so a crash never leaves a file that looks finished.
+tokens under the given mixing and sampling settings.
+
+Order, as for `generate`: options and model paths; the input (every record, named `file:line`);
+the output path (writable, not the input) and its lock; then, with the tokenizers and
+config.json only, every token id (an integer, not a boolean, inside the shared vocabulary) and
+every prompt + completion length (within both contexts); only then the weights. The output is
+written atomically when complete (a hidden temporary beside it, renamed), so a crash or a full
+disk never leaves a file that looks finished, nor a stale partial one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import EngineConfig, MixConfig
+from ..config import EngineConfig, MixConfig, SamplingParams
+from ..errors import UsageError
 
 KEEP_FIELDS = ("prompt_index", "sample_index", "id")
 
@@ -30,41 +37,112 @@ class ScoreFields:
     retokenize: bool = False  # tokenize the completion text even where token_ids exist
 
 
-def read_score_records(path: str, args: ScoreFields) -> tuple[list[str], list[str], list, list[dict]]:
-    """(prompts, teacher prompts, completions, records) of a JSONL file; errors name the line."""
+@dataclass
+class ScoreInput:
+    """The records of the input file, one entry per record in every list."""
+
+    where: list[str] = field(default_factory=list)  # "file:line"
+    prompts: list[str] = field(default_factory=list)
+    teacher_prompts: list[str] = field(default_factory=list)
+    completions: list = field(default_factory=list)  # text, or token ids
+    records: list[dict] = field(default_factory=list)
+
+
+def read_score_records(path: str, args: ScoreFields) -> ScoreInput:
+    """Every record of a JSONL file, checked; errors name the record as `file:line`."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"input file not found: {file}")
-    prompts, teacher_prompts, completions, records = [], [], [], []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(args.prompt_field), str):
-                raise ValueError(f"{file}:{number}: no string field {args.prompt_field!r}")
-            completion = _completion_of(record, args, f"{file}:{number}")
-            prompts.append(record[args.prompt_field])
-            teacher = record.get(args.teacher_prompt_field) if args.teacher_prompt_field else None
-            teacher_prompts.append(teacher if isinstance(teacher, str) else record[args.prompt_field])
-            completions.append(completion)
-            records.append(record)
-    if not records:
-        raise ValueError(f"{file}: no records")
-    return prompts, teacher_prompts, completions, records
+        raise UsageError(f"input file not found: {file}")
+    inputs = ScoreInput()
+    try:
+        with file.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    add_record(inputs, line, f"{file}:{number}", args)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not inputs.records:
+        raise UsageError(f"{file}: no records")
+    return inputs
+
+
+def add_record(inputs: ScoreInput, line: str, where: str, args: ScoreFields) -> None:
+    from .store import check_unicode
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(args.prompt_field), str):
+        raise UsageError(f"{where}: no string field {args.prompt_field!r}")
+    prompt = record[args.prompt_field]
+    teacher = record.get(args.teacher_prompt_field) if args.teacher_prompt_field else None
+    teacher = teacher if isinstance(teacher, str) else prompt
+    completion = _completion_of(record, args, where)
+    for text in (prompt, teacher, completion if isinstance(completion, str) else ""):
+        check_unicode(text, where)
+    inputs.where.append(where)
+    inputs.prompts.append(prompt)
+    inputs.teacher_prompts.append(teacher)
+    inputs.completions.append(completion)
+    inputs.records.append(record)
 
 
 def _completion_of(record: dict, args: ScoreFields, where: str):
+    """The record's token ids (refused unless every one is a non-negative integer: JSON `true` is
+    not an id), or, without them or with --retokenize, its completion text."""
     ids = record.get("token_ids")
-    if not args.retokenize and isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
+    if not args.retokenize and ids not in (None, []):
+        if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
+            bad = ids if not isinstance(ids, list) else next(t for t in ids if type(t) is not int or t < 0)
+            raise UsageError(
+                f"{where}: token_ids must be a list of non-negative integers, found {json.dumps(bad)}"
+            )
         return ids
     text = record.get(args.completion_field)
     if not isinstance(text, str) or not text:
-        raise ValueError(f"{where}: no token_ids and no non-empty string field {args.completion_field!r}")
+        raise UsageError(f"{where}: no token_ids and no non-empty string field {args.completion_field!r}")
     return text
+
+
+def check_against_models(inputs: ScoreInput, pair) -> list[list[int]]:
+    """The completions as token ids (text through the base tokenizer, as `OptimalSampler.score`
+    would), each checked against the shared vocabulary and both contexts; no weights needed."""
+    from ..models.loading import read_model_shape, real_vocab_size
+
+    shapes = (read_model_shape(pair.base_path), read_model_shape(pair.teacher_path))
+    tokenizers = (pair.base_tokenizer, pair.teacher_tokenizer)
+    vocab = min(*(real_vocab_size(t) for t in tokenizers), *(s.logit_width for s in shapes))
+    context = min(s.context for s in shapes)
+    base_lengths = [len(ids) for ids in pair.base_tokenizer(inputs.prompts)["input_ids"]]
+    teacher_lengths = [len(ids) for ids in pair.teacher_tokenizer(inputs.teacher_prompts)["input_ids"]]
+    completions = []
+    for where, completion, prompt_lengths in zip(inputs.where, inputs.completions,
+                                                 zip(base_lengths, teacher_lengths)):  # fmt: skip
+        ids = completion if isinstance(completion, list) else pair.base_tokenizer(
+            completion, add_special_tokens=False
+        )["input_ids"]  # fmt: skip
+        check_completion(where, ids, prompt_lengths, vocab, context)
+        completions.append(ids)
+    return completions
+
+
+def check_completion(
+    where: str, ids: list[int], prompt_lengths: tuple[int, int], vocab: int, context: int
+) -> None:
+    if not ids:
+        raise UsageError(f"{where}: the completion is empty after tokenization")
+    if min(prompt_lengths) == 0:
+        raise UsageError(f"{where}: the prompt is empty after tokenization")
+    if max(ids) >= vocab:
+        raise UsageError(
+            f"{where}: token id {max(ids)} is outside the shared vocabulary (ids 0..{vocab - 1})"
+        )
+    longest = max(prompt_lengths) + len(ids)
+    if longest > context:
+        raise UsageError(
+            f"{where}: prompt and completion have {longest} tokens; the models' context is {context}"
+        )
 
 
 def scored_record(record: dict, sample, index: int) -> dict:
@@ -79,31 +157,51 @@ def scored_record(record: dict, sample, index: int) -> dict:
     return out
 
 
+def check_output(output_path: str, input_path: str) -> Path:
+    """A writable output path that is not the input; touches nothing."""
+    from .store import check_writable
+
+    target = Path(output_path).expanduser()
+    check_writable(target)
+    if target.exists() and os.path.samefile(target, input_path):
+        raise UsageError(f"--output {output_path} is the input file; write the scores elsewhere")
+    return target
+
+
 def run(
     input_path: str, output_path: str, fields: ScoreFields, mix: MixConfig, engine: EngineConfig,
     base: str | None, teacher: str | None, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
     min_p: float = 0.0,
 ) -> int:  # fmt: skip
+    from .generate import check_model_options
+    from .lock import OutputLock
+
+    # a bad setting is refused now, not after the models have loaded
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    check_model_options(base, teacher)
+    inputs = read_score_records(input_path, fields)
+    target = check_output(output_path, input_path)
+    with OutputLock(target):
+        return score_locked(inputs, target, mix, engine, base, teacher, temperature, top_k, top_p, min_p)
+
+
+def score_locked(
+    inputs: ScoreInput, target: Path, mix: MixConfig, engine: EngineConfig, base: str | None, teacher: str | None,
+    temperature: float, top_k: int, top_p: float, min_p: float,
+) -> int:  # fmt: skip
+    from ..models.loading import quiet_transformers
     from ..models.pair import resolve_model_pair
     from .generate import build_sampler
-    from .store import encode_record
+    from .store import encode_record, write_atomic
 
-    prompts, teacher_prompts, completions, records = read_score_records(input_path, fields)
-    target = Path(output_path)
-    partial = target.with_name(target.name + ".partial")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with partial.open("wb"):  # writable before any model is loaded
-        pass
+    quiet_transformers()
     pair = resolve_model_pair(base, teacher)
+    completions = check_against_models(inputs, pair)
     sampler = build_sampler(pair, mix, engine, seed=0)
     scored = sampler.score(
-        prompts, completions, teacher_prompts=teacher_prompts, temperature=temperature,
+        inputs.prompts, completions, teacher_prompts=inputs.teacher_prompts, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, collect_diagnostics=True,
     )  # fmt: skip
-    with partial.open("wb") as handle:
-        for index, (record, sample) in enumerate(zip(records, scored.samples)):
-            handle.write(encode_record(scored_record(record, sample, index)))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, target)
+    pairs = enumerate(zip(inputs.records, scored.samples))
+    write_atomic(target, b"".join(encode_record(scored_record(r, s, i)) for i, (r, s) in pairs))
     return 0

@@ -9,16 +9,20 @@ written, so a `kill -9` loses nothing that was written and a re-run continues wh
 stopped. Invariants:
 - Every line of the journal except possibly the last is a complete JSON record ending in `\\n`
   (records never contain a raw newline). A last line without `\\n` is a torn write; it is cut off
-  before anything is appended.
+  before anything is appended. A blank line (a hand edit) is skipped; a (prompt, sample) that
+  appears twice in one file is refused with both line numbers, since one of them is not ours.
 - A sidecar `<output>.meta.json` (written atomically, before the first record) holds the
   generation parameters and their fingerprint. A journal with records is only ever appended to by
   a run with the same fingerprint: resuming with other parameters would mix two distributions.
 - For `.parquet` output the journal is `<output>.partial.jsonl`; the Parquet file is written
   atomically from it when the run ends and the journal is then removed. A later run that has more
   work (more prompts, a larger `--n`) re-seeds the journal from the Parquet file first.
-- Nothing existing is modified until `OutputPlan.inspect` has accepted the file for resumption.
+- Nothing existing is modified until `OutputPlan.inspect` has accepted the file for resumption,
+  and the input is never one of the output's files (`check_not_input`).
+- A failed write (a full disk, a file size limit) raises an `OSError` naming the file; what was
+  written before it stays, and the torn line it may leave is cut off by the next run.
 
-Data parallelism (see `parallel.py`): each worker appends to its own *shard* journal
+Data parallelism (see `data_parallel.py`): each worker appends to its own *shard* journal
 `<output>.rank<r>.jsonl` beside the output, under the output's one sidecar. Shards follow the
 journal invariants above; a (prompt, sample) lives in at most one of the output and its shards
 (workers own disjoint prompts and skip what any file already holds). `inspect` treats the union
@@ -29,6 +33,8 @@ and only then removes the shards, so a crash at any point loses nothing and a re
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -46,6 +52,7 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 META_FORMAT = "optimal-sampling/1"
 FSYNC_INTERVAL_S = 1.0
 SHARD_NAME = re.compile(r"\.rank(\d+)\.jsonl")  # after the target's name
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # what a rerun with more space resumes from
 
 # ============================================================================ input
 
@@ -82,6 +89,18 @@ def read_prompts(
     if not prompts.prompts:
         raise ValueError(f"{file} contains no prompts")
     return prompts
+
+
+def check_unicode(text: str, where: str) -> None:
+    """A lone surrogate (from a JSON escape such as "\\ud800", or undecodable bytes in argv) is not
+    text: no tokenizer takes it and no UTF-8 file can hold it, so it is refused where it was read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}: the text holds a lone surrogate (U+{ord(text[err.start]):04X} at character "
+            f"{err.start}), which is not valid Unicode"
+        ) from None
 
 
 def _read_text(file: Path) -> str:
@@ -146,6 +165,7 @@ def _collect(items: Iterable[tuple[str, object]], prompt_field: str, teacher_fie
     teacher: list[str] = []
     for where, item in items:
         if isinstance(item, str) and teacher_field is None:
+            check_unicode(item, where)
             prompts.append(item)
             continue
         if not isinstance(item, dict):
@@ -166,6 +186,7 @@ def _field(record: dict, name: str, where: str) -> str:
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     if not value:
         raise ValueError(f"{where}: field {name!r} is empty")
+    check_unicode(value, f"{where}: field {name!r}")
     return value
 
 
@@ -234,11 +255,14 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 
 def _journal_records(file: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of every complete line; raises on a complete line that is not a record."""
+    """(line number, record) of every complete non-blank line; raises on a complete line that is
+    not a record."""
     with open(file, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
                 return  # torn last line
+            if not raw.strip():
+                continue  # a blank line (an editor's, or a concatenation's) holds nothing
             try:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -268,6 +292,26 @@ def records_to_parquet(records: list[dict], path: Path) -> None:
 # ============================================================================ output planning
 
 
+def _first_line_with(source: Path, key: tuple[int, int]) -> int:
+    """The line (or Parquet row) of the first record of `source` with `key` (an error path only)."""
+    if source.suffix.lower() == ".parquet":
+        numbered = enumerate(read_records(source))
+    else:
+        numbered = _journal_records(source)
+    return next(n for n, r in numbered if (r.get("prompt_index"), r.get("sample_index")) == key)
+
+
+def record_key(record: dict, where: str) -> tuple[int, int]:
+    """(prompt_index, sample_index) of an output record; a ValueError naming `where` otherwise."""
+    key = record.get("prompt_index"), record.get("sample_index")
+    if not all(type(k) is int and k >= 0 for k in key):  # bool is an int, and no index
+        raise ValueError(
+            f"{where} is not a sample record (no integer prompt_index/sample_index): the file is not an "
+            "optimal-sampling output. Use another --output, or --overwrite to replace it"
+        )
+    return key
+
+
 @dataclass
 class ResumeState:
     """What an existing output already holds."""
@@ -278,15 +322,25 @@ class ResumeState:
     prompts: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> input (base, teacher) prompt
     from_parquet: list[dict] | None = None  # records to re-seed the journal with
     meta_ok: bool = False  # the sidecar exists and matches
+    # keys of the file being added (the first file's are `done` itself: no second set for a big journal)
+    _source: Path | None = field(default=None, repr=False)
+    _source_keys: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
-    def add(self, record: dict, source: Path) -> None:
-        try:
-            key = int(record["prompt_index"]), int(record["sample_index"])
-        except (KeyError, TypeError, ValueError) as err:
+    def add(self, record: dict, source: Path, line: int) -> None:
+        """Count one record of `source` (its line number, or row for Parquet) as done.
+
+        The same key in two files is expected (a crash between a shard's merge and its removal);
+        twice in one file it is not, and is refused rather than guessed at."""
+        key = record_key(record, f"{source}: line {line}")
+        if source != self._source:
+            self._source, self._source_keys = source, self.done if not self.done else set()
+        if key in self._source_keys:
+            first = _first_line_with(source, key)
             raise ValueError(
-                f"{source} holds a record without prompt_index/sample_index: it is not an optimal-sampling "
-                "output. Use another --output, or --overwrite to replace it"
-            ) from err
+                f"{source}: lines {first} and {line} both hold prompt {key[0]} sample {key[1]}; the file was "
+                "edited or written by two runs. Remove one of them, or use --overwrite to start over"
+            )
+        self._source_keys.add(key)
         self.done.add(key)
         self.prompts.setdefault(key[0], (record.get("input_prompt"), record.get("input_teacher_prompt")))
 
@@ -324,8 +378,8 @@ class OutputPlan:
             return ResumeState()
         records = self._existing_records()
         for shard in self.shards():
-            for _, record in _journal_records(shard):
-                records.add(record, shard)
+            for line, record in _journal_records(shard):
+                records.add(record, shard, line)
         if not records.done and records.from_parquet is None:
             return records
         stored = _read_meta(self.meta, self.target)
@@ -344,8 +398,8 @@ class OutputPlan:
             return _scan_journal(self.journal)
         if self.parquet and self.target.exists():
             state = ResumeState(from_parquet=read_records(self.target))
-            for record in state.from_parquet:
-                state.add(record, self.target)
+            for row, record in enumerate(state.from_parquet):
+                state.add(record, self.target, row)
             return state
         return ResumeState()
 
@@ -361,11 +415,22 @@ def plan_output(path: str | os.PathLike) -> OutputPlan:
     journal = target.with_name(target.name + PARTIAL_SUFFIX) if suffix == ".parquet" else target
     plan = OutputPlan(target=target, journal=journal, meta=target.with_name(target.name + META_SUFFIX))
     for file in (plan.target, plan.journal, plan.meta):
-        _check_writable(file)
+        check_writable(file)
     return plan
 
 
-def _check_writable(file: Path) -> None:
+def check_not_input(plan: OutputPlan, input_path: str | os.PathLike | None) -> None:
+    """Refuse an input that is one of the output's files: --overwrite would replace it with samples
+    (and resuming would read samples as prompts)."""
+    if input_path is None:
+        return
+    for file in (plan.target, plan.journal, plan.meta, *plan.shards()):
+        if file.exists() and Path(input_path).exists() and os.path.samefile(input_path, file):
+            raise ValueError(f"--input {input_path} is the output file {file}; write the samples elsewhere")
+
+
+def check_writable(file: Path) -> None:
+    """The directory exists and takes new files, and `file` is writable if it exists; touches nothing."""
     directory = file.parent if str(file.parent) else Path(".")
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
@@ -391,8 +456,8 @@ def scan_journal(file: Path) -> ResumeState:
 
 def _scan_journal(file: Path) -> ResumeState:
     state = ResumeState()
-    for _, record in _journal_records(file):
-        state.add(record, file)
+    for line, record in _journal_records(file):
+        state.add(record, file, line)
     state.valid_bytes = _complete_prefix_length(file)
     state.torn_bytes = file.stat().st_size - state.valid_bytes
     return state
@@ -447,18 +512,33 @@ def check_prompts_match(state: ResumeState, prompts: PromptSet) -> None:
 # ============================================================================ writing
 
 
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """An OSError of a write (which names no file: ENOSPC, EFBIG, ...) re-raised with `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
 class JournalWriter:
-    """Appends encoded records to the journal; each is flushed at once, fsync'd at most once a second."""
+    """Appends encoded records to the journal; each is flushed at once, fsync'd at most once a second.
+
+    A write that fails raises an OSError naming the journal; the writer is then only closed (the
+    records before it are whole, a torn tail is cut by the next run)."""
 
     def __init__(self, plan: OutputPlan, state: ResumeState, meta: dict):
         self.plan = plan
         self.written = 0
+        self.failed = False
         if not state.meta_ok:
             write_meta(plan, meta)
         keep = state.valid_bytes
         if state.from_parquet is not None and not plan.journal.exists():
             seed = b"".join(encode_record(r) for r in state.from_parquet)
-            _write_atomic(plan.journal, seed)
+            write_atomic(plan.journal, seed)
             keep = len(seed)
         self.handle = open(plan.journal, "r+b" if plan.journal.exists() else "wb")
         self.handle.truncate(keep)  # cut a torn last line (or a stale file on a fresh start)
@@ -466,21 +546,37 @@ class JournalWriter:
         self._last_sync = time.monotonic()
 
     def write(self, record: dict) -> None:
-        self.handle.write(encode_record(record))
-        self.handle.flush()
-        self.written += 1
-        if time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
-            self.sync()
+        with self._guard():
+            self.handle.write(encode_record(record))
+            self.handle.flush()
+            self.written += 1
+            if time.monotonic() - self._last_sync >= FSYNC_INTERVAL_S:
+                self.sync()
 
     def sync(self) -> None:
         os.fsync(self.handle.fileno())
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        if not self.handle.closed:
-            self.handle.flush()
-            self.sync()
-            self.handle.close()
+        if self.handle.closed:
+            return
+        try:
+            if not self.failed:
+                with self._guard():
+                    self.handle.flush()
+                    self.sync()
+        finally:
+            with contextlib.suppress(OSError):  # after a failed write: its error is the one to report
+                self.handle.close()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            with naming_the_file(self.plan.journal):
+                yield
+        except OSError:
+            self.failed = True
+            raise
 
 
 def start_fresh(plan: OutputPlan) -> None:
@@ -492,7 +588,8 @@ def start_fresh(plan: OutputPlan) -> None:
 
 def write_meta(plan: OutputPlan, meta: dict) -> None:
     """The sidecar, atomically (what `JournalWriter` does before a first record)."""
-    _write_atomic(plan.meta, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # strict JSON: NaN is refused
+    write_atomic(plan.meta, text.encode() + b"\n")
 
 
 def merge_shards(plan: OutputPlan, meta: dict) -> int:
@@ -533,10 +630,11 @@ def finish_parquet(plan: OutputPlan) -> int:
     return len(records)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` as the whole of `path`, or (on any failure, a full disk included) `path` untouched."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with naming_the_file(path), open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

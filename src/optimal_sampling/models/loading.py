@@ -47,8 +47,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def resolve_model_path(reference: str | os.PathLike) -> str:
-    """A directory or hub id that transformers can load; GGUF files go through the cache."""
+def check_model_reference(reference: str | os.PathLike) -> Path | None:
+    """The local file or directory `reference` names (None for a hub id), checked without reading
+    any weights: what `resolve_model_path` refuses, it refuses first and at no cost."""
     if not isinstance(reference, (str, os.PathLike)):
         raise TypeError(f"a model must be given as a path or hub id string, got {type(reference).__name__}")
     text = str(reference)
@@ -58,16 +59,28 @@ def resolve_model_path(reference: str | os.PathLike) -> str:
     if text.endswith(".gguf"):
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {text}")
-        from .gguf import cached_hf_dir_for_gguf
-
-        return str(cached_hf_dir_for_gguf(path))
+        return path
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"{text} is not a Hugging Face model directory (no config.json)")
-        return str(path)
+        return path
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ValueError(f"model path not found: {text}")
-    return text  # a hub id
+    return None
+
+
+def resolve_model_path(reference: str | os.PathLike) -> str:
+    """A directory or hub id that transformers can load; GGUF files go through the cache
+    (`gguf/` under the demo pair's cache directory, keyed by content)."""
+    path = check_model_reference(reference)
+    if path is None:
+        return str(reference)  # a hub id
+    if str(reference).endswith(".gguf"):
+        from .demo import default_cache_dir
+        from .gguf import cached_hf_dir_for_gguf
+
+        return str(cached_hf_dir_for_gguf(path, default_cache_dir() / "gguf"))
+    return str(path)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -88,6 +101,58 @@ def load_model(reference: str | os.PathLike, dtype: torch.dtype, device: torch.d
         raise ValueError(f"could not load a causal LM from {path}: {str(err).splitlines()[0]}") from err
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(reference), path=path)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's config.json says, read before any weights load (for checks that need no weights)."""
+
+    context: int  # longest sequence, prompt + generated (1 << 30 when the config names none)
+    logit_width: int
+    heads: int | None
+    kv_heads: int | None
+    intermediate: int | None
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def read_model_shape(path: str) -> ModelShape:
+    """The `ModelShape` of a resolved model directory or hub id (what `resolve_model_path` returns)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read the model config of {path}: {str(err).splitlines()[0]}") from err
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    contexts = [getattr(config, name, None) for name in CONTEXT_FIELDS]
+    context = next((c for c in contexts if isinstance(c, int) and c > 0), 1 << 30)
+    heads = getattr(config, "num_attention_heads", None)
+    return ModelShape(
+        context=context, logit_width=int(config.vocab_size), heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        intermediate=getattr(config, "intermediate_size", None),
+    )  # fmt: skip
+
+
+def check_tensor_parallel_fits(shape: ModelShape, tp_size: int, name: str) -> None:
+    """tp_size must divide the heads, key/value heads and MLP width (the shards are cut by them);
+    checked from the config so that a bad --tp-size fails before any weights load or helper starts."""
+    sizes = (("attention heads", shape.heads), ("key/value heads", shape.kv_heads),
+             ("intermediate size", shape.intermediate))  # fmt: skip
+    for what, value in sizes:
+        if isinstance(value, int) and value % tp_size:
+            raise ValueError(
+                f"tp_size {tp_size} must divide the {name}'s {what} ({value}); choose a tp_size that divides "
+                f"heads {shape.heads}, kv heads {shape.kv_heads} and intermediate size {shape.intermediate}"
+            )
+
+
+def check_tensor_parallel_pair(base: str, teacher: str, tp_size: int) -> None:
+    """`check_tensor_parallel_fits` for both models of a pair, given as references."""
+    for name, reference in (("base model", base), ("teacher model", teacher)):
+        check_tensor_parallel_fits(read_model_shape(resolve_model_path(reference)), tp_size, name)
 
 
 def logit_width(model: PreTrainedModel) -> int:

@@ -7,8 +7,10 @@ log-probs, as in vLLM), `max_tokens`, or either model's context length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..mixing.draw import request_seed
 from ..outputs import Sample, sample_columns
 
 
@@ -22,6 +24,53 @@ class Request:
     teacher_ids: tuple[int, ...]
     seed: int
     token_budget: int  # max new tokens, already capped by the context length
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """One prompt as each model reads it (token ids), and the texts its samples report."""
+
+    base_ids: tuple[int, ...]
+    teacher_ids: tuple[int, ...]
+    prompt: str = ""
+    teacher_prompt: str = ""
+
+
+def requests_from_ids(
+    prompts: Sequence[PromptIds],
+    indices: Sequence[int],
+    n: int,
+    max_tokens: int,
+    base_seed: int,
+    context: int,
+    vocab_size: int,
+) -> list[Request]:
+    """Requests prompt-major (n per prompt); sample k of the prompt with index i draws with
+    `request_seed(base_seed, i, k)`, so it gets the same tokens wherever and with whatever it runs.
+
+    ValueError names the prompt (by index) that is empty, holds an id outside [0, vocab_size) or
+    leaves no room in the models' context; `max_tokens` is capped by that room."""
+    if len(indices) != len(prompts):
+        raise ValueError("prompt_indices must have one entry per prompt")
+    requests = []
+    for index, pair in zip(indices, prompts):
+        for ids, what in ((pair.base_ids, "prompt"), (pair.teacher_ids, "teacher prompt")):
+            if not ids:
+                raise ValueError(f"{what} {index} is empty")
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                raise ValueError(f"{what} {index} has a token id outside the vocabulary [0, {vocab_size})")
+        longest = max(len(pair.base_ids), len(pair.teacher_ids))
+        if longest >= context:
+            raise ValueError(f"prompt {index} has {longest} tokens; the models' context is {context}")
+        budget = min(max_tokens, context - longest)
+        for k in range(n):
+            seed = request_seed(base_seed, index, k)
+            requests.append(
+                Request(
+                    index, k, pair.prompt, pair.teacher_prompt, pair.base_ids, pair.teacher_ids, seed, budget
+                )
+            )
+    return requests
 
 
 @dataclass
@@ -44,13 +93,14 @@ class RequestState:
 class StopChecker:
     """Decides when a request is finished and what text it returns."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...]):
+    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
     def check(self, state: RequestState) -> bool:
         """Mark state finished (reason and text) if it is; return whether it is."""
@@ -69,6 +119,21 @@ class StopChecker:
         if state.finish_reason is not None and state.text is None:
             state.text = self.decode(state.tokens)
         return state.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """A request's stop rules as plain data (what crosses a process boundary), beyond max_tokens:
+    stop strings, extra stop token ids, whether the model's EOS ids stop it, how text is decoded."""
+
+    strings: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def checker(self, tokenizer, eos_ids: set[int]) -> StopChecker:
+        eos = set() if self.ignore_eos else set(eos_ids)
+        return StopChecker(tokenizer, eos | set(self.token_ids), self.strings, self.skip_special_tokens)
 
 
 def to_sample(state: RequestState, with_diagnostics: bool) -> Sample:

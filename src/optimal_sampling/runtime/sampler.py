@@ -4,6 +4,8 @@ requests and runs them through a `Scheduler`.
 Invariants: options are validated into frozen configs before any model loads; a request's
 randomness depends only on (seed, prompt index, sample index, token index), so a prompt gets the
 same samples in any batch, slot or engine; with tp_size 1 nothing of `distributed/` is imported.
+Live weight updates (`update_weights*`) apply between the steps of a running generation, from
+any thread, and every sample records the `weight_version` that drew it (runtime/weights.py).
 """
 
 from __future__ import annotations
@@ -11,17 +13,27 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
 from ..config import SINGLE, EngineConfig, MixConfig, ParallelConfig, SamplingParams
 from ..engines.base import Engine
-from ..mixing.draw import request_seed
+from ..engines.weights import check_model_name
 from ..models.chat import chat_prompts
-from ..models.loading import LoadedModel, load_model, resolve_device, resolve_dtype, shared_vocab_size
+from ..models.loading import (
+    LoadedModel,
+    check_tensor_parallel_pair,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    shared_vocab_size,
+)
 from ..outputs import Sample, SamplingOutput
-from .requests import Request, StopChecker
+from .requests import PromptIds, Request, StopChecker, requests_from_ids
 from .scheduler import Scheduler
+from .weight_files import read_update
+from .weights import WeightUpdater, as_named_tensors
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,23 @@ def _as_prompt_list(name: str, prompts: object) -> list[str]:
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"{name} must be a list of strings")
     return list(prompts)
+
+
+def _as_id_lists(name: str, value: object) -> list[tuple[int, ...]]:
+    """Token-id prompts as tuples of ints; TypeError for anything but a list of lists of ints
+    (a bool is refused: True would silently be read as id 1). Range, emptiness and context are
+    checked where requests are built (`requests.requests_from_ids`)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of token-id lists")
+    out = []
+    for index, ids in enumerate(value):
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"{name}[{index}] must be a list of token ids, got {type(ids).__name__}")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)), None)
+        if bad is not None:
+            raise TypeError(f"{name}[{index}] holds {bad!r}; token ids are ints (not booleans)")
+        out.append(tuple(int(t) for t in ids))
+    return out
 
 
 class OptimalSampler:
@@ -141,6 +170,8 @@ class OptimalSampler:
             from ..models.demo import resolve_demo_pair
 
             model_base, model_teacher = (str(p) for p in resolve_demo_pair())
+        if spec.parallel.tp_size > 1:  # from config.json: before any helper starts or weights load
+            check_tensor_parallel_pair(model_base, model_teacher, spec.parallel.tp_size)
         self.tp, self.device, load_device = self._start_tensor_parallel(spec)
         torch_dtype = resolve_dtype(self.engine_config.dtype, self.device)
         self.base = load_model(model_base, torch_dtype, load_device)
@@ -148,6 +179,7 @@ class OptimalSampler:
         self.vocab_size = shared_vocab_size(self.base, self.teacher)
         self.eos_ids = eos_ids_of(self.base)
         self.engine = self._build_engine()
+        self.weight_updater = WeightUpdater()
 
     def _start_tensor_parallel(self, spec: SamplerSpec):
         """(group, device, where models load): TP shards are cut from models loaded on the CPU."""
@@ -196,7 +228,7 @@ class OptimalSampler:
     # ------------------------------------------------------------------ public API
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         max_tokens: int = 100,
         temperature: float = 1.0,
         collect_diagnostics: bool = False,
@@ -208,16 +240,21 @@ class OptimalSampler:
         stop: str | list[str] | None = None,
         seed: int | None = None,
         chat_template: str = "none",
+        prompt_ids: Sequence[Sequence[int]] | None = None,
+        teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> SamplingOutput:
         """Generate n samples per prompt; results in prompt-major order.
 
         chat_template: "none" (prompts as given), "auto" (each model whose tokenizer has a chat
-        template sees the prompt as one user turn), "base", "teacher" or "both"."""
+        template sees the prompt as one user turn), "base", "teacher" or "both".
+        prompt_ids / teacher_prompt_ids: the prompts as token ids instead of text (exactly one of
+        prompts and prompt_ids); the teacher reads prompt_ids too unless teacher_prompt_ids is
+        given. Ids are used as they are: no chat template, no special tokens added."""
         samples = list(
             self.generate_iter(
                 prompts, max_tokens=max_tokens, temperature=temperature, collect_diagnostics=collect_diagnostics,
                 teacher_prompts=teacher_prompts, n=n, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop, seed=seed,
-                chat_template=chat_template,
+                chat_template=chat_template, prompt_ids=prompt_ids, teacher_prompt_ids=teacher_prompt_ids,
             )
         )  # fmt: skip
         samples.sort(key=lambda s: (s.prompt_index, s.sample_index))
@@ -225,7 +262,7 @@ class OptimalSampler:
 
     def generate_iter(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         max_tokens: int = 100,
         temperature: float = 1.0,
         collect_diagnostics: bool = False,
@@ -240,6 +277,8 @@ class OptimalSampler:
         skip: Callable[[int, int], bool] | None = None,
         on_tokens: Callable[[int], None] | None = None,
         chat_template: str = "none",
+        prompt_ids: Sequence[Sequence[int]] | None = None,
+        teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> Iterator[Sample]:
         """Yield each sample as soon as it finishes (completion order, not prompt order).
 
@@ -247,15 +286,20 @@ class OptimalSampler:
         (default 0..len-1), so a prompt gets the same samples wherever it sits in a run.
         skip(prompt_index, sample_index): requests to leave out (already done, on resume).
         on_tokens(k): called after each step with the number of tokens produced.
+        prompt_ids / teacher_prompt_ids: token-id prompts, as in `generate`.
         """
         stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, n=n, top_k=top_k, top_p=top_p, min_p=min_p,
             stop=stop_strings, seed=seed, collect_diagnostics=collect_diagnostics,
         )  # fmt: skip
-        if chat_template != "none":
-            prompts, teacher_prompts = self.apply_chat_template(prompts, teacher_prompts, chat_template)
-        requests = self.build_requests(prompts, teacher_prompts, params, prompt_indices)
+        if prompt_ids is not None:
+            self._check_id_call(prompts, teacher_prompts, chat_template)
+            requests = self.build_requests_from_ids(prompt_ids, teacher_prompt_ids, params, prompt_indices)
+        else:
+            if chat_template != "none":
+                prompts, teacher_prompts = self.apply_chat_template(prompts, teacher_prompts, chat_template)
+            requests = self.build_requests(prompts, teacher_prompts, params, prompt_indices)
         if skip is not None:
             requests = [r for r in requests if not skip(r.prompt_index, r.sample_index)]
         checker = StopChecker(self.base.tokenizer, self.eos_ids, params.stop)
@@ -263,30 +307,41 @@ class OptimalSampler:
 
     def score(
         self,
-        prompts: str | list[str],
-        completions: list[str] | list[list[int]],
+        prompts: str | list[str] | None = None,
+        completions: list[str] | list[list[int]] | None = None,
         teacher_prompts: list[str] | None = None,
         temperature: float = 1.0,
         top_k: int = -1,
         top_p: float = 1.0,
         min_p: float = 0.0,
         collect_diagnostics: bool = True,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
+        teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> SamplingOutput:
         """Teacher-forced alpha, log pi_base, log pi_teacher and log q of given completions.
 
         Completions given as token ids are scored exactly; text is re-tokenized with the base
         tokenizer (which may differ from how a sampler split it). Use the same mixing and
-        sampling settings as the run that produced the samples.
+        sampling settings as the run that produced the samples. Prompts may be token ids
+        (prompt_ids / teacher_prompt_ids, as in `generate`) instead of text.
         """
-        from .scoring import score_iter
+        from .scoring import score_iter, score_requests
 
         params = SamplingParams(
             max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             collect_diagnostics=collect_diagnostics,
         )  # fmt: skip
-        prompts = _as_prompt_list("prompts", prompts)
         if not isinstance(completions, Sequence) or isinstance(completions, str):
             raise TypeError("completions must be a list of strings or of token-id lists")
+        if prompt_ids is not None:
+            self._check_id_call(prompts, teacher_prompts, "none")
+            requests = self.build_requests_from_ids(prompt_ids, teacher_prompt_ids, params)
+            if len(completions) != len(requests):
+                raise ValueError(
+                    f"completions has {len(completions)} entries but prompt_ids has {len(requests)}"
+                )
+            return SamplingOutput(list(score_requests(self, requests, list(completions), params)))
+        prompts = _as_prompt_list("prompts", prompts)
         return SamplingOutput(list(score_iter(self, prompts, list(completions), teacher_prompts, params)))
 
     def apply_chat_template(
@@ -297,6 +352,61 @@ class OptimalSampler:
         teacher = prompts if teacher_prompts is None else _as_prompt_list("teacher_prompts", teacher_prompts)
         return chat_prompts(mode, prompts, teacher, self.base.tokenizer, self.teacher.tokenizer)
 
+    # ------------------------------------------------------------------ live weight updates
+    @property
+    def weight_version(self) -> int:
+        """Version of the current weights: 0 as loaded, raised by every update of either model."""
+        return self.weight_updater.version
+
+    def update_weights(
+        self,
+        named_tensors,
+        model: str = "base",
+        abort_running: bool = False,
+        weight_version: int | None = None,
+    ) -> int:
+        """Copy a state dict, or (Hugging Face name, tensor) pairs, into `model` ("base" or
+        "teacher") in place; whole or partial, any floating dtype and device, tied embeddings under
+        either name. Safe from any thread: it waits for a running generation's current step and
+        applies before its next one. Returns the new weight version (`weight_version` if given; it
+        must exceed the current one). abort_running: requests running now end with finish reason
+        "abort" and the tokens drawn before the update, instead of continuing on the new weights.
+        A ValueError (naming the parameter) leaves every weight as it was."""
+        loaded = self.base if check_model_name(model) == "base" else self.teacher
+        weights = as_named_tensors(named_tensors)
+        return self.weight_updater.update(
+            self.engine, loaded.model, model, weights, abort_running, weight_version
+        )
+
+    def update_weights_from_disk(
+        self, path, model: str = "base", abort_running: bool = False, weight_version: int | None = None
+    ) -> int:
+        """update_weights from a Hugging Face directory, a safetensors (or PyTorch .bin) file or a
+        list of them; a different architecture (config.json) or a wrong name or shape (safetensors
+        headers) is refused before any tensor is read."""
+        loaded = self.base if check_model_name(model) == "base" else self.teacher
+        weights = read_update(path, self.engine, model, loaded.model.config)
+        return self.update_weights(weights, model, abort_running, weight_version)
+
+    def update_weights_from_distributed(
+        self, group, names: Sequence[str], dtypes: Sequence, shapes: Sequence[Sequence[int]], model: str = "base",
+        abort_running: bool = False, weight_version: int | None = None,
+    ) -> int:  # fmt: skip
+        """update_weights with tensors a trainer broadcasts from its rank 0 over `group` (from
+        `distributed.weights.init_weights_update_group`), in the order of names/dtypes/shapes."""
+        from ..distributed.weights import receive_weights_broadcast
+
+        weights = receive_weights_broadcast(group, names, dtypes, shapes)
+        return self.update_weights(weights, model, abort_running, weight_version)
+
+    def pause_generation(self) -> None:
+        """Wait for a running generation's current step, then hold its next ones (from another
+        thread) until `continue_generation`; weight updates still apply meanwhile."""
+        self.weight_updater.gate.pause()
+
+    def continue_generation(self) -> None:
+        self.weight_updater.gate.resume()
+
     # ------------------------------------------------------------------ internals
     def build_requests(
         self,
@@ -306,6 +416,8 @@ class OptimalSampler:
         prompt_indices: list[int] | None = None,
     ) -> list[Request]:
         """Validate and tokenize prompts into requests, prompt-major (n per prompt)."""
+        if prompts is None:
+            raise TypeError("give prompts (text) or prompt_ids (token ids)")
         prompts = _as_prompt_list("prompts", prompts)
         if not prompts:
             raise ValueError("prompts must not be empty")
@@ -315,28 +427,78 @@ class OptimalSampler:
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(indices) != len(prompts):
             raise ValueError("prompt_indices must have one entry per prompt")
-        base_seed = params.seed if params.seed is not None else self.seed
-        if base_seed is None:
-            base_seed = random.SystemRandom().randrange(1 << 62)
+        pairs = [
+            PromptIds(
+                self._tokenize(self.base, prompt, index, "prompt"),
+                self._tokenize(self.teacher, teacher_prompt, index, "teacher prompt"),
+                prompt,
+                teacher_prompt,
+            )
+            for index, prompt, teacher_prompt in zip(indices, prompts, teacher)
+        ]
+        return self.requests_from_ids(pairs, params, indices)
+
+    def build_requests_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        teacher_prompt_ids: Sequence[Sequence[int]] | None,
+        params: SamplingParams,
+        prompt_indices: list[int] | None = None,
+    ) -> list[Request]:
+        """Validate token-id prompts into requests, prompt-major (n per prompt); the teacher reads
+        prompt_ids unless teacher_prompt_ids is given. Samples report the ids decoded as prompt text."""
+        base = _as_id_lists("prompt_ids", prompt_ids)
+        if not base:
+            raise ValueError("prompt_ids must not be empty")
+        teacher = (
+            base if teacher_prompt_ids is None else _as_id_lists("teacher_prompt_ids", teacher_prompt_ids)
+        )
+        if len(teacher) != len(base):
+            raise ValueError(f"teacher_prompt_ids has {len(teacher)} entries but prompt_ids has {len(base)}")
+        pairs = [
+            PromptIds(b, t, self._decode_prompt(self.base, b), self._decode_prompt(self.teacher, t))
+            for b, t in zip(base, teacher)
+        ]
+        return self.requests_from_ids(pairs, params, prompt_indices)
+
+    @staticmethod
+    def _check_id_call(prompts, teacher_prompts, chat_template: str) -> None:
+        if prompts is not None or teacher_prompts is not None:
+            raise ValueError(
+                "give prompts (text) or prompt_ids (token ids), not both; teacher_prompt_ids goes with prompt_ids"
+            )
+        if chat_template != "none":
+            raise ValueError("chat_template applies to text prompts; prompt_ids are used as given")
+
+    @staticmethod
+    def _decode_prompt(loaded: LoadedModel, ids: tuple[int, ...]) -> str:
+        # out-of-vocabulary ids are refused later, with the prompt's index; never decode them here
+        if ids and (min(ids) < 0 or max(ids) >= len(loaded.tokenizer)):
+            return ""
+        return loaded.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def requests_from_ids(
+        self, prompts: list[PromptIds], params: SamplingParams, prompt_indices: list[int] | None = None
+    ) -> list[Request]:
+        """Requests of prompts given as token ids, prompt-major (n per prompt); sample k of the
+        prompt with index i (default its position) draws with request_seed(seed, i, k), where seed
+        is params.seed, else the sampler's, else a fresh random one."""
+        indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+        context, vocab = self.engine.max_context(), self.vocab_size
+        return requests_from_ids(
+            prompts, indices, params.n, params.max_tokens, self.base_seed(params), context, vocab
+        )
+
+    def base_seed(self, params: SamplingParams) -> int:
+        """The seed a call's requests are derived from: params.seed, else the sampler's, else random."""
+        seed = params.seed if params.seed is not None else self.seed
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 62)
             if self.tp.size > 1:  # every rank must draw the same noise: the leader's seed
                 from ..distributed.groups import agree_seed
 
-                base_seed = agree_seed(self.tp, base_seed)
-        context = self.engine.max_context()
-        requests = []
-        for index, prompt, teacher_prompt in zip(indices, prompts, teacher):
-            base_ids = self._tokenize(self.base, prompt, index, "prompt")
-            teacher_ids = self._tokenize(self.teacher, teacher_prompt, index, "teacher prompt")
-            longest = max(len(base_ids), len(teacher_ids))
-            if longest >= context:
-                raise ValueError(f"prompt {index} has {longest} tokens; the models' context is {context}")
-            budget = min(params.max_tokens, context - longest)
-            for k in range(params.n):
-                seed_k = request_seed(base_seed, index, k)
-                requests.append(
-                    Request(index, k, prompt, teacher_prompt, base_ids, teacher_ids, seed_k, budget)
-                )
-        return requests
+                seed = agree_seed(self.tp, seed)
+        return seed
 
     @staticmethod
     def _tokenize(loaded: LoadedModel, text: str, index: int, what: str) -> tuple[int, ...]:
@@ -352,6 +514,7 @@ class OptimalSampler:
         checker: StopChecker,
         on_tokens: Callable[[int], None] | None,
     ) -> Iterator[Sample]:
-        scheduler = Scheduler(self.engine, self.mix, params, checker)
+        engine, checker = self.weight_updater.attach(self.engine, checker)  # updates land between steps
+        scheduler = Scheduler(engine, self.mix, params, checker)
         scheduler.add(requests)
         yield from scheduler.run(on_tokens)

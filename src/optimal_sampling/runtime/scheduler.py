@@ -14,6 +14,11 @@ Where the engine `pipelines`, step n + 1 is queued before step n's results are r
 work (reading, stop checks, bookkeeping) runs while the device computes. A request that stops at
 step n has one token drawn in step n + 1 that is dropped; the tokens kept are the same as without
 pipelining (each draw's randomness is keyed by (request seed, token index)).
+
+Several schedulers (one per sampling setting, see `pool.py`) may share one engine: they then share
+its `free` slot list, and each of their steps holds rows of its own setting only. `abort` drops
+requests (a server's disconnected clients); `on_append(state)` is called for every token a
+request keeps, before its stop check (a server's streaming hook).
 """
 
 from __future__ import annotations
@@ -27,17 +32,30 @@ from ..engines.base import Engine, Pending, SlotRequest, admit_group
 from ..outputs import Sample
 from .requests import Request, RequestState, StopChecker, to_sample
 
+DROPPED = "dropped"  # finish reason of a request dropped by `Scheduler.abort` (it yields no sample)
+
 
 class Scheduler:
     """Runs requests of one (mixing, sampling) setting to completion on `engine`."""
 
-    def __init__(self, engine: Engine, mix: MixConfig, params: SamplingParams, checker: StopChecker):
+    def __init__(
+        self,
+        engine: Engine,
+        mix: MixConfig,
+        params: SamplingParams,
+        checker: StopChecker,
+        free: list[int] | None = None,
+        on_append: Callable[[RequestState], None] | None = None,
+    ):
+        """free: the engine's free slots, shared with the other schedulers of the engine (default:
+        every slot, this scheduler owns the engine)."""
         self.engine, self.mix, self.params, self.checker = engine, mix, params, checker
+        self.on_append = on_append
         self.pipelined = engine.pipelines
         self.limit = engine.batch_limit()
         self.group = admit_group(self.limit)
         self.waiting: deque[Request] = deque()
-        self.free = list(range(engine.max_slots - 1, -1, -1))
+        self.free = list(range(engine.max_slots - 1, -1, -1)) if free is None else free
         self.active: dict[int, RequestState] = {}  # slot -> state, in admission order
         self.pending: tuple[dict[int, RequestState], Pending] | None = None
         self.in_flight: tuple[dict[int, RequestState], Pending] | None = None
@@ -47,6 +65,26 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.active or self.pending or self.in_flight)
+
+    def running(self) -> bool:
+        """True while any slot of this scheduler is taken or a result is on its way."""
+        return bool(self.active or self.pending or self.in_flight)
+
+    def abort(self, requests: Iterable[Request]) -> None:
+        """Drop requests: waiting ones at once; running ones release their slots now (a step still
+        in flight writes them, as for any finished request, and its result is dropped); one still
+        being admitted is released when its first token arrives. Aborted requests yield no sample."""
+        gone = {id(r) for r in requests}
+        self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+        slots = [slot for slot, st in self.active.items() if id(st.request) in gone]
+        for slot in slots:
+            self.active.pop(slot).finish_reason = DROPPED
+        if slots:
+            self.engine.release(slots)
+            self.free.extend(slots)
+        for state in self.pending[0].values() if self.pending else ():
+            if id(state.request) in gone:
+                state.finish_reason = DROPPED
 
     def run(self, on_tokens: Callable[[int], None] | None = None) -> Iterator[Sample]:
         """Step until every request added has finished, yielding each sample as it finishes."""
@@ -111,17 +149,23 @@ class Scheduler:
             st.issued += 1
         return seeds, steps
 
-    @staticmethod
-    def _append(states: dict[int, RequestState], result: dict, keep: dict | None = None) -> None:
+    def _append(self, states: dict[int, RequestState], result: dict, keep: dict | None = None) -> None:
         """Row i of result belongs to the i-th state; only the states in keep (default all) take it."""
         for row, (slot, state) in enumerate(states.items()):
             if keep is None or slot in keep:
                 state.append(result, row)
+                if self.on_append is not None and state.finish_reason is None:
+                    self.on_append(state)
 
     def _retire(self) -> list[Sample]:
-        done = [slot for slot, state in self.active.items() if self.checker.check(state)]
+        done = [
+            slot for slot, st in self.active.items() if st.finish_reason == DROPPED or self.checker.check(st)
+        ]
         if not done:
             return []
         self.engine.release(done)
         self.free.extend(done)
-        return [to_sample(self.active.pop(slot), self.params.collect_diagnostics) for slot in done]
+        states = [self.active.pop(slot) for slot in done]
+        return [
+            to_sample(st, self.params.collect_diagnostics) for st in states if st.finish_reason != DROPPED
+        ]

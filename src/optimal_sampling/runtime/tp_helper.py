@@ -31,5 +31,16 @@ def main() -> int:
     return 0
 
 
+def run() -> int:
+    """`main`, with a user error (a ValueError/TypeError: the leader checks the same options and
+    reports them itself) told in one line instead of a traceback per helper."""
+    try:
+        return main()
+    except (ValueError, TypeError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"optimal-sampling tensor-parallel helper: error: {text}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -19,6 +19,9 @@ Invariants:
 - each slot's last token lives on the device (`last_tokens`): a sampling step reads its input
   tokens there and writes the drawn ones back, and the first draw after a prefill writes there
   too, so a host loop may queue step n + 1 before it has read step n's tokens (`pipelines`).
+- weights are updated in place (`load_weights`, through `CompactModel.weight_map`): the same
+  tensors, so captured graphs stay valid; the caller syncs the device around it (a prefill on
+  the prefill stream may still read them).
 - on CUDA the two models run on two streams (the teacher on a side stream joined before the
   sampler), so inside a graph they are parallel branches: at small batches, where each kernel
   fills a fraction of the GPU and launch latency dominates, the step costs about the longer model
@@ -36,6 +39,7 @@ import torch
 from ...config import MixConfig, SamplingParams
 from ...mixing.step import StepResult
 from ..base import Engine, Pending, Ready, SlotRequest, unique_prompts
+from ..weights import WeightMap
 from .attention import decode_attention_sdpa, prefill_attention
 from .graphs import GraphCache, batch_bucket, bucket_of
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
@@ -102,6 +106,7 @@ class FastEngine(Engine):
     concurrent_models = True  # base and teacher on two CUDA streams (see the module docstring)
     overlaps_prefill = True  # add_async prefills on its own CUDA stream beside decode steps
     pipelines = True  # decode_and_sample(tokens=None) takes each slot's last token on the device
+    shares_model_weights = True  # CompactModel computes with the Hugging Face models' tensors
 
     def __init__(
         self, base, teacher, vocab_size: int, max_slots: int, max_len: int,
@@ -145,6 +150,9 @@ class FastEngine(Engine):
 
     def max_context(self) -> int:
         return min(self.max_len, self.base.net.spec.context, self.teacher.net.spec.context)
+
+    def weight_map(self, model: str) -> WeightMap:
+        return (self.base if model == "base" else self.teacher).net.weight_map()
 
     # ------------------------------------------------------------------ device functions
     def decode_model(self, m: CachedModel, slots, tokens, positions, width: int) -> torch.Tensor:

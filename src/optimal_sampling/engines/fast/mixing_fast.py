@@ -5,9 +5,10 @@ samplers are graph-capturable callables `(logits_base, logits_teacher, row_seeds
 of [B] tensors in the order of `result_fields(params)`, so the engine captures them in the same
 CUDA graph as the two forward passes.
 
-The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_row_state.py:
-the buffers' layout) cover the common case: alpha_method kl_symmetry or fixed, no
-teacher constraint, no top-k/top-p/min-p, no diagnostics. They keep |alpha - alpha_float64| <=
+The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_policy.py:
+entropies, tilted moments and diagnostics; triton_row_state.py: the buffers' layout) cover
+alpha_method kl_symmetry, entropy, reverse_kl_symmetry or fixed, with or without diagnostics, with no teacher constraint and no
+top-k/top-p/min-p. They keep |alpha - alpha_float64| <=
 1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
 refining passes of a few points, which rows already solved skip, instead of 24 Newton
 iterations over [B, V] tensors; they spread every row over the whole GPU and never write a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ...config import MixConfig, SamplingParams
+from ...mixing.alpha import IDENTICAL_JEFFREYS
 from ...mixing.draw import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
 from ...mixing.step import StepResult, sample_step
 
@@ -57,10 +59,12 @@ def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
     return (mix, params.temperature, params.top_k, params.top_p, params.min_p, params.collect_diagnostics)
 
 
+FUSED_METHODS = ("kl_symmetry", "fixed", "entropy", "reverse_kl_symmetry")
+
+
 def fused_supported(mix: MixConfig, params: SamplingParams) -> bool:
     return (
-        mix.alpha_method in ("kl_symmetry", "fixed")
-        and not params.collect_diagnostics
+        mix.alpha_method in FUSED_METHODS
         and not mix.constrained
         and params.top_k == -1
         and params.top_p >= 1.0
@@ -141,7 +145,8 @@ def fused_outputs(
     """The fused sampler: a row pass, the alpha passes, then the draw: a pass summing the mass of
     each draw chunk and a per-row kernel drawing the chunk and its token (greedy: an argmax pass),
     each pass with a per-row merge.
-    Returns tokens, log pi_base, log pi_teacher, log q, alpha, and the five as [B, 5] float64.
+    Returns tokens, log pi_base, log pi_teacher, log q, alpha, with diagnostics the ESS ratio and
+    KL(q || base), KL(q || teacher), and all of them as [B, fields] float64.
 
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
     eager only; benchmarks/sampler_diag.py)."""
@@ -173,6 +178,10 @@ def fused_outputs(
     alpha = torch.empty(batch, dtype=torch.float32, device=device)
     if solve:
         solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha, trace)
+    elif mix.alpha_method == "entropy":
+        alpha.copy_(entropy_alpha(rows, inv_temp, splits, state, lo, hi))
+    elif mix.alpha_method == "reverse_kl_symmetry":
+        alpha.copy_(reverse_kl_alpha(rows, inv_temp, splits, state, lo, hi))
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     tokens = torch.empty(batch, dtype=torch.long, device=device)
@@ -190,7 +199,9 @@ def fused_outputs(
         )  # fmt: skip
     else:  # the two-level draw of mixing.draw.sample_tokens: chunk masses, then one chunk's tokens
         chunk = draw_chunk(vocab)
-        masses = torch.empty(batch, DRAW_CHUNKS, triton_row_state.MASS_STATS, dtype=torch.float32, device=device)
+        masses = torch.empty(
+            batch, DRAW_CHUNKS, triton_row_state.MASS_STATS, dtype=torch.float32, device=device
+        )
         triton_draw.mass_kernel[(batch, DRAW_CHUNKS)](
             *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, masses,
             CHUNKS=DRAW_CHUNKS, ONLINE=not solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=MASS_WARPS,
@@ -199,7 +210,93 @@ def fused_outputs(
             *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, masses, *outputs,
             CHUNKS=DRAW_CHUNKS, CHUNK_NOISE=CHUNK_NOISE, SCAN=DRAW_SCAN, num_warps=DRAW_WARPS,
         )  # fmt: skip
-    return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
+    if not params.collect_diagnostics:
+        return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
+    diag = diagnostics_of(rows, inv_temp, splits, state, alpha)  # [3, B]
+    packed = torch.cat([host, diag.T.double()], dim=1)
+    return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, diag[0], diag[1], diag[2], packed
+
+
+def entropy_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
+    """alpha = H(base) / (H(base) + H(teacher)) clamped to [lo, hi], the midpoint where the two
+    policies coincide (Jeffreys divergence at most IDENTICAL_JEFFREYS) or both are one-hot."""
+    from . import triton_policy
+
+    batch, device = state.shape[0], state.device
+    parts = torch.empty(batch, splits, triton_policy.ENTROPY_STATS, dtype=torch.float64, device=device)
+    triton_policy.entropy_kernel[(batch, splits)](
+        *rows, inv_temp, state, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
+    )
+    h_b, h_t = split_entropy(parts[..., 0:3]), split_entropy(parts[..., 3:6])
+    jeffreys = parts[..., 6].sum(1)
+    total = h_b + h_t
+    mid = (lo + hi) / 2
+    alpha = torch.where(total > 0, (h_b / total).nan_to_num(nan=mid).clamp(lo, hi), mid)
+    return torch.where(jeffreys <= IDENTICAL_JEFFREYS, mid, alpha).float()
+
+
+def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
+    """alpha = KL(t~ || b~) / (KL(t~ || b~) + KL(b~ || t~)) on the joint support, clamped to
+    [lo, hi]; the midpoint where the policies coincide or share no token (as mixing.alpha)."""
+    from . import triton_policy
+
+    batch, device = state.shape[0], state.device
+    parts = torch.empty(batch, splits, triton_policy.TILT_STATS, dtype=torch.float64, device=device)
+    triton_policy.tilt_kernel[(batch, splits)](
+        *rows, inv_temp, state, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
+    )
+    w, d, a, b = parts.sum(1).unbind(-1)  # [B] each
+    log_ratio = torch.log1p(d / w)  # M(1) - M(0)
+    kl_tb = a / (w + d) - log_ratio  # M'(1) - (M(1) - M(0))
+    kl_bt = log_ratio - b / w  # (M(1) - M(0)) - M'(0)
+    jeffreys = kl_tb + kl_bt
+    mid = (lo + hi) / 2
+    alpha = (kl_tb / jeffreys).nan_to_num(nan=mid).clamp(lo, hi)
+    same = (jeffreys <= IDENTICAL_JEFFREYS) | ~(w > 0)
+    return torch.where(same, mid, alpha).float()
+
+
+def split_entropy(parts: torch.Tensor) -> torch.Tensor:
+    """H from each split's (max, s, t) of one row (see triton_policy.entropy_update): [B, splits, 3] -> [B]."""
+    m, s, t = parts.unbind(-1)
+    top = m.amax(dim=1, keepdim=True)
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    c = torch.exp(m - safe_top)
+    shift = torch.where(s > 0, s * (m - safe_top), torch.zeros_like(s))
+    total_s, total_t = (c * s).sum(1), (c * (t + shift)).sum(1)
+    return torch.log(total_s) - total_t / total_s
+
+
+def merged_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """log sum_k s_k exp(m_k) over the splits: [B, splits] x2 -> [B] (-inf where all are empty)."""
+    top = m.amax(dim=1, keepdim=True)
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return (safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=1, keepdim=True))).squeeze(1)
+
+
+def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha) -> torch.Tensor:
+    """ESS ratio, KL(q || base) and KL(q || teacher) of the q at each row's alpha: [3, B] float32."""
+    from . import triton_policy
+
+    batch, device = state.shape[0], state.device
+    parts = torch.empty(batch, splits, triton_policy.DIAG_STATS, dtype=torch.float32, device=device)
+    triton_policy.diagnostics_kernel[(batch, splits)](
+        *rows, inv_temp, state, alpha, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
+    )
+    p = parts.double()
+    top = p[..., 0].amax(dim=1, keepdim=True)
+    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight = torch.exp(p[..., 0] - safe_top)  # [B, splits]
+    s0, s_r = (p[..., 1] * weight).sum(1), (p[..., 2] * weight).sum(1)
+    log_z = safe_top.squeeze(1) + torch.log(s0)
+    expected_r = s_r / s0  # E_q[r]
+    a = alpha.double()
+    kl_base = a * expected_r - log_z
+    kl_teacher = -(1.0 - a) * expected_r - log_z
+    lse = [merged_lse(p[..., k], p[..., k + 1]) for k in (3, 5, 7, 9)]
+    log_ratio = 2.0 * (lse[2] - lse[3]) - (lse[0] - lse[1])
+    ess_ratio = torch.exp(log_ratio.nan_to_num(nan=0.0))
+    return torch.stack([ess_ratio, kl_base, kl_teacher]).float()
 
 
 def solve_kl_symmetry(

@@ -10,6 +10,8 @@ runs as fused Triton kernels (triton_layers.py; in decode, RoPE and the cache wr
 attention kernel); on CPU, as torch ops. Weights are the Hugging Face model's own tensors: q/k/v and
 gate/up are fused into one matrix each, and the Hugging Face parameters are re-pointed at views
 of the fused matrices, so the weights live on the device once (no second disk read, no copy).
+`weight_map` says where each Hugging Face parameter lives in these tensors (a row block of a
+fused matrix, this rank's shard under tensor parallelism), so live updates copy into them in place.
 
 Numerics follow transformers: RMSNorm in float32 then cast back, RoPE tables cast to the model
 dtype, residual adds in the model dtype; so in float32 the logits equal the reference engine's
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..weights import WeightMap, WeightSlot, WeightTarget
 from .spec import ModelSpec, rope_tables, spec_of
 
 # (layer, qkv [..., (heads + 2 kv_heads) * D]) -> attention output [..., heads * D]
@@ -101,6 +104,7 @@ class CompactModel:
         self.fused = fused
         self.embed_tokens = inner.embed_tokens.weight.data  # [W, hidden]
         self.lm_head = hf_model.get_output_embeddings().weight.data  # [W, hidden] (tied: same tensor)
+        self.tied = tied_embeddings(hf_model)
         self.final_norm = inner.norm.weight.data
         self.layers = [layer_weights(layer) for layer in inner.layers]
         self.cos, self.sin = rope_tables(hf_model, max_len, self.device, self.dtype)  # [max_len, head_dim]
@@ -112,6 +116,19 @@ class CompactModel:
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def shard_index(self) -> tuple[int, int]:
+        """(rank, size) of the tensor-parallel shard these tensors hold; (0, 1) is the whole model."""
+        return 0, 1
+
+    def weight_map(self) -> WeightMap:
+        """Hugging Face parameter name -> its full shape and the pieces of these tensors holding it."""
+        rank, size = self.shard_index()
+        slots = embedding_slots(self, rank, size)
+        slots["model.norm.weight"] = whole(self.final_norm)
+        for i, lw in enumerate(self.layers):
+            slots.update(layer_slots(f"model.layers.{i}.", lw, self.spec, rank, size))
+        return slots
 
     # ------------------------------------------------------------------ elementwise steps
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -172,6 +189,69 @@ class CompactModel:
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """[..., hidden] final-normed -> [..., W] in the model dtype, as transformers' lm_head."""
         return F.linear(normed, self.lm_head)
+
+
+def tied_embeddings(hf_model) -> bool:
+    return hf_model.get_output_embeddings().weight is hf_model.model.embed_tokens.weight
+
+
+# ---------------------------------------------------------------------- weight map (live updates)
+
+
+def whole(dest: torch.Tensor) -> WeightSlot:
+    """A replicated parameter held whole."""
+    return WeightSlot(tuple(dest.shape), (WeightTarget(dest),))
+
+
+def block(dest: torch.Tensor, full_shape: tuple[int, ...], dim: int, start: int) -> WeightSlot:
+    """A parameter of which dest holds the block [start, start + dest.shape[dim]) along dim."""
+    stop = start + dest.shape[dim]
+    take = (lambda t: t[start:stop]) if dim == 0 else (lambda t: t[:, start:stop])
+    return WeightSlot(full_shape, (WeightTarget(dest, take),))
+
+
+def split_rows(fused: torch.Tensor | None, counts: list[int]) -> list[torch.Tensor | None]:
+    """Row views of a fused matrix (or bias): q/k/v of qkv, gate/up of gate_up."""
+    return [None] * len(counts) if fused is None else list(fused.split(counts, dim=0))
+
+
+def layer_slots(
+    prefix: str, lw: LayerWeights, spec: ModelSpec, rank: int, size: int
+) -> dict[str, WeightSlot]:
+    """One decoder layer; spec holds this shard's head counts (the full model's times size)."""
+    d, hidden = spec.head_dim, spec.hidden
+    q_rows, kv_rows, inter = spec.heads * d, spec.kv_heads * d, lw.gate_up.shape[0] // 2
+    slots = {prefix + "input_layernorm.weight": whole(lw.input_norm),
+             prefix + "post_attention_layernorm.weight": whole(lw.post_norm)}  # fmt: skip
+    counts = [q_rows, kv_rows, kv_rows]
+    for kind, parts in (("weight", split_rows(lw.qkv, counts)), ("bias", split_rows(lw.qkv_bias, counts))):
+        for proj, dest, rows in zip(("q_proj", "k_proj", "v_proj"), parts, counts):
+            if dest is not None:
+                full = (rows * size, hidden)[: dest.dim()]
+                slots[f"{prefix}self_attn.{proj}.{kind}"] = block(dest, full, 0, rank * rows)
+    slots[prefix + "self_attn.o_proj.weight"] = block(lw.o_proj, (hidden, q_rows * size), 1, rank * q_rows)
+    for norm, dest in (("q_norm", lw.q_norm), ("k_norm", lw.k_norm)):
+        if dest is not None:
+            slots[f"{prefix}self_attn.{norm}.weight"] = whole(dest)
+    gate, up = split_rows(lw.gate_up, [inter, inter])
+    slots[prefix + "mlp.gate_proj.weight"] = block(gate, (inter * size, hidden), 0, rank * inter)
+    slots[prefix + "mlp.up_proj.weight"] = block(up, (inter * size, hidden), 0, rank * inter)
+    slots[prefix + "mlp.down_proj.weight"] = block(lw.down, (hidden, inter * size), 1, rank * inter)
+    return slots
+
+
+def embedding_slots(net: CompactModel, rank: int, size: int) -> dict[str, WeightSlot]:
+    """Input and output embeddings; the output one vocab-parallel (zero rows past the width are
+    padding, never written). Tied: either name updates both copies (one tensor when unsharded)."""
+    width, per = net.spec.logit_width, net.lm_head.shape[0]
+    real = max(0, min(per, width - rank * per))
+    head = block(net.lm_head[:real], (width, net.spec.hidden), 0, rank * per)
+    embed = whole(net.embed_tokens)
+    if not net.tied:
+        return {"model.embed_tokens.weight": embed, "lm_head.weight": head}
+    same = net.lm_head.data_ptr() == net.embed_tokens.data_ptr() and size == 1
+    both = embed if same else WeightSlot(embed.shape, embed.targets + head.targets)
+    return {"model.embed_tokens.weight": both, "lm_head.weight": both}
 
 
 def triton_layers():

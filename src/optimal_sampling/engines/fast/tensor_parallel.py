@@ -11,7 +11,7 @@ Sharding (rank r of T; H query heads, KV kv heads, I intermediate, W logit rows)
 H and KV must be divisible by T (a ValueError says which is not), and so must I.
 
 After the gather every rank holds the same logits, bit for bit, so every rank samples the same
-tokens and stays in lockstep without further communication (see distributed.py). Mixing on
+tokens and stays in lockstep without further communication (see distributed/groups.py). Mixing on
 vocab shards without gathering full rows is future work.
 
 Weights come from a Hugging Face model anywhere (CPU, or the target device) and are sliced per
@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...distributed.groups import TensorParallel
+from ...config import TensorParallel
+from .cache_plan import plan_max_len
 from .engine import FastEngine
-from .model import CompactModel, LayerWeights
+from .model import CompactModel, LayerWeights, tied_embeddings
 from .spec import ModelSpec, rope_tables, spec_of
 
 INIT_STD = 0.02
@@ -126,9 +127,13 @@ class TensorParallelModel(CompactModel):
         self.fused = fused
         self.embed_tokens = materialize(inner.embed_tokens.weight, self.device, self.dtype)  # [W, hidden]
         self.lm_head = shard_lm_head(hf_model.get_output_embeddings().weight, tp, self.device, self.dtype)
+        self.tied = tied_embeddings(hf_model)  # two copies here (embedding whole, head sharded)
         self.final_norm = materialize(inner.norm.weight, self.device, self.dtype, norm=True)
         self.layers = [shard_layer(layer, full, tp, self.device, self.dtype) for layer in inner.layers]
         self.cos, self.sin = rope_tables(rotary_source(hf_model), max_len, self.device, self.dtype)
+
+    def shard_index(self) -> tuple[int, int]:
+        return self.tp.rank, self.tp.size
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum of the row-parallel partial outputs over the group (in place)."""
@@ -151,6 +156,7 @@ class TensorParallelModel(CompactModel):
 
 class TensorParallelEngine(FastEngine):
     """FastEngine over this rank's shards (TensorParallelModel); every method is FastEngine's.
+    `load_weights` takes full tensors and copies this rank's shard of each (see `weight_map`).
 
     One stream: both models' all-reduces go through one communicator, which needs them in the
     same order on every rank (so no prefill beside decode steps either)."""
@@ -158,32 +164,11 @@ class TensorParallelEngine(FastEngine):
     concurrent_models = False
     overlaps_prefill = False
     pipelines = False  # the leader sends its helpers each step's tokens (EngineProxy)
+    shares_model_weights = False  # the shards are copies cut from the Hugging Face models
 
     def __init__(self, base: TensorParallelModel, teacher: TensorParallelModel, *args, **kwargs):
         super().__init__(base, teacher, *args, **kwargs)
         self.tp = base.tp
-
-
-def plan_sharded_cache(
-    nets: list[TensorParallelModel], vocab_size: int, slots: int, mem_fraction: float
-) -> int:
-    """max_len as plan_cache does, for shards already on their device (free memory excludes them)."""
-    device = nets[0].device
-    context = min(net.spec.context for net in nets)
-    per_token = sum(
-        2 * n.spec.layers * n.spec.kv_heads * n.spec.head_dim * n.embed_tokens.element_size() for n in nets
-    )
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free * mem_fraction - (24 * (slots + 1) * vocab_size * 4 + (1 << 30))
-    else:
-        budget = 1 << 30
-    max_len = min(context, int(budget // ((slots + 1) * per_token)))
-    if max_len < min(context, 256):
-        raise ValueError(
-            f"not enough memory for a {slots}-slot KV cache: lower max_batch_size or raise mem_fraction_static"
-        )
-    return max_len
 
 
 def build_tensor_parallel_engine(
@@ -206,5 +191,10 @@ def build_tensor_parallel_engine(
     nets = [TensorParallelModel(m, longest, tp, device, fused) for m in (base_model, teacher_model)]
     slots = config.max_batch_size
     if max_len is None:
-        max_len = plan_sharded_cache(nets, vocab_size, slots, config.mem_fraction_static)
+        # shards already on their device: free memory excludes them
+        dtype_bytes = nets[0].embed_tokens.element_size()
+        specs = [net.spec for net in nets]
+        max_len = plan_max_len(
+            specs, dtype_bytes, nets[0].device, slots, vocab_size, config.mem_fraction_static
+        )
     return TensorParallelEngine(*nets, vocab_size, slots, max_len, use_graphs=config.use_cuda_graphs)

@@ -1,0 +1,168 @@
+"""Throughput through the public API (`OptimalSampler.generate`), for every configuration a user
+can pick, and the one-off costs a fresh sampler pays (DESIGN §5, issue 15).
+
+Random-weight Qwen2.5-0.5B (base) / 1.5B (teacher) shapes saved as Hugging Face directories with a
+151,936-entry byte-level tokenizer (no download), prompts of PROMPT bytes (one token each).
+Measured in one run, on the same sampler:
+- construction time (load both models, build the fast engine);
+- per configuration and batch: the first call (graph captures included) and a repeated call with
+  the same prompts; tokens/s of the repeated call and its share of kl_symmetry's;
+- transformers `generate()` of the teacher alone (sampling) at the same batches.
+Prints a table, then one JSON line last.
+
+    PYTHONPATH=src python3 benchmarks/bench_api.py [--quick] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from optimal_sampling import OptimalSampler
+
+VOCAB = 151936
+PROMPT = 110
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+}
+CONFIGS = {
+    "kl_symmetry": ({}, {}),
+    "kl_symmetry+diagnostics": ({}, {"collect_diagnostics": True}),
+    "ess_balance": ({"alpha_method": "ess_balance"}, {}),
+    "ess_balance+diagnostics": ({"alpha_method": "ess_balance"}, {"collect_diagnostics": True}),
+    "entropy": ({"alpha_method": "entropy"}, {}),
+    "entropy+diagnostics": ({"alpha_method": "entropy"}, {"collect_diagnostics": True}),
+    "reverse_kl_symmetry": ({"alpha_method": "reverse_kl_symmetry"}, {}),
+    "fixed 0.7": ({"alpha_method": "fixed", "fixed_alpha": 0.7}, {}),
+    "kl_symmetry+top_p 0.95": ({}, {"top_p": 0.95}),
+    "kl_symmetry+constraint top_p 0.9": ({"constraint_to_target": True, "target_top_p": 0.9}, {}),
+}
+
+
+def write_pair(root: Path) -> tuple[str, str]:
+    # byte-level BPE without merges: one token per byte, as Qwen2's tokenizer class loads it
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"<f{i}>": i for i in range(len(vocab), VOCAB - 1)})
+    vocab["<|endoftext|>"] = VOCAB - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    dirs = []
+    for size, seed in (("0.5b", 0), ("1.5b", 1)):
+        config = Qwen2Config(
+            vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=size == "0.5b", eos_token_id=VOCAB - 1, **SHAPES[size],
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        out = root / size
+        model.save_pretrained(out)
+        fast.save_pretrained(out)
+        dirs.append(str(out))
+        del model
+    torch.cuda.empty_cache()
+    return dirs[0], dirs[1]
+
+
+def prompts_of(tokenizer, batch: int, offset: int) -> list[str]:
+    """Prompts of about PROMPT tokens, different per row and per batch size."""
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    texts = [
+        "".join(letters[(offset + 7 * b + 31 * i * i) % 27] for i in range(4 * PROMPT)) for b in range(batch)
+    ]
+    return [tokenizer.decode(tokenizer(t)["input_ids"][:PROMPT]) for t in texts]
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dict:
+    rows = {}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    for name, (mix, sampling) in CONFIGS.items():
+        built, sampler = timed(
+            lambda mix=mix: OptimalSampler(base, teacher, max_batch_size=256, seed=0, **mix)
+        )
+        for batch in batches:
+            prompts = prompts_of(tokenizer, batch, offset=batch)
+            call = partial(sampler.generate, prompts, max_tokens=max_tokens, temperature=1.0, **sampling)
+            first, _ = timed(call)
+            again, out = timed(call)
+            tokens = sum(out.num_tokens)
+            prompt_tokens = len(tokenizer(prompts[0])["input_ids"])
+            rows[f"{name}|{batch}"] = {
+                "config": name, "batch": batch, "construct_s": round(built, 2), "first_s": round(first, 3),
+                "repeat_s": round(again, 3), "tok_s": round(tokens / again, 1), "tokens": tokens,
+                "prompt_tokens": prompt_tokens,
+            }  # fmt: skip
+            print(json.dumps(rows[f"{name}|{batch}"]), flush=True)
+        sampler = None  # free the engine's caches and graphs before the next configuration
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def teacher_alone(teacher: str, batches: list[int], max_tokens: int) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16).cuda().eval()
+    out = {}
+    for batch in batches:
+        ids = torch.randint(0, VOCAB - 1, (batch, PROMPT), device="cuda")
+        gen = partial(
+            model.generate, ids, do_sample=True, max_new_tokens=max_tokens, min_new_tokens=max_tokens
+        )
+        timed(gen)
+        seconds, _ = timed(gen)
+        out[batch] = round(batch * max_tokens / seconds, 1)
+        print(json.dumps({"teacher_generate": batch, "tok_s": out[batch]}), flush=True)
+    model = None
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 64 only")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    args = parser.parse_args()
+    if args.configs:
+        for name in list(CONFIGS):
+            if name not in args.configs.split(","):
+                del CONFIGS[name]
+    batches = [1, 64] if args.quick else [1, 64, 256]
+    with tempfile.TemporaryDirectory() as root:
+        base, teacher = write_pair(Path(root))
+        rows = measure(base, teacher, batches, args.max_tokens)
+        hf = teacher_alone(teacher, batches, args.max_tokens)
+    print(f"\n{'configuration':36} " + " ".join(f"{'b' + str(b):>18}" for b in batches))
+    for name in CONFIGS:
+        cells = []
+        for b in batches:
+            r, kl = rows[f"{name}|{b}"], rows.get(f"kl_symmetry|{b}")
+            share = f"{100 * r['tok_s'] / kl['tok_s']:.0f}%" if kl else "-"
+            cells.append(f"{r['tok_s']:>10.0f} ({share:>4})")
+        print(f"{name:36} " + " ".join(f"{c:>18}" for c in cells))
+    print(f"{'transformers generate(), teacher':36} " + " ".join(f"{hf[b]:>18.0f}" for b in batches))
+    print(json.dumps({"card": torch.cuda.get_device_name(), "max_tokens": args.max_tokens, "prompt": PROMPT,
+                      "rows": list(rows.values()), "teacher_generate": hf}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
