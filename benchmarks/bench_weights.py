@@ -73,9 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         tokenizer = build_tokenizer(vocab)
         paths = {name: Path(root) / name for name in ("base", "teacher", "trained")}
-        for (name, path), shape, seed in zip(
-            paths.items(), (base_shape, teacher_shape, base_shape), (0, 1, 2)
-        ):
+        for path, shape, seed in zip(paths.values(), (base_shape, teacher_shape, base_shape), (0, 1, 2)):
             save_model(path, shape, vocab, seed, device, dtype)
             tokenizer.save_pretrained(path)
         sampler = OptimalSampler(str(paths["base"]), str(paths["teacher"]), engine="fast", device=device,
