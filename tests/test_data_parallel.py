@@ -21,6 +21,7 @@ import torch
 from optimal_sampling.cli import main
 from optimal_sampling.distributed.environment import NO_MULTICAST
 from optimal_sampling.jobs import data_parallel as parallel
+from optimal_sampling.jobs import prompts as prompt_files
 from optimal_sampling.jobs import store as io
 
 SAMPLE_FIELDS = (
@@ -135,7 +136,7 @@ def test_merge_is_deduplicated_and_repeatable(tmp_path):
     plan.journal.write_bytes(io.encode_record(record(0, 0)))
     plan.shard(0).write_bytes(io.encode_record(record(0, 0)) + io.encode_record(record(2, 0)))
     plan.shard(5).write_bytes(io.encode_record(record(1, 0)) + b'{"prompt_index": 3, "samp')  # torn
-    state = plan.inspect(meta, io.PromptSet(["p0", "p1", "p2", "p3"]), overwrite=False)
+    state = plan.inspect(meta, prompt_files.PromptSet(["p0", "p1", "p2", "p3"]), overwrite=False)
     assert state.done == {(0, 0), (1, 0), (2, 0)}
     assert io.merge_shards(plan, meta) == 2 and plan.shards() == []
     assert io.merge_shards(plan, meta) == 0

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from optimal_sampling.jobs import prompts as prompt_files
 from optimal_sampling.jobs import store as io
 
 # ---------------------------------------------------------------------------- reading prompts
@@ -16,18 +17,18 @@ from optimal_sampling.jobs import store as io
 def test_text_one_prompt_per_line_skips_blank_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first\n\n  \nsecond line\n", encoding="utf-8")
-    assert io.read_prompts(path).prompts == ["first", "second line"]
+    assert prompt_files.read_prompts(path).prompts == ["first", "second line"]
 
 
 def test_jsonl_records_strings_and_teacher_field(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [{"q": "a", "t": "A"}, {"q": "b", "t": "B", "other": 1}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    got = io.read_prompts(path, "q", "t")
+    got = prompt_files.read_prompts(path, "q", "t")
     assert got.prompts == ["a", "b"] and got.teacher_prompts == ["A", "B"]
     plain = tmp_path / "s.jsonl"
     plain.write_text('"x"\n"y"\n', encoding="utf-8")
-    assert io.read_prompts(plain).prompts == ["x", "y"]
+    assert prompt_files.read_prompts(plain).prompts == ["x", "y"]
 
 
 def test_jsonl_text_with_unicode_line_separators_stays_one_record(tmp_path):
@@ -35,25 +36,25 @@ def test_jsonl_text_with_unicode_line_separators_stays_one_record(tmp_path):
     path = tmp_path / "samples.jsonl"
     texts = ["a\u2028b", "c\x85d\x0ce", "f\u2029g\x1ch"]
     path.write_bytes(b"".join(io.encode_record({"prompt": t, "n": i}) for i, t in enumerate(texts)))
-    assert io.read_prompts(path).prompts == texts
+    assert prompt_files.read_prompts(path).prompts == texts
     assert [r["prompt"] for r in io.read_records(path)] == texts
     windows = tmp_path / "p.txt"
     windows.write_bytes("one\u2028still one\r\ntwo\r\n".encode())
-    assert io.read_prompts(windows).prompts == ["one\u2028still one", "two"]
+    assert prompt_files.read_prompts(windows).prompts == ["one\u2028still one", "two"]
 
 
 def test_json_list_of_strings_or_records(tmp_path):
     strings, records = tmp_path / "s.json", tmp_path / "r.json"
     strings.write_text(json.dumps(["a", "b"]), encoding="utf-8")
     records.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}]), encoding="utf-8")
-    assert io.read_prompts(strings).prompts == ["a", "b"]
-    assert io.read_prompts(records).prompts == ["a", "b"]
+    assert prompt_files.read_prompts(strings).prompts == ["a", "b"]
+    assert prompt_files.read_prompts(records).prompts == ["a", "b"]
 
 
 def test_parquet(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "teacher": ["A", "B"]}), path)
-    got = io.read_prompts(path, teacher_field="teacher")
+    got = prompt_files.read_prompts(path, teacher_field="teacher")
     assert got.prompts == ["a", "b"] and got.teacher_prompts == ["A", "B"]
 
 
@@ -73,16 +74,16 @@ def test_bad_prompt_files(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
-        io.read_prompts(path)
+        prompt_files.read_prompts(path)
 
 
 def test_missing_file_and_text_with_teacher_field(tmp_path):
     with pytest.raises(ValueError, match="input file not found"):
-        io.read_prompts(tmp_path / "nope.jsonl")
+        prompt_files.read_prompts(tmp_path / "nope.jsonl")
     text = tmp_path / "p.txt"
     text.write_text("a\n", encoding="utf-8")
     with pytest.raises(ValueError, match="needs records"):
-        io.read_prompts(text, teacher_field="t")
+        prompt_files.read_prompts(text, teacher_field="t")
 
 
 # ---------------------------------------------------------------------------- records and journal
@@ -105,7 +106,7 @@ def _meta(params: dict) -> dict:
 def test_torn_last_line_is_detected_and_cut(tmp_path):
     plan = io.plan_output(tmp_path / "out.jsonl")
     meta = _meta({"temperature": 1.0})
-    prompts = io.PromptSet(["p0", "p1"])
+    prompts = prompt_files.PromptSet(["p0", "p1"])
     writer = io.JournalWriter(plan, io.ResumeState(), meta)
     writer.write(_record(0, 0))
     writer.close()
@@ -128,13 +129,13 @@ def test_changed_parameters_and_prompts_are_refused(tmp_path):
     writer.write(_record(0, 0))
     writer.close()
     with pytest.raises(ValueError, match="temperature 1.0 -> 0.5"):
-        plan.inspect(_meta({"temperature": 0.5}), io.PromptSet(["p0"]), overwrite=False)
+        plan.inspect(_meta({"temperature": 0.5}), prompt_files.PromptSet(["p0"]), overwrite=False)
     with pytest.raises(ValueError, match="prompt 0 of the input differs"):
-        plan.inspect(meta, io.PromptSet(["other"]), overwrite=False)
-    assert plan.inspect(meta, io.PromptSet(["p0", "p1"]), overwrite=False).done == {(0, 0)}
+        plan.inspect(meta, prompt_files.PromptSet(["other"]), overwrite=False)
+    assert plan.inspect(meta, prompt_files.PromptSet(["p0", "p1"]), overwrite=False).done == {(0, 0)}
     plan.meta.unlink()
     with pytest.raises(ValueError, match="is missing"):
-        plan.inspect(meta, io.PromptSet(["p0"]), overwrite=False)
+        plan.inspect(meta, prompt_files.PromptSet(["p0"]), overwrite=False)
 
 
 def test_plan_output_checks_without_creating(tmp_path):
@@ -161,7 +162,7 @@ def test_parquet_round_trip_and_reseed(tmp_path):
     assert io.finish_parquet(plan) == 2 and not plan.journal.exists()
     rows = io.read_records(plan.target)
     assert [r["stop_reason"] for r in rows] == ["END", "7"] and rows[0]["values"] == [0.5, -1.0]
-    state = plan.inspect(meta, io.PromptSet(["p0", "p1", "p2"]), overwrite=False)
+    state = plan.inspect(meta, prompt_files.PromptSet(["p0", "p1", "p2"]), overwrite=False)
     assert state.done == {(0, 0), (1, 0)} and state.from_parquet is not None
     writer = io.JournalWriter(plan, state, meta)
     writer.write(_record(2, 0))

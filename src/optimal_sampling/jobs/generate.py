@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..models.chat import chat_prompts
 from ..models.loading import check_model_reference, check_tensor_parallel_fits, read_model_shape
 from ..models.pair import ModelPair, resolve_model_pair
-from .store import PromptSet
+from .prompts import PromptSet
 
 PROG = "optimal-sampling"
 EXAMPLE_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
@@ -76,7 +76,7 @@ def version() -> str:
 
 
 def gather_prompts(options: GenerateOptions) -> PromptSet:
-    from .store import read_prompts
+    from .prompts import read_prompts
 
     if options.prompts and options.input:
         raise UsageError("give --prompt or --input, not both")
@@ -85,7 +85,7 @@ def gather_prompts(options: GenerateOptions) -> PromptSet:
     if options.teacher_prompt_field:
         raise UsageError("--teacher-prompt-field needs --input with records")
     if options.prompts:
-        from .store import check_unicode
+        from .prompts import check_unicode
 
         for number, prompt in enumerate(options.prompts, start=1):
             if not prompt:

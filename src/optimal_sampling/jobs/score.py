@@ -67,7 +67,7 @@ def read_score_records(path: str, args: ScoreFields) -> ScoreInput:
 
 
 def add_record(inputs: ScoreInput, line: str, where: str, args: ScoreFields) -> None:
-    from .store import check_unicode
+    from .prompts import check_unicode
 
     try:
         record = json.loads(line)

@@ -1,10 +1,6 @@
-"""Prompt files in, resumable sample files out: everything the CLI reads and writes on disk.
+"""Resumable sample files out (prompt files in: `prompts.py`).
 
-Input: `read_prompts` accepts JSONL, a JSON list (of strings or of records), Parquet, or plain text
-(one prompt per line); every mistake is a `ValueError` naming the file and, where there is one, the
-line or row.
-
-Output: samples are appended to a JSONL *journal*, one line per finished sample, flushed as it is
+Samples are appended to a JSONL *journal*, one line per finished sample, flushed as it is
 written, so a `kill -9` loses nothing that was written and a re-run continues where the last one
 stopped. Invariants:
 - Every line of the journal except possibly the last is a complete JSON record ending in `\\n`
@@ -43,9 +39,12 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .parquet import first_line, import_parquet
+from .prompts import PromptSet
 
 META_SUFFIX = ".meta.json"
 PARTIAL_SUFFIX = ".partial.jsonl"
@@ -53,155 +52,6 @@ META_FORMAT = "optimal-sampling/1"
 FSYNC_INTERVAL_S = 1.0
 SHARD_NAME = re.compile(r"\.rank(\d+)\.jsonl")  # after the target's name
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # what a rerun with more space resumes from
-
-# ============================================================================ input
-
-
-@dataclass
-class PromptSet:
-    prompts: list[str]
-    teacher_prompts: list[str] | None = None  # None: the teacher sees the base prompt
-
-
-def read_prompts(
-    path: str | os.PathLike, prompt_field: str = "prompt", teacher_field: str | None = None
-) -> PromptSet:
-    """Prompts of a file, by extension: .jsonl/.ndjson, .json, .parquet, anything else is plain text."""
-    file = Path(path)
-    if not file.exists():
-        raise ValueError(f"input file not found: {file}")
-    if not file.is_file():
-        raise ValueError(f"input is not a file: {file}")
-    suffix = file.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        items = _jsonl_items(file)
-    elif suffix == ".json":
-        items = _json_items(file)
-    elif suffix == ".parquet":
-        items = _parquet_items(file)
-    else:
-        if teacher_field is not None:
-            raise ValueError(
-                f"{file}: --teacher-prompt-field needs records (JSONL, JSON or Parquet), not plain text"
-            )
-        items = _text_items(file)
-    prompts = _collect(items, prompt_field, teacher_field)
-    if not prompts.prompts:
-        raise ValueError(f"{file} contains no prompts")
-    return prompts
-
-
-def check_unicode(text: str, where: str) -> None:
-    """A lone surrogate (from a JSON escape such as "\\ud800", or undecodable bytes in argv) is not
-    text: no tokenizer takes it and no UTF-8 file can hold it, so it is refused where it was read."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"{where}: the text holds a lone surrogate (U+{ord(text[err.start]):04X} at character "
-            f"{err.start}), which is not valid Unicode"
-        ) from None
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-
-
-def _lines(text: str) -> list[str]:
-    """Lines split at "\n" only (a trailing "\r" dropped): str.splitlines would also split at
-    U+2028, U+0085 and other characters that generated text (written raw in JSON) may hold."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
-
-
-def _text_items(file: Path) -> Iterator[tuple[str, object]]:
-    """One prompt per non-blank line; a literal backslash-n stays as typed."""
-    for number, line in enumerate(_lines(_read_text(file)), start=1):
-        if line.strip():
-            yield f"{file}: line {number}", line
-
-
-def _jsonl_items(file: Path) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(_lines(_read_text(file)), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{file}: line {number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{file}: line {number} is not valid JSON ({err.msg}, column {err.colno})"
-            ) from err
-
-
-def _json_items(file: Path) -> Iterator[tuple[str, object]]:
-    try:
-        data = json.loads(_read_text(file))
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
-        ) from err
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{file} must hold a JSON list of strings or of records, not a {type(data).__name__}"
-        )
-    for position, item in enumerate(data):
-        yield f"{file}: item {position}", item
-
-
-def _parquet_items(file: Path) -> Iterator[tuple[str, object]]:
-    pq = _import_parquet()
-    try:
-        table = pq.read_table(file)
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
-        raise ValueError(f"{file} is not a readable Parquet file ({_first_line(err)})") from err
-    for row, record in enumerate(table.to_pylist()):
-        yield f"{file}: row {row}", record
-
-
-def _collect(items: Iterable[tuple[str, object]], prompt_field: str, teacher_field: str | None) -> PromptSet:
-    prompts: list[str] = []
-    teacher: list[str] = []
-    for where, item in items:
-        if isinstance(item, str) and teacher_field is None:
-            check_unicode(item, where)
-            prompts.append(item)
-            continue
-        if not isinstance(item, dict):
-            kind = "a string" if isinstance(item, str) else f"a {type(item).__name__}"
-            raise ValueError(f"{where}: expected a record with a {prompt_field!r} field, got {kind}")
-        prompts.append(_field(item, prompt_field, where))
-        if teacher_field is not None:
-            teacher.append(_field(item, teacher_field, where))
-    return PromptSet(prompts, teacher if teacher_field is not None else None)
-
-
-def _field(record: dict, name: str, where: str) -> str:
-    if name not in record:
-        fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-        raise ValueError(f"{where}: record has no {name!r} field (its fields: {fields})")
-    value = record[name]
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{where}: field {name!r} is empty")
-    check_unicode(value, f"{where}: field {name!r}")
-    return value
-
-
-def _import_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ValueError('Parquet needs pyarrow: pip install "optimal-sampling[io]"') from err
-    return pq
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 # ============================================================================ run parameters
 
@@ -246,11 +96,11 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not file.is_file():
         raise ValueError(f"file not found: {file}")
     if file.suffix.lower() == ".parquet":
-        pq = _import_parquet()
+        pq = import_parquet()
         try:
             return pq.read_table(file).to_pylist()
         except Exception as err:
-            raise ValueError(f"{file} is not a readable Parquet file ({_first_line(err)})") from err
+            raise ValueError(f"{file} is not a readable Parquet file ({first_line(err)})") from err
     return [record for _, record in _journal_records(file)]
 
 
@@ -276,7 +126,7 @@ def records_to_parquet(records: list[dict], path: Path) -> None:
     """Write records to Parquet atomically; `stop_reason` (EOS id or stop string) becomes a string."""
     import pyarrow as pa
 
-    pq = _import_parquet()
+    pq = import_parquet()
     rows = [
         dict(r, stop_reason=None if r.get("stop_reason") is None else str(r["stop_reason"])) for r in records
     ]
@@ -411,7 +261,7 @@ def plan_output(path: str | os.PathLike) -> OutputPlan:
     if suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"--output must end in .jsonl or .parquet, got {str(path)!r}")
     if suffix == ".parquet":
-        _import_parquet()
+        import_parquet()
     journal = target.with_name(target.name + PARTIAL_SUFFIX) if suffix == ".parquet" else target
     plan = OutputPlan(target=target, journal=journal, meta=target.with_name(target.name + META_SUFFIX))
     for file in (plan.target, plan.journal, plan.meta):
