@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "optimal_sampling"
 LAYERS = (
-    ("config", "errors", "outputs"),
+    ("config", "errors", "outputs", "version"),
     ("mixing",),
     ("models",),
     ("engines",),
@@ -77,6 +77,14 @@ def graph() -> dict[str, list[tuple[str, str, int]]]:
 def test_every_top_level_module_has_a_layer():
     tops = {top_of(m) for m in modules()} - {""}
     assert tops <= set(RANK), f"modules outside the layer table: {sorted(tops - set(RANK))}"
+
+
+def test_every_folder_is_a_package():
+    """setuptools' package discovery (pyproject) installs only folders with an __init__.py: a
+    folder without one works from a source tree and is missing from every installed copy."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py")}
+    missing = sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"folders without __init__.py: {missing}"
 
 
 def test_no_import_points_upward():
