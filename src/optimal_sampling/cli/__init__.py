@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..version import package_version
 from .arguments import (
     add_mix_arguments,
     add_model_arguments,
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG, description="Exact sampling from the geometric mixture of two language models."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -227,12 +228,3 @@ def _one_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("optimal-sampling")
-    except Exception:
-        return "unknown"

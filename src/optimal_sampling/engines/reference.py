@@ -14,6 +14,7 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..models.loading import context_length_of
 from .base import Engine, SlotRequest, unique_prompts
 from .weights import WeightMap, hf_weight_map
 
@@ -24,12 +25,7 @@ def cache_keyword(model: PreTrainedModel) -> str:
 
 
 def model_context_length(model: PreTrainedModel) -> int:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30
+    return context_length_of(model.config)
 
 
 class _CachedModel:

@@ -29,6 +29,7 @@ from ..errors import UsageError
 from ..models.chat import chat_prompts
 from ..models.loading import check_model_reference, check_tensor_parallel_fits, read_model_shape
 from ..models.pair import ModelPair, resolve_model_pair
+from ..version import package_version
 from .prompts import PromptSet
 
 PROG = "optimal-sampling"
@@ -64,15 +65,6 @@ class GenerateOptions:
         number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
         if not number or not math.isfinite(interval) or interval < 0:
             raise UsageError(f"--log-interval must be a finite number of seconds >= 0, got {interval}")
-
-
-def version() -> str:
-    try:
-        from importlib.metadata import version as package_version
-
-        return package_version("optimal-sampling")
-    except Exception:
-        return "unknown"
 
 
 def gather_prompts(options: GenerateOptions) -> PromptSet:
@@ -132,7 +124,7 @@ def run_meta(params: dict, argv_used: Sequence[str] | None = None) -> dict:
         "format": META_FORMAT,
         "fingerprint": fingerprint_of(params),
         "params": params,
-        "version": version(),
+        "version": package_version(),
         "command": list(argv_used if argv_used is not None else sys.argv),
     }
 

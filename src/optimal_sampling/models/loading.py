@@ -117,6 +117,13 @@ class ModelShape:
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
+def context_length_of(config) -> int:
+    """The longest sequence a Hugging Face config allows (the first of CONTEXT_FIELDS it sets),
+    or 1 << 30 when it names none."""
+    contexts = [getattr(config, name, None) for name in CONTEXT_FIELDS]
+    return next((c for c in contexts if isinstance(c, int) and c > 0), 1 << 30)
+
+
 def read_model_shape(path: str) -> ModelShape:
     """The `ModelShape` of a resolved model directory or hub id (what `resolve_model_path` returns)."""
     from transformers import AutoConfig
@@ -126,11 +133,9 @@ def read_model_shape(path: str) -> ModelShape:
     except (OSError, ValueError) as err:
         raise ValueError(f"could not read the model config of {path}: {str(err).splitlines()[0]}") from err
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    contexts = [getattr(config, name, None) for name in CONTEXT_FIELDS]
-    context = next((c for c in contexts if isinstance(c, int) and c > 0), 1 << 30)
     heads = getattr(config, "num_attention_heads", None)
     return ModelShape(
-        context=context, logit_width=int(config.vocab_size), heads=heads,
+        context=context_length_of(config), logit_width=int(config.vocab_size), heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         intermediate=getattr(config, "intermediate_size", None),
     )  # fmt: skip
@@ -139,13 +144,19 @@ def read_model_shape(path: str) -> ModelShape:
 def check_tensor_parallel_fits(shape: ModelShape, tp_size: int, name: str) -> None:
     """tp_size must divide the heads, key/value heads and MLP width (the shards are cut by them);
     checked from the config so that a bad --tp-size fails before any weights load or helper starts."""
-    sizes = (("attention heads", shape.heads), ("key/value heads", shape.kv_heads),
-             ("intermediate size", shape.intermediate))  # fmt: skip
+    check_shards_divide(tp_size, name, shape.heads, shape.kv_heads, shape.intermediate)
+
+
+def check_shards_divide(
+    tp_size: int, name: str, heads: int | None, kv_heads: int | None, intermediate: int | None
+) -> None:
+    """A ValueError unless tp_size divides each size the config gives (None: not given)."""
+    sizes = (("attention heads", heads), ("key/value heads", kv_heads), ("intermediate size", intermediate))
     for what, value in sizes:
         if isinstance(value, int) and value % tp_size:
             raise ValueError(
                 f"tp_size {tp_size} must divide the {name}'s {what} ({value}); choose a tp_size that divides "
-                f"heads {shape.heads}, kv heads {shape.kv_heads} and intermediate size {shape.intermediate}"
+                f"heads {heads}, kv heads {kv_heads} and intermediate size {intermediate}"
             )
 
 

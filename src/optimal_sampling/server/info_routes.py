@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..version import package_version
 from .openai_routes import server_of
 from .protocol import AbortRequest
 
@@ -59,13 +59,6 @@ async def server_info(request: Request) -> dict:
         "uptime_s": time.time() - server.started,
         **(await server.bridge.call("stats")),
     }
-
-
-def package_version() -> str:
-    try:
-        return version("optimal-sampling")
-    except PackageNotFoundError:  # run from a source tree
-        return "unknown"
 
 
 @router.post("/abort_request")

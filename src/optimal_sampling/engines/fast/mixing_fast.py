@@ -256,11 +256,17 @@ def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: f
     return torch.where(same, mid, alpha).float()
 
 
+def split_max(m: torch.Tensor) -> torch.Tensor:
+    """The largest of a row's split maxima ([B, splits] -> [B, 1]), 0 where all are -inf (an
+    empty row), so that exp(m - max) stays finite."""
+    top = m.amax(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 def split_entropy(parts: torch.Tensor) -> torch.Tensor:
     """H from each split's (max, s, t) of one row (see triton_policy.entropy_update): [B, splits, 3] -> [B]."""
     m, s, t = parts.unbind(-1)
-    top = m.amax(dim=1, keepdim=True)
-    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    safe_top = split_max(m)
     c = torch.exp(m - safe_top)
     shift = torch.where(s > 0, s * (m - safe_top), torch.zeros_like(s))
     total_s, total_t = (c * s).sum(1), (c * (t + shift)).sum(1)
@@ -269,8 +275,7 @@ def split_entropy(parts: torch.Tensor) -> torch.Tensor:
 
 def merged_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """log sum_k s_k exp(m_k) over the splits: [B, splits] x2 -> [B] (-inf where all are empty)."""
-    top = m.amax(dim=1, keepdim=True)
-    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    safe_top = split_max(m)
     return (safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=1, keepdim=True))).squeeze(1)
 
 
@@ -284,8 +289,7 @@ def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha) -> torch.Te
         *rows, inv_temp, state, alpha, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
     )
     p = parts.double()
-    top = p[..., 0].amax(dim=1, keepdim=True)
-    safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    safe_top = split_max(p[..., 0])
     weight = torch.exp(p[..., 0] - safe_top)  # [B, splits]
     s0, s_r = (p[..., 1] * weight).sum(1), (p[..., 2] * weight).sum(1)
     log_z = safe_top.squeeze(1) + torch.log(s0)

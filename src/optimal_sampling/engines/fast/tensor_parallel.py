@@ -30,22 +30,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...config import TensorParallel
+from ...models.loading import check_shards_divide
 from .cache_plan import plan_max_len
 from .engine import FastEngine
 from .model import CompactModel, LayerWeights, tied_embeddings
 from .spec import ModelSpec, rope_tables, spec_of
 
 INIT_STD = 0.02
-
-
-def check_divisible(spec: ModelSpec, intermediate: int, tp_size: int) -> None:
-    for name, value in (("attention heads", spec.heads), ("key/value heads", spec.kv_heads),
-                        ("intermediate size", intermediate)):  # fmt: skip
-        if value % tp_size:
-            raise ValueError(
-                f"tp_size {tp_size} must divide the model's {name} ({value}); choose a tp_size that divides "
-                f"heads {spec.heads}, kv heads {spec.kv_heads} and intermediate size {intermediate}"
-            )
 
 
 def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype, norm: bool = False):
@@ -118,7 +109,8 @@ class TensorParallelModel(CompactModel):
     def __init__(self, hf_model, max_len: int, tp: TensorParallel, device: torch.device, fused: bool = False):
         full = spec_of(hf_model)
         inner = hf_model.model
-        check_divisible(full, inner.layers[0].mlp.gate_proj.weight.shape[0], tp.size)
+        intermediate = inner.layers[0].mlp.gate_proj.weight.shape[0]
+        check_shards_divide(tp.size, "model", full.heads, full.kv_heads, intermediate)
         self.full_spec = full
         self.spec = replace(full, heads=full.heads // tp.size, kv_heads=full.kv_heads // tp.size)
         self.tp = tp
