@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 
@@ -30,6 +29,7 @@ from ..models.loading import (
     shared_vocab_size,
 )
 from ..outputs import Sample, SamplingOutput
+from .prompts import as_id_lists, as_prompt_list, check_id_call, decoded_pairs, tokenized_pairs
 from .requests import PromptIds, Request, StopChecker, requests_from_ids
 from .scheduler import Scheduler
 from .weight_files import read_update
@@ -61,31 +61,6 @@ def eos_ids_of(loaded: LoadedModel) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _as_prompt_list(name: str, prompts: object) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{name} must be a list of strings")
-    return list(prompts)
-
-
-def _as_id_lists(name: str, value: object) -> list[tuple[int, ...]]:
-    """Token-id prompts as tuples of ints; TypeError for anything but a list of lists of ints
-    (a bool is refused: True would silently be read as id 1). Range, emptiness and context are
-    checked where requests are built (`requests.requests_from_ids`)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a list of token-id lists")
-    out = []
-    for index, ids in enumerate(value):
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-            raise TypeError(f"{name}[{index}] must be a list of token ids, got {type(ids).__name__}")
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)), None)
-        if bad is not None:
-            raise TypeError(f"{name}[{index}] holds {bad!r}; token ids are ints (not booleans)")
-        out.append(tuple(int(t) for t in ids))
-    return out
 
 
 class OptimalSampler:
@@ -294,7 +269,7 @@ class OptimalSampler:
             stop=stop_strings, seed=seed, collect_diagnostics=collect_diagnostics,
         )  # fmt: skip
         if prompt_ids is not None:
-            self._check_id_call(prompts, teacher_prompts, chat_template)
+            check_id_call(prompts, teacher_prompts, chat_template)
             requests = self.build_requests_from_ids(prompt_ids, teacher_prompt_ids, params, prompt_indices)
         else:
             if chat_template != "none":
@@ -334,22 +309,22 @@ class OptimalSampler:
         if not isinstance(completions, Sequence) or isinstance(completions, str):
             raise TypeError("completions must be a list of strings or of token-id lists")
         if prompt_ids is not None:
-            self._check_id_call(prompts, teacher_prompts, "none")
+            check_id_call(prompts, teacher_prompts, "none")
             requests = self.build_requests_from_ids(prompt_ids, teacher_prompt_ids, params)
             if len(completions) != len(requests):
                 raise ValueError(
                     f"completions has {len(completions)} entries but prompt_ids has {len(requests)}"
                 )
             return SamplingOutput(list(score_requests(self, requests, list(completions), params)))
-        prompts = _as_prompt_list("prompts", prompts)
+        prompts = as_prompt_list("prompts", prompts)
         return SamplingOutput(list(score_iter(self, prompts, list(completions), teacher_prompts, params)))
 
     def apply_chat_template(
         self, prompts: str | list[str], teacher_prompts: list[str] | None = None, mode: str = "auto"
     ) -> tuple[list[str], list[str]]:
         """(base prompts, teacher prompts) wrapped in the models' chat templates per `mode`."""
-        prompts = _as_prompt_list("prompts", prompts)
-        teacher = prompts if teacher_prompts is None else _as_prompt_list("teacher_prompts", teacher_prompts)
+        prompts = as_prompt_list("prompts", prompts)
+        teacher = prompts if teacher_prompts is None else as_prompt_list("teacher_prompts", teacher_prompts)
         return chat_prompts(mode, prompts, teacher, self.base.tokenizer, self.teacher.tokenizer)
 
     # ------------------------------------------------------------------ live weight updates
@@ -418,24 +393,16 @@ class OptimalSampler:
         """Validate and tokenize prompts into requests, prompt-major (n per prompt)."""
         if prompts is None:
             raise TypeError("give prompts (text) or prompt_ids (token ids)")
-        prompts = _as_prompt_list("prompts", prompts)
+        prompts = as_prompt_list("prompts", prompts)
         if not prompts:
             raise ValueError("prompts must not be empty")
-        teacher = prompts if teacher_prompts is None else _as_prompt_list("teacher_prompts", teacher_prompts)
+        teacher = prompts if teacher_prompts is None else as_prompt_list("teacher_prompts", teacher_prompts)
         if len(teacher) != len(prompts):
             raise ValueError(f"teacher_prompts has {len(teacher)} entries but prompts has {len(prompts)}")
         indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(indices) != len(prompts):
             raise ValueError("prompt_indices must have one entry per prompt")
-        pairs = [
-            PromptIds(
-                self._tokenize(self.base, prompt, index, "prompt"),
-                self._tokenize(self.teacher, teacher_prompt, index, "teacher prompt"),
-                prompt,
-                teacher_prompt,
-            )
-            for index, prompt, teacher_prompt in zip(indices, prompts, teacher)
-        ]
+        pairs = tokenized_pairs(self.base.tokenizer, self.teacher.tokenizer, prompts, teacher, indices)
         return self.requests_from_ids(pairs, params, indices)
 
     def build_requests_from_ids(
@@ -447,35 +414,16 @@ class OptimalSampler:
     ) -> list[Request]:
         """Validate token-id prompts into requests, prompt-major (n per prompt); the teacher reads
         prompt_ids unless teacher_prompt_ids is given. Samples report the ids decoded as prompt text."""
-        base = _as_id_lists("prompt_ids", prompt_ids)
+        base = as_id_lists("prompt_ids", prompt_ids)
         if not base:
             raise ValueError("prompt_ids must not be empty")
         teacher = (
-            base if teacher_prompt_ids is None else _as_id_lists("teacher_prompt_ids", teacher_prompt_ids)
+            base if teacher_prompt_ids is None else as_id_lists("teacher_prompt_ids", teacher_prompt_ids)
         )
         if len(teacher) != len(base):
             raise ValueError(f"teacher_prompt_ids has {len(teacher)} entries but prompt_ids has {len(base)}")
-        pairs = [
-            PromptIds(b, t, self._decode_prompt(self.base, b), self._decode_prompt(self.teacher, t))
-            for b, t in zip(base, teacher)
-        ]
+        pairs = decoded_pairs(self.base.tokenizer, self.teacher.tokenizer, base, teacher)
         return self.requests_from_ids(pairs, params, prompt_indices)
-
-    @staticmethod
-    def _check_id_call(prompts, teacher_prompts, chat_template: str) -> None:
-        if prompts is not None or teacher_prompts is not None:
-            raise ValueError(
-                "give prompts (text) or prompt_ids (token ids), not both; teacher_prompt_ids goes with prompt_ids"
-            )
-        if chat_template != "none":
-            raise ValueError("chat_template applies to text prompts; prompt_ids are used as given")
-
-    @staticmethod
-    def _decode_prompt(loaded: LoadedModel, ids: tuple[int, ...]) -> str:
-        # out-of-vocabulary ids are refused later, with the prompt's index; never decode them here
-        if ids and (min(ids) < 0 or max(ids) >= len(loaded.tokenizer)):
-            return ""
-        return loaded.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def requests_from_ids(
         self, prompts: list[PromptIds], params: SamplingParams, prompt_indices: list[int] | None = None
@@ -499,13 +447,6 @@ class OptimalSampler:
 
                 seed = agree_seed(self.tp, seed)
         return seed
-
-    @staticmethod
-    def _tokenize(loaded: LoadedModel, text: str, index: int, what: str) -> tuple[int, ...]:
-        ids = tuple(loaded.tokenizer(text)["input_ids"])
-        if not ids:
-            raise ValueError(f"{what} {index} is empty after tokenization")
-        return ids
 
     def _run(
         self,
