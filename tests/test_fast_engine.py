@@ -303,14 +303,16 @@ def test_fused_step_covers_the_alpha_methods_with_diagnostics():
     """Which configurations the engine's captured step runs on the fused kernels (CUDA)."""
     from optimal_sampling.engines.fast.mixing_fast import fused_supported
 
-    for method in ("kl_symmetry", "entropy", "reverse_kl_symmetry", "fixed"):
+    for method in ("kl_symmetry", "entropy", "reverse_kl_symmetry", "fixed", "ess_balance"):
         for diagnostics in (False, True):
             assert fused_supported(
                 MixConfig(alpha_method=method), SamplingParams(collect_diagnostics=diagnostics)
             )
-    assert not fused_supported(MixConfig(alpha_method="ess_balance"), SamplingParams())
-    assert not fused_supported(MixConfig(), SamplingParams(top_p=0.9))
-    assert not fused_supported(MixConfig(constraint_to_target=True, target_top_k=5), SamplingParams())
+    assert fused_supported(MixConfig(), SamplingParams(top_k=50, top_p=0.9, min_p=0.05))
+    assert fused_supported(MixConfig(constraint_to_target=True, target_top_k=5, target_top_p=0.9), SamplingParams())
+    # a top-k beyond what a row may collect together with a top-p: two searches, the torch step
+    assert not fused_supported(MixConfig(), SamplingParams(top_k=5000, top_p=0.9))
+    assert not fused_supported(MixConfig(constraint_to_target=True, target_top_k=5000, target_top_p=0.9), SamplingParams())
 
 
 def check_fixed_alpha_one_is_the_teacher(device: str) -> None:

@@ -128,6 +128,9 @@ class EngineConfig:
     mem_fraction_static: float = 0.85
     enable_torch_compile: bool = False
     use_cuda_graphs: bool = True
+    # Capture graphs and compile kernels at construction (`OptimalSampler.warmup`), not in the
+    # first generate calls; False: they are paid on first use (or by an explicit warmup call).
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "fast", "reference"):
@@ -143,6 +146,7 @@ class EngineConfig:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {frac}")
         _check_bool("enable_torch_compile", self.enable_torch_compile)
         _check_bool("use_cuda_graphs", self.use_cuda_graphs)
+        _check_bool("warmup", self.warmup)
         if self.enable_torch_compile:
             # No engine compiles: the fast engine's whole step is already one CUDA graph (what
             # torch.compile's reduce-overhead mode would give), and the reference engine is the

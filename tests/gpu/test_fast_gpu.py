@@ -89,14 +89,26 @@ def test_cuda_graphs_equal_eager(tiny_pair):
         torch.testing.assert_close(gt, et, atol=1e-2, rtol=1e-2)
 
 
+CUT = {"top_k": 40, "top_p": 0.9, "min_p": 0.01}
+TEACHER_SET = {"constraint_to_target": True, "target_top_k": 30, "target_top_p": 0.95}
+
+
 @pytest.mark.parametrize(
-    "method, diagnostics", [("kl_symmetry", False), ("fixed", False), ("ess_balance", True)]
+    "method, diagnostics, cut, teacher_set",
+    [
+        ("kl_symmetry", False, {}, {}),
+        ("fixed", False, {}, {}),
+        ("ess_balance", True, {}, {}),
+        ("kl_symmetry", True, CUT, {}),
+        ("entropy", False, {"top_p": 0.8}, TEACHER_SET),
+        ("ess_balance", False, {"min_p": 0.05}, TEACHER_SET),
+    ],
 )
-def test_decode_and_sample_equals_decode_then_sample_step(tiny_pair, method, diagnostics):
+def test_decode_and_sample_equals_decode_then_sample_step(tiny_pair, method, diagnostics, cut, teacher_set):
     _, a = pair(tiny_pair, "llama", torch.bfloat16)
     _, b = pair(tiny_pair, "llama", torch.bfloat16)
-    mix = MixConfig(alpha_method=method)
-    params = SamplingParams(temperature=0.8, collect_diagnostics=diagnostics)
+    mix = MixConfig(alpha_method=method, **teacher_set)
+    params = SamplingParams(temperature=0.8, collect_diagnostics=diagnostics, **cut)
     requests = [SlotRequest(i, p, p) for i, p in enumerate(PROMPTS)]
     a.add(requests)
     b.add(requests)
@@ -191,3 +203,53 @@ def test_fused_sampler_on_full_vocabulary_rows_matches_float64(batch):
     torch.testing.assert_close(lp_q[same], exact.logprob_q[same], atol=2e-3, rtol=0)
     torch.testing.assert_close(lp_b[same], exact.logprob_base[same], atol=1e-3, rtol=0)
     torch.testing.assert_close(lp_t[same], exact.logprob_teacher[same], atol=1e-3, rtol=0)
+
+
+def test_warmup_leaves_no_capture_to_generate(tiny_pair):
+    """A sampler warms up at construction; its generate calls over prompt lengths and batch sizes
+    it never saw (up to and beyond its batch limit, across every width bucket), with the default
+    and a warmed-up other setting, capture no graph, and draw the tokens of a sampler built
+    without warmup (which captures the same graphs on first use)."""
+    import random
+
+    base_dir, teacher_dir = tiny_pair("qwen2")
+    kwargs = dict(engine="fast", device="cuda", dtype="bfloat16", max_batch_size=6, seed=3)
+    warm = OptimalSampler(base_dir, teacher_dir, **kwargs)
+    cold = OptimalSampler(base_dir, teacher_dir, warmup=False, **kwargs)
+    other = dict(temperature=0.7, collect_diagnostics=True)
+    extra = warm.warmup([SamplingParams(**other)])
+    stats = warm.warmup_stats
+    assert stats == extra and extra.graphs > 0 and cold.engine.captures == 0
+    assert warm.engine.captures > extra.graphs and warm.construct_seconds > 0
+    captures, rng = warm.engine.captures, random.Random(0)
+    for batch, longest, max_tokens, options in [
+        (1, 5, 30, {}), (3, 70, 20, {}), (6, 130, 12, other), (9, 40, 8, {}), (2, 200, 50, other),
+        (5, 250, 4, {}),
+    ]:  # fmt: skip
+        prompts = [[rng.randrange(3, 290) for _ in range(rng.randint(1, longest))] for _ in range(batch)]
+        got, want = (
+            s.generate(prompt_ids=prompts, max_tokens=max_tokens, n=2, **options) for s in (warm, cold)
+        )
+        assert [x.token_ids for x in got.samples] == [x.token_ids for x in want.samples]
+    assert warm.engine.captures == captures
+    assert cold.engine.captures > 0
+
+
+def test_fused_cuts_equal_the_sorted_masks_on_cuda():
+    """triton_cut's searches (teacher set, top-k / top-p / min-p) against mixing.support's masks,
+    exact at the default CAP and a superset where a small CAP leaves a bracket unrefined."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from test_fused_cuts import check_cut_draws_follow_q, run_cut_checks
+
+    run_cut_checks("cuda")
+    check_cut_draws_follow_q("cuda")
+
+
+def test_fused_ess_balance_matches_float64_and_the_torch_step_on_cuda():
+    """triton_ess's alpha against float64 and the fused ess_balance step against sample_step
+    (tests/test_fused_ess.py), compiled: every temperature, bracket and diagnostics setting, and
+    the full vocabulary width."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from test_fused_ess import run_ess_checks
+
+    run_ess_checks("cuda")

@@ -5,6 +5,8 @@ A slot holds one sequence (a request) in both models' caches. The scheduler
 2. `step`s a set of active slots: decode one token and draw the next (a `Pending`);
 3. `release`s slots whose sequence finished.
 Those three, `batch_limit`, `max_context` and the flags below are every call the loop makes.
+`warmup` (called by the sampler at construction) pays one-off costs such as graph captures and
+kernel compiles before any call, so that no call pays them; it does nothing by default.
 An engine implements `add` (prefill -> logits), `decode` (one token -> logits) and `release`;
 the defaults of `sample`, `admit` and `step` then run the torch step (the oracle) on the host's
 stream. The fast engine overrides them with its captured, pipelined versions.
@@ -38,6 +40,19 @@ class SlotRequest:
     slot: int
     base_ids: tuple[int, ...]
     teacher_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WarmupStats:
+    """What `Engine.warmup` paid once so that no later call pays it: seconds, graphs captured, and
+    the device memory it kept, as deltas of torch's allocated and reserved bytes and of the
+    device's used memory (which also counts graph executables and library workspaces)."""
+
+    seconds: float = 0.0
+    graphs: int = 0
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    device_bytes: int = 0
 
 
 class Pending(Protocol):
@@ -125,6 +140,11 @@ class Engine(ABC):
         tokens_t = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         logits_b, logits_t = self.decode(slots_t, tokens_t)
         return self.sample(logits_b, logits_t, row_seeds, steps, mix, params)
+
+    def warmup(self, mix: MixConfig, params: Sequence[SamplingParams]) -> WarmupStats:
+        """Pay now the one-off costs (graph captures, kernel compiles) that runs with `mix` and these
+        sampling settings would pay in their first calls; nothing to pay by default."""
+        return WarmupStats()
 
     def weight_map(self, model: str) -> WeightMap:
         """Where each Hugging Face parameter of `model` ("base" or "teacher") lives in this engine."""

@@ -21,15 +21,15 @@ def top_k_mask(lp: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_mask(lp: torch.Tensor, p: float) -> torch.Tensor:
-    """Smallest set of most likely tokens whose total probability reaches p."""  # [B, V] -> bool [B, V]
+    """Smallest set of most likely tokens whose total probability reaches p, and the tokens tied
+    with the last of them: lp at least the last kept log-prob."""  # [B, V] -> bool [B, V]
     if p >= 1.0:
         return torch.ones_like(lp, dtype=torch.bool)
-    sorted_lp, order = torch.sort(lp, dim=-1, descending=True)
+    sorted_lp = torch.sort(lp, dim=-1, descending=True).values
     probs = torch.exp(sorted_lp)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep_sorted = mass_before < p
-    keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = (mass_before < p).sum(dim=-1, keepdim=True).clamp(min=1)  # a prefix of the sorted row
+    return lp >= sorted_lp.gather(-1, kept - 1)
 
 
 def min_p_mask(lp: torch.Tensor, min_p: float) -> torch.Tensor:

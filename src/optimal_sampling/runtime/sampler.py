@@ -6,18 +6,22 @@ randomness depends only on (seed, prompt index, sample index, token index), so a
 same samples in any batch, slot or engine; with tp_size 1 nothing of `distributed/` is imported.
 Live weight updates (`update_weights*`) apply between the steps of a running generation, from
 any thread, and every sample records the `weight_version` that drew it (runtime/weights.py).
+One-off costs (graph captures, kernel compiles) are paid at construction, in `warmup`, so that a
+`generate` call never pays them (unless EngineConfig(warmup=False), or for a sampling setting
+warmup was not given).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..config import SINGLE, EngineConfig, MixConfig, ParallelConfig, SamplingParams
-from ..engines.base import Engine
+from ..engines.base import Engine, WarmupStats
 from ..engines.weights import check_model_name
 from ..models.chat import chat_prompts
 from ..models.loading import (
@@ -85,7 +89,10 @@ class OptimalSampler:
         mem_fraction_static: float = 0.85,
         enable_torch_compile: bool = False,
         tp_size: int = 1,
+        warmup: bool = True,
     ):
+        """warmup: capture the fast engine's graphs and compile its kernels now (see `warmup`),
+        not in the first generate calls."""
         self._build(
             SamplerSpec(
                 model_base, model_teacher,
@@ -97,6 +104,7 @@ class OptimalSampler:
                 EngineConfig(
                     engine=engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
                     mem_fraction_static=mem_fraction_static, enable_torch_compile=enable_torch_compile,
+                    warmup=warmup,
                 ),
                 ParallelConfig(tp_size),
                 seed,
@@ -134,6 +142,7 @@ class OptimalSampler:
         return sampler
 
     def _build(self, spec: SamplerSpec) -> None:
+        started = time.perf_counter()
         self.spec, self.mix, self.engine_config = spec, spec.mix, spec.engine
         if spec.seed is not None and (isinstance(spec.seed, bool) or not isinstance(spec.seed, int)):
             raise TypeError("seed must be an integer or None")
@@ -155,6 +164,10 @@ class OptimalSampler:
         self.eos_ids = eos_ids_of(self.base)
         self.engine = self._build_engine()
         self.weight_updater = WeightUpdater()
+        self.construct_seconds = time.perf_counter() - started  # loading and the engine, not warmup
+        self.warmup_stats = WarmupStats()
+        if self.engine_config.warmup:
+            self.warmup()
 
     def _start_tensor_parallel(self, spec: SamplerSpec):
         """(group, device, where models load): TP shards are cut from models loaded on the CPU."""
@@ -201,6 +214,31 @@ class OptimalSampler:
             self.engine.close()
 
     # ------------------------------------------------------------------ public API
+    def warmup(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> WarmupStats:
+        """Pay now the one-off costs (CUDA graph captures, kernel compiles) that `generate` calls
+        with these sampling settings would otherwise pay in their first calls, for every batch
+        size up to max_batch_size and every prompt length; returns what it took, also kept as
+        `warmup_stats` (with `construct_seconds`, the whole one-off cost of a sampler).
+
+        None: the default SamplingParams() (what `generate` uses without sampling options). Run at
+        construction with that unless warmup=False. The graphs depend on this sampler's mixing
+        options and on a setting's temperature, top_k, top_p, min_p and collect_diagnostics (not
+        on max_tokens, n, stop or seed): a generate with a setting not passed here captures its
+        decode graphs during its first calls. Call it between generate calls, never during one.
+        Nothing to do on the reference engine, on the CPU, or under tensor parallelism (whose
+        helpers would have to capture in lockstep: there graphs are captured on first use)."""
+        if sampling_params is None:
+            settings = [SamplingParams()]
+        elif isinstance(sampling_params, SamplingParams):
+            settings = [sampling_params]
+        else:
+            settings = list(sampling_params)
+        if not all(isinstance(p, SamplingParams) for p in settings):
+            raise TypeError("sampling_params must be a SamplingParams, a list of them, or None")
+        stats = WarmupStats() if self.tp.size > 1 else self.engine.warmup(self.mix, settings)
+        self.warmup_stats = stats
+        return stats
+
     def generate(
         self,
         prompts: str | list[str] | None = None,

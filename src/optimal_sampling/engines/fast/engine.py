@@ -10,12 +10,18 @@ Invariants:
 - slot s of model m holds keys/values for positions [0, lengths_m[s]); `decode` appends one.
 - a step (both models, and with `decode_and_sample` the mixing and sampling too) is a pure
   function of its packed inputs and the caches: no host sync inside, so on CUDA it is captured as
-  one CUDA graph per (batch bucket, attention-width buckets[, sampling options]).
+  one CUDA graph per (batch bucket, attention width[, sampling options]).
+- one-off costs are paid in `warmup`, not in calls: it captures every decode-step and small-prefill
+  graph the `GraphPlan` can select (graph_plan.py) and runs a first draw at every row count one
+  can have, so afterwards only a sampling setting warmup was not given captures (its own steps).
 - requests may be added while other slots decode (continuous batching); identical prompt pairs
   are prefilled once and their cache rows copied. On CUDA `add_async` prefills on a prefill
-  stream while decode steps of other slots run: prefill graphs have their own pool, capture
-  stream and teacher side stream, because cuBLAS keeps a workspace per stream and two graphs
-  captured on one stream would share it (and hang) when they run at the same time.
+  stream while decode steps of other slots run. Prefills run eagerly at their exact shape, except
+  small (launch-bound) chunks, which replay graphs of a fixed set; those have their own pool,
+  capture stream and teacher side stream, because cuBLAS keeps a workspace per stream and two
+  graphs captured on one stream would share it (and hang) when they run at the same time. Eager
+  prefill work uses the prefill streams' own workspaces and the allocator's per-stream pools, so
+  it never touches memory of the decode graphs' pool.
 - each slot's last token lives on the device (`last_tokens`): a sampling step reads its input
   tokens there and writes the drawn ones back, and the first draw after a prefill writes there
   too, so a host loop may queue step n + 1 before it has read step n's tokens (`pipelines`).
@@ -30,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,14 +45,13 @@ import torch
 
 from ...config import MixConfig, SamplingParams
 from ...mixing.step import StepResult
-from ..base import Engine, Pending, Ready, SlotRequest, unique_prompts
+from ..base import Engine, Pending, Ready, SlotRequest, WarmupStats, unique_prompts
 from ..weights import WeightMap
 from .attention import decode_attention_sdpa, prefill_attention
-from .graphs import GraphCache, batch_bucket, bucket_of
+from .graph_plan import GraphPlan, one_split_rule, width_of
+from .graphs import GraphCache, batch_bucket
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
 from .model import CompactModel
-
-MIN_WIDTH = 64  # smallest attention-width bucket
 
 
 def to_device(host: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
@@ -85,6 +91,12 @@ class CachedModel:
     v: torch.Tensor
     lengths: list[int]  # per slot, on the host
     counters: torch.Tensor  # [(slots + 1) * kv_heads] int32 zeros: decode attention's split counters
+
+
+def device_memory(device: torch.device) -> tuple[int, int, int]:
+    """(torch allocated, torch reserved, device used) bytes."""
+    free, total = torch.cuda.mem_get_info(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), total - free
 
 
 def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
@@ -133,12 +145,15 @@ class FastEngine(Engine):
         self.prefill_graphs = GraphCache(use_graphs and on_cuda, self.device)
         self.prefill_stream = torch.cuda.Stream(self.device) if on_cuda and self.overlaps_prefill else None
         # decode_attention: after rope_store, for unfused models (CPU; a test's plain path on CUDA)
+        one_split = None
         if on_cuda:
             from .triton_attention import decode_attention_triton, rope_decode_attention
 
             self.decode_attention, self.rope_decode_attention = decode_attention_triton, rope_decode_attention
+            one_split = one_split_rule([m.net.spec.kv_heads for m in (self.base, self.teacher)], max_len)
         else:
             self.decode_attention, self.rope_decode_attention = decode_attention_sdpa, None
+        self.plan = GraphPlan(self.max_batch, max_slots, max_len, one_split)
         self.samplers: dict[tuple, StepSampler] = {}
         self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
         two_streams = on_cuda and self.concurrent_models
@@ -153,6 +168,11 @@ class FastEngine(Engine):
 
     def weight_map(self, model: str) -> WeightMap:
         return (self.base if model == "base" else self.teacher).net.weight_map()
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far, decode and prefill (none during calls after `warmup`)."""
+        return self.graphs.captures + self.prefill_graphs.captures
 
     # ------------------------------------------------------------------ device functions
     def decode_model(self, m: CachedModel, slots, tokens, positions, width: int) -> torch.Tensor:
@@ -207,15 +227,22 @@ class FastEngine(Engine):
         main.wait_stream(side)
         return out_b, out_t
 
-    def step_fn(self, width_b: int, width_t: int, sampler: StepSampler | None) -> Callable:
+    def step_graph(self, rows: int, width: int, sampler: StepSampler | None) -> tuple:
+        """(key, function, scratch inputs) of the decode step of `rows` rows at attention `width`."""
+        key = ("decode", rows, width, None if sampler is None else sampler.key)
+        return key, self.step_fn(width, sampler), lambda: [self.scratch_packed(rows)]
+
+    def step_fn(self, width: int, sampler: StepSampler | None) -> Callable:
+        """Both models attend over `width` cache positions (>= every row's length)."""
+
         def step(
             packed: torch.Tensor,
         ):  # [6, B]: slots, tokens (-1: the slot's last), pos_b, pos_t, seeds, steps
             slots, given, pos_b, pos_t, seeds, steps = packed.unbind(0)
             tokens = torch.where(given >= 0, given, self.last_tokens[slots])
             logits_b, logits_t = self.both_models(
-                lambda: self.decode_model(self.base, slots, tokens, pos_b, width_b),
-                lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width_t),
+                lambda: self.decode_model(self.base, slots, tokens, pos_b, width),
+                lambda: self.decode_model(self.teacher, slots, tokens, pos_t, width),
             )
             if sampler is None:
                 return logits_b, logits_t
@@ -262,9 +289,19 @@ class FastEngine(Engine):
     def sample_tensors(
         self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams
     ) -> StepResult:
-        """The step sampler this engine uses, on given logits (e.g. after `add`); eager."""
-        seeds, counts = to_device(row_seeds, self.device), to_device(steps, self.device)
-        return result_from_tensors(self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts), params)
+        """The step sampler this engine uses, on given logits [n, V] (e.g. after `add`); eager.
+
+        It runs at `plan.draw_rows(n)` rows (padding rows repeat the last row; their draws are
+        dropped): the row counts warmup ran it at, so its kernels never compile inside a call."""
+        n = logits_b.shape[0]
+        pad = self.plan.draw_rows(n) - n
+        if pad:
+            index = to_device(list(range(n)) + [n - 1] * pad, self.device)
+            logits_b, logits_t = logits_b[index], logits_t[index]
+        seeds = to_device(list(row_seeds) + [0] * pad, self.device)
+        counts = to_device(list(steps) + [0] * pad, self.device)
+        outputs = self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts)
+        return result_from_tensors(tuple(out[:n] for out in outputs), params)
 
     def sample(self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams) -> Pending:
         return Ready(self.sample_tensors(logits_b, logits_t, row_seeds, steps, mix, params).to_host())
@@ -305,6 +342,47 @@ class FastEngine(Engine):
         for slot in slots:
             self.base.lengths[slot] = self.teacher.lengths[slot] = 0
 
+    def warmup(self, mix: MixConfig, params: Sequence[SamplingParams]) -> WarmupStats:
+        """Capture every small-prefill graph and, per sampling setting, every decode-step graph the
+        plan can select, and run a first draw at every row count one can have; on CUDA only.
+        Between calls only: it runs on the scratch slot and the engine's streams."""
+        if self.device.type != "cuda":
+            return WarmupStats()
+        torch.cuda.synchronize(self.device)
+        before, start, captures = device_memory(self.device), time.perf_counter(), self.captures
+        for rows, width in self.plan.prefill_shapes():
+            self.prefill_graphs.prepare(*self.prefill_graph(rows, width))
+        settings = {step_key(mix, p): p for p in params}
+        for setting in settings.values():
+            sampler = self.sampler_for(mix, setting)
+            for rows, width in self.plan.decode_shapes():
+                self.graphs.prepare(*self.step_graph(rows, width, sampler))
+            self.warm_first_draws(mix, setting)
+        self.warm_eager_prefills(mix, next(iter(settings.values())))
+        torch.cuda.synchronize(self.device)
+        grown = [a - b for a, b in zip(device_memory(self.device), before, strict=True)]
+        return WarmupStats(time.perf_counter() - start, self.captures - captures, *grown)
+
+    def warm_first_draws(self, mix: MixConfig, params: SamplingParams) -> None:
+        """`add_async` of one-token prompts into the scratch slot at every `plan.first_draw_rows`
+        count: eager prefills and the eager sampler meet each kernel variant they can use."""
+        for rows in self.plan.first_draw_rows():
+            prompts = [(i % self.vocab_size,) for i in range(rows)]
+            requests = [SlotRequest(self.scratch, p, p) for p in prompts]
+            self.add_async(requests, [0] * rows, [0] * rows, mix, params).to_host()
+        self.release([self.scratch])
+
+    def warm_eager_prefills(self, mix: MixConfig, params: SamplingParams) -> None:
+        """Eager prefill chunks (above the graphs' token budget) of a few row counts and widths,
+        one and another residue mod 16 each (Triton specialises integer arguments on those), so
+        a first call meets no kernel compile, cuBLAS set-up or allocator growth of its own."""
+        for rows, width in ((1, 520), (1, 528), (3, 200), (3, 208), (16, 40), (16, 48)):
+            if rows <= self.max_slots and width < self.max_len:
+                prompts = [tuple((i + j) % self.vocab_size for j in range(width)) for i in range(rows)]
+                requests = [SlotRequest(self.scratch, p, p) for p in prompts]
+                self.add_async(requests, [0] * rows, [0] * rows, mix, params).to_host()
+        self.release([self.scratch])
+
     # ------------------------------------------------------------------ internals
     def sampler_for(self, mix: MixConfig, params: SamplingParams) -> StepSampler:
         key = step_key(mix, params)
@@ -331,18 +409,14 @@ class FastEngine(Engine):
         packed = to_device(torch.from_numpy(packed), self.device)
         if on_device:
             packed[1, :batch] = tokens
-        widths = (self.width_of(max(pos_b) + 1), self.width_of(max(pos_t) + 1))
-        key = ("decode", padded, *widths, None if sampler is None else sampler.key)
-        outputs = self.graphs.run(
-            key, self.step_fn(*widths, sampler), [packed], lambda: [self.scratch_packed(padded)]
+        key, fn, scratch = self.step_graph(
+            padded, self.plan.decode_width(padded, max(pos_b + pos_t) + 1), sampler
         )
+        outputs = self.graphs.run(key, fn, [packed], scratch)
         for s in slots:
             self.base.lengths[s] += 1
             self.teacher.lengths[s] += 1
         return tuple(out[:batch] for out in outputs)
-
-    def width_of(self, longest: int) -> int:
-        return min(max(MIN_WIDTH, bucket_of(longest, self.max_len)), self.max_len)
 
     def scratch_packed(self, padded: int) -> torch.Tensor:
         packed = torch.zeros(6, padded, dtype=torch.long, device=self.device)
@@ -359,7 +433,7 @@ class FastEngine(Engine):
         start = 0
         while start < len(order):
             longest = max(len(firsts[order[start]].base_ids), len(firsts[order[start]].teacher_ids))
-            take = max(1, self.prefill_tokens // self.width_of(longest))
+            take = max(1, self.prefill_tokens // width_of(longest, self.max_len))
             chunk = order[start : start + take]
             logits_b, logits_t = self.prefill_chunk([firsts[i] for i in chunk])
             for row, i in enumerate(chunk):
@@ -368,35 +442,51 @@ class FastEngine(Engine):
         return torch.stack(out_b), torch.stack(out_t)
 
     def prefill_chunk(self, reqs: list[SlotRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts right-padded into one batch; logits [n, V]. A small (launch-bound) chunk replays
+        a graph of the plan's fixed set; a larger one is compute-bound, where a graph saves nothing
+        and would cost a capture per shape, so it runs eagerly at its exact shape."""
         n = len(reqs)
-        padded = bucket_of(n, self.max_slots)
-        width_b = self.width_of(max(len(r.base_ids) for r in reqs))
-        width_t = self.width_of(max(len(r.teacher_ids) for r in reqs))
-        ids_b = torch.zeros(padded, width_b, dtype=torch.long)
-        ids_t = torch.zeros(padded, width_t, dtype=torch.long)
-        meta = torch.zeros(3, padded, dtype=torch.long)  # slots, last base, last teacher
+        longest = max(max(len(r.base_ids), len(r.teacher_ids)) for r in reqs)
+        shape = self.plan.prefill_shape(n, longest) if self.prefill_graphs.enabled else None
+        if shape is None:
+            widths = (max(len(r.base_ids) for r in reqs), max(len(r.teacher_ids) for r in reqs))
+            return self.prefill_both(*self.prefill_inputs(reqs, n, *widths))
+        key, fn, scratch = self.prefill_graph(*shape)
+        inputs = self.prefill_inputs(reqs, shape[0], shape[1], shape[1])
+        logits_b, logits_t = self.prefill_graphs.run(key, fn, inputs, scratch)
+        return logits_b[:n].clone(), logits_t[:n].clone()
+
+    def prefill_inputs(self, reqs: list[SlotRequest], rows: int, width_b: int, width_t: int) -> list:
+        """[ids_b [rows, width_b], ids_t [rows, width_t], meta [3, rows]: slots, last base, last
+        teacher] on the device; rows past the requests are padding on the scratch slot."""
+        ids_b = torch.zeros(rows, width_b, dtype=torch.long)
+        ids_t = torch.zeros(rows, width_t, dtype=torch.long)
+        meta = torch.zeros(3, rows, dtype=torch.long)
         meta[0].fill_(self.scratch)
         for row, r in enumerate(reqs):
             ids_b[row, : len(r.base_ids)] = torch.tensor(r.base_ids)
             ids_t[row, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
             meta[:, row] = torch.tensor([r.slot, len(r.base_ids) - 1, len(r.teacher_ids) - 1])
-        inputs = [to_device(ids_b, self.device), to_device(ids_t, self.device), to_device(meta, self.device)]
+        return [to_device(ids_b, self.device), to_device(ids_t, self.device), to_device(meta, self.device)]
 
-        def prefill_both(ids_b, ids_t, meta):
-            return self.both_models(
-                lambda: self.prefill_model(self.base, ids_b, meta[0], meta[1]),
-                lambda: self.prefill_model(self.teacher, ids_t, meta[0], meta[2]),
-                side=self.prefill_teacher_stream,
-            )
+    def prefill_both(self, ids_b, ids_t, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' prefill, the teacher on the prefill side stream; graph-capturable."""
+        return self.both_models(
+            lambda: self.prefill_model(self.base, ids_b, meta[0], meta[1]),
+            lambda: self.prefill_model(self.teacher, ids_t, meta[0], meta[2]),
+            side=self.prefill_teacher_stream,
+        )
+
+    def prefill_graph(self, rows: int, width: int) -> tuple:
+        """(key, function, scratch inputs) of the prefill graph of `rows` prompts of `width` tokens."""
 
         def scratch():
-            meta = torch.zeros(3, padded, dtype=torch.long, device=self.device)
+            meta = torch.zeros(3, rows, dtype=torch.long, device=self.device)
             meta[0].fill_(self.scratch)
-            return [torch.zeros_like(inputs[0]), torch.zeros_like(inputs[1]), meta]
+            ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+            return [ids, ids.clone(), meta]
 
-        key = ("prefill", padded, width_b, width_t)
-        logits_b, logits_t = self.prefill_graphs.run(key, prefill_both, inputs, scratch)
-        return logits_b[:n].clone(), logits_t[:n].clone()
+        return ("prefill", rows, width), self.prefill_both, scratch
 
     def copy_duplicates(
         self, requests: list[SlotRequest], firsts: list[SlotRequest], owner: list[int]

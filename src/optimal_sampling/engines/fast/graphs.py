@@ -1,4 +1,8 @@
-"""CUDA graphs captured lazily per shape bucket, replayed with new inputs copied into place.
+"""CUDA graphs captured per shape bucket, replayed with new inputs copied into place.
+
+`prepare` captures a graph ahead of use (the engine's `warmup` captures every shape its
+`GraphPlan` can select, so that no capture happens inside a user's call); `run` captures a key
+it has not seen on first use (e.g. a sampling setting warmup was not given).
 
 Invariants: a captured function reads only its static input tensors and the engine's long-lived
 buffers (weights, KV caches), and does no host synchronisation; it is warmed up (Triton and
@@ -54,14 +58,25 @@ class GraphCache:
         """fn(*inputs), through the graph captured for `key` (scratch() gives warm-up inputs)."""
         if not self.enabled:
             return fn(*inputs)
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self.capture(fn, [x.clone() for x in scratch()])
-        static_inputs, graph, outputs = entry
+        self.prepare(key, fn, scratch)
+        static_inputs, graph, outputs = self.entries[key]
         for static, value in zip(static_inputs, inputs, strict=True):
             static.copy_(value)
         graph.replay()
         return outputs
+
+    def prepare(
+        self, key: Hashable, fn: Callable[..., Outputs], scratch: Callable[[], Sequence[torch.Tensor]]
+    ) -> bool:
+        """Capture `key`'s graph now unless held; whether it captured. Disabled, fn runs once
+        eagerly on the scratch inputs instead (its kernels compile now, not in a later call)."""
+        if not self.enabled:
+            fn(*scratch())
+            return False
+        if key in self.entries:
+            return False
+        self.entries[key] = self.capture(fn, [x.clone() for x in scratch()])
+        return True
 
     def capture(self, fn: Callable[..., Outputs], static_inputs: list[torch.Tensor]):
         self.captures += 1

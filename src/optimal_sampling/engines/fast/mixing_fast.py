@@ -6,9 +6,11 @@ of [B] tensors in the order of `result_fields(params)`, so the engine captures t
 CUDA graph as the two forward passes.
 
 The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_policy.py:
-entropies, tilted moments and diagnostics; triton_row_state.py: the buffers' layout) cover
-alpha_method kl_symmetry, entropy, reverse_kl_symmetry or fixed, with or without diagnostics, with no teacher constraint and no
-top-k/top-p/min-p. They keep |alpha - alpha_float64| <=
+entropies, tilted moments and diagnostics; triton_ess.py: the ess_balance passes; triton_cut.py:
+the teacher constraint and top-k / top-p / min-p as per-row thresholds; triton_row_state.py: the
+buffers' layout) cover every alpha_method, with or without diagnostics, any temperature, the
+teacher constraint and the truncations (all but a top-k above triton_cut.CAP together with a
+top-p). They keep |alpha - alpha_float64| <=
 1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
 refining passes of a few points, which rows already solved skip, instead of 24 Newton
 iterations over [B, V] tensors; they spread every row over the whole GPU and never write a
@@ -19,6 +21,8 @@ For the sampler: `fused_sample_step` has the signature of `mixing.step.sample_st
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -59,17 +63,21 @@ def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
     return (mix, params.temperature, params.top_k, params.top_p, params.min_p, params.collect_diagnostics)
 
 
-FUSED_METHODS = ("kl_symmetry", "fixed", "entropy", "reverse_kl_symmetry")
+FUSED_METHODS = ("kl_symmetry", "fixed", "entropy", "reverse_kl_symmetry", "ess_balance")
 
 
 def fused_supported(mix: MixConfig, params: SamplingParams) -> bool:
-    return (
-        mix.alpha_method in FUSED_METHODS
-        and not mix.constrained
-        and params.top_k == -1
-        and params.top_p >= 1.0
-        and params.min_p <= 0.0
-    )
+    """Every configuration but a top-k above CUT_CAP together with a top-p (of q, or of the
+    teacher's set): those need two threshold searches in a row (triton_cut.py)."""
+    from .triton_cut import CAP
+
+    both_q = params.top_k > CAP and params.top_p < 1.0
+    both_t = mix.constrained and mix.target_top_k > CAP and mix.target_top_p < 1.0
+    return mix.alpha_method in FUSED_METHODS and not both_q and not both_t
+
+
+def truncates(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def triton_available() -> bool:
@@ -182,8 +190,13 @@ def fused_outputs(
         alpha.copy_(entropy_alpha(rows, inv_temp, splits, state, lo, hi))
     elif mix.alpha_method == "reverse_kl_symmetry":
         alpha.copy_(reverse_kl_alpha(rows, inv_temp, splits, state, lo, hi))
+    elif mix.alpha_method == "ess_balance":
+        alpha.copy_(ess_balance_alpha(rows, inv_temp, splits, state, lo, hi))
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
+    cut = mix.constrained or truncates(params, vocab)
+    cuts = cut_thresholds(rows, inv_temp, splits, state, alpha, mix, params, trace) if cut else alpha
+    online = not solve or cut  # log Z_q of a truncated q comes from the draw's own sums
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
     host = torch.empty(batch, 5, dtype=torch.float64, device=device)
@@ -191,11 +204,11 @@ def fused_outputs(
     if params.greedy:
         parts = torch.empty(batch, splits, 4, dtype=torch.float32, device=device)
         triton_draw.argmax_kernel[(batch, splits)](
-            *rows, inv_temp, state, alpha, parts,
-            SPLITS=splits, ONLINE_LSE=not solve, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
+            *rows, inv_temp, state, alpha, cuts, parts,
+            SPLITS=splits, ONLINE_LSE=online, CUT=cut, BLOCK=BLOCK, num_warps=SAMPLE_WARPS,
         )  # fmt: skip
         triton_draw.argmax_finish_kernel[(batch,)](
-            *rows[:4], inv_temp, state, alpha, parts, *outputs, SPLITS=splits, ONLINE_LSE=not solve,
+            *rows[:4], inv_temp, state, alpha, parts, *outputs, SPLITS=splits, ONLINE_LSE=online,
         )  # fmt: skip
     else:  # the two-level draw of mixing.draw.sample_tokens: chunk masses, then one chunk's tokens
         chunk = draw_chunk(vocab)
@@ -203,16 +216,16 @@ def fused_outputs(
             batch, DRAW_CHUNKS, triton_row_state.MASS_STATS, dtype=torch.float32, device=device
         )
         triton_draw.mass_kernel[(batch, DRAW_CHUNKS)](
-            *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, masses,
-            CHUNKS=DRAW_CHUNKS, ONLINE=not solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=MASS_WARPS,
+            *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, cuts, masses,
+            CHUNKS=DRAW_CHUNKS, ONLINE=online, TEMPERED=tempered, CUT=cut, BLOCK=BLOCK, num_warps=MASS_WARPS,
         )  # fmt: skip
         triton_draw.draw_kernel[(batch,)](
-            *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, masses, *outputs,
-            CHUNKS=DRAW_CHUNKS, CHUNK_NOISE=CHUNK_NOISE, SCAN=DRAW_SCAN, num_warps=DRAW_WARPS,
+            *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, cuts, masses, *outputs,
+            CHUNKS=DRAW_CHUNKS, CHUNK_NOISE=CHUNK_NOISE, SCAN=DRAW_SCAN, CUT=cut, num_warps=DRAW_WARPS,
         )  # fmt: skip
     if not params.collect_diagnostics:
         return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
-    diag = diagnostics_of(rows, inv_temp, splits, state, alpha)  # [3, B]
+    diag = diagnostics_of(rows, inv_temp, splits, state, alpha, cuts if cut else None)  # [3, B]
     packed = torch.cat([host, diag.T.double()], dim=1)
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, diag[0], diag[1], diag[2], packed
 
@@ -256,6 +269,43 @@ def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: f
     return torch.where(same, mid, alpha).float()
 
 
+ESS_GRID = 8  # alphas of the ess_balance grid pass, evenly over [alpha_min, alpha_max] (a power of 2)
+ESS_REFINE = (4, 4, 4)  # alphas per refining pass: Newton from each end, secant, Hermite root
+ESS_WARPS = 8  # the grid pass holds 5 sums per point and lane, 2 points per alpha
+
+
+def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
+    """alpha [B] float32 of ess_balance (triton_ess.py): a grid pass of ESS_GRID alphas over
+    [lo, hi] (with s = 1), then one refining pass per ESS_REFINE entry, which rows already solved
+    skip; each pass is one (row, chunk) kernel and one per-row merge. lo == hi needs no pass:
+    mixing.alpha returns lo then, whatever the rows."""
+    from . import triton_ess
+
+    batch, device = state.shape[0], state.device
+    alpha = torch.full((batch,), lo, dtype=torch.float32, device=device)
+    if lo == hi:
+        return alpha
+    ess = torch.empty(batch, triton_ess.STATE, dtype=torch.float64, device=device)
+    counts = (ESS_GRID, *ESS_REFINE)
+    alphas = alpha  # the grid pass makes its own
+    for p, k in enumerate(counts):
+        grid, last = p == 0, p == len(counts) - 1
+        kn = 4 if last else counts[p + 1]  # the merge's candidates need at least 4 alphas
+        parts = torch.empty(batch, splits, k, 2, triton_ess.STATS, dtype=torch.float64, device=device)
+        extras = torch.empty(batch, splits, triton_ess.EXTRAS, dtype=torch.float64, device=device)
+        triton_ess.ess_kernel[(batch, splits)](
+            *rows, inv_temp, lo, hi, state, ess, alphas, parts, extras,
+            SPLITS=splits, J=k, GRID=grid, BLOCK=BLOCK, num_warps=ESS_WARPS,
+        )  # fmt: skip
+        next_alphas = torch.empty(batch, kn, dtype=torch.float32, device=device)
+        triton_ess.ess_combine_kernel[(batch,)](
+            parts, extras, ess, alphas, next_alphas, alpha, lo, hi,
+            SPLITS=splits, J=k, JN=kn, GRID=grid, LAST=last, num_warps=1,
+        )  # fmt: skip
+        alphas = next_alphas
+    return alpha
+
+
 def split_max(m: torch.Tensor) -> torch.Tensor:
     """The largest of a row's split maxima ([B, splits] -> [B, 1]), 0 where all are -inf (an
     empty row), so that exp(m - max) stays finite."""
@@ -279,15 +329,17 @@ def merged_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=1, keepdim=True))).squeeze(1)
 
 
-def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha) -> torch.Tensor:
-    """ESS ratio, KL(q || base) and KL(q || teacher) of the q at each row's alpha: [3, B] float32."""
+def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, cuts=None) -> torch.Tensor:
+    """ESS ratio, KL(q || base) and KL(q || teacher) of the q at each row's alpha (within the cuts,
+    if any): [3, B] float32."""
     from . import triton_policy
 
     batch, device = state.shape[0], state.device
     parts = torch.empty(batch, splits, triton_policy.DIAG_STATS, dtype=torch.float32, device=device)
     triton_policy.diagnostics_kernel[(batch, splits)](
-        *rows, inv_temp, state, alpha, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
-    )
+        *rows, inv_temp, state, alpha, alpha if cuts is None else cuts, parts,
+        SPLITS=splits, CUT=cuts is not None, BLOCK=BLOCK, num_warps=STATS_WARPS,
+    )  # fmt: skip
     p = parts.double()
     safe_top = split_max(p[..., 0])
     weight = torch.exp(p[..., 0] - safe_top)  # [B, splits]
@@ -338,3 +390,73 @@ def fused_sample_step(
 ) -> StepResult:
     """Drop-in for `mixing.step.sample_step` where `fused_supported(mix, params)`."""
     return result_from_tensors(fused_outputs(logits_b, logits_t, row_seeds, steps, mix, params), params)
+
+
+def cut_thresholds(
+    rows, inv_temp: float, splits: int, state, alpha, mix: MixConfig, params: SamplingParams, trace=None
+) -> torch.Tensor:
+    """[B, 2] float32: each row's cut on u (q's top-k / top-p / min-p, inside the teacher's set)
+    and on lp_t (the teacher's set); -inf where none applies (triton_cut.py).
+    trace: a list to append the cuts and each search's row state to (checks, eager only)."""
+    batch, vocab = state.shape[0], rows[4]
+    cuts = torch.full((batch, 2), float("-inf"), dtype=torch.float32, device=state.device)
+    searches = []
+    if mix.constrained:
+        teacher = CutSearch(mix.target_top_k, mix.target_top_p, 0.0, vocab, sequential=False)
+        searches.append(teacher.run(rows, inv_temp, splits, state, alpha, cuts, which=1, constrained=False))
+    if truncates(params, vocab):
+        q = CutSearch(params.top_k, params.top_p, params.min_p, vocab, sequential=True)
+        searches.append(
+            q.run(rows, inv_temp, splits, state, alpha, cuts, which=0, constrained=mix.constrained)
+        )
+    if trace is not None:
+        trace.append({"cuts": cuts, "searches": searches, "state": state})
+    return cuts
+
+
+class CutSearch:
+    """One row-wise threshold search (triton_cut.py's passes) for a top-k / top-p / min-p."""
+
+    def __init__(self, top_k: int, top_p: float, min_p: float, vocab: int, sequential: bool):
+        from .triton_cut import CAP, PASSES
+
+        self.use_k, self.use_p, self.use_min = 0 < top_k < vocab, top_p < 1.0, min_p > 0.0
+        self.k = top_k if self.use_k else 2**31 - 1  # min-p alone: no target, pass 1 finds the max
+        self.p, self.log_min_p = top_p, math.log(min_p) if self.use_min else 0.0
+        self.all_above = self.use_k and top_k <= CAP
+        self.second = self.all_above and self.use_p  # top-p needs every key of the top-k set
+        self.passes = PASSES if self.use_k or self.use_p else 1
+        self.sequential = sequential
+
+    def run(self, rows, inv_temp: float, splits: int, state, alpha, cuts, which: int, constrained: bool):
+        """Write column `which` of cuts; returns the rows' search state (triton_cut's columns)."""
+        from . import triton_cut as tc
+
+        batch, device = state.shape[0], state.device
+        search = torch.empty(batch, tc.SEARCH_STATE, dtype=torch.float64, device=device)
+        thr = torch.empty(batch, tc.K, dtype=torch.float32, device=device)
+        parts = torch.empty(batch, splits, tc.PART, dtype=torch.float32, device=device)
+        cand = torch.empty(batch, tc.CAP, dtype=torch.float32, device=device)
+        count = torch.empty(batch, dtype=torch.int32, device=device)
+        common = (*rows[:6], rows[5] // tc.SEARCH_BLOCK, inv_temp, state, alpha, cuts)
+        flags = {"Q": which == 0, "CONSTRAINED": constrained, "BLOCK": tc.SEARCH_BLOCK}
+        grid = (batch, splits)
+        for p in range(self.passes + 1):
+            if p > 0:  # rows whose bracket the pass before found small copy it out
+                tc.collect_kernel[grid](*common, search, cand, count, CAP=tc.CAP, **flags, num_warps=4)
+            if p == self.passes:
+                break
+            tc.search_kernel[grid](
+                *common, search, thr, parts, SPLITS=splits, K=tc.K, FIRST=p == 0, **flags, num_warps=8
+            )
+            tc.search_combine_kernel[(batch,)](
+                parts, thr, search, count, self.k, self.p, SPLITS=splits, K=tc.K, FIRST=p == 0,
+                BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
+                CAP=tc.CAP, num_warps=4,
+            )  # fmt: skip
+        tc.finish_kernel[(batch,)](
+            search, cand, count, cuts, self.k, self.p, self.log_min_p, which, CAP=tc.CAP,
+            TOP_K=self.use_k, TOP_P=self.use_p, MIN_P=self.use_min, SEQUENTIAL=self.sequential,
+            SECOND=self.second, num_warps=8,
+        )  # fmt: skip
+        return search

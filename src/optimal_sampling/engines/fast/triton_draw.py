@@ -7,14 +7,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import fetch, lse, merge_lse, mix32, online, reduce_lanes, safe, tempered
+from .triton_cut import kept, mixed_key
 from .triton_row_state import LOG_Z, LSE_B, LSE_T, MASS_STATS_W, NEG_INF, RAW_LSE_B, RAW_LSE_T, STATE_W
-
-
-@triton.jit
-def mixed(zb, zt, lse_b, lse_t, alpha):
-    """Unnormalised log q = (1-alpha) lp_b + alpha lp_t with 0 * (-inf) = 0."""
-    wb = 1.0 - alpha
-    return tl.where(wb == 0, 0.0, wb * (zb - lse_b)) + tl.where(alpha == 0, 0.0, alpha * (zt - lse_t))
 
 
 @triton.jit
@@ -57,19 +51,30 @@ def row_mix(alpha_ptr, st, row):
 
 
 @triton.jit
+def row_cuts(cut_ptr, row, CUT: tl.constexpr):
+    """A row's cuts on u and on lp_t (triton_cut.py), -inf when the configuration has none."""
+    if CUT:
+        return tl.load(cut_ptr + row * 2), tl.load(cut_ptr + row * 2 + 1)
+    return NEG_INF, NEG_INF
+
+
+@triton.jit
 def mass_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, CUT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, draw chunk): the chunk's mass of q as a (max, sum) pair, one exp per token and no
     noise. A solved row sums exp(log q + log Z_q - LOG_Z), q up to the Taylor error of LOG_Z
     (every term <= ~1, so no overflow, and the mass is not lost to underflow); a row whose alpha
-    was not solved (ONLINE) keeps a running max per lane instead."""
+    was not solved (ONLINE) keeps a running max per lane instead. CUT: tokens outside the cuts
+    carry no mass (the row is then ONLINE: its log Z_q is the truncated q's)."""
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     st = state_ptr + row * STATE_W
     alpha, lse_b, lse_t = row_mix(alpha_ptr, st, row)
+    cut_q, cut_t = row_cuts(cut_ptr, row, CUT)
     if ONLINE:
         ref = 0.0
     else:
@@ -84,6 +89,8 @@ def mass_kernel(
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         u = log_q_plus(raw_b, raw_t, inv_temp, lse_b, lse_t, 1.0 - alpha, alpha, ref, TEMPERED)
+        if CUT:
+            u = tl.where(kept(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_q, cut_t), u, NEG_INF)
         if ONLINE:
             mq, sq, _, _ = online(mq, sq, u)
         else:
@@ -108,7 +115,7 @@ def write_outputs(
     zb, zt, _, _ = tempered(tb, tt, inv_temp)
     lp_b = tb - tl.load(st + RAW_LSE_B).to(tl.float32)
     lp_t = tt - tl.load(st + RAW_LSE_T).to(tl.float32)
-    lp_q = mixed(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
+    lp_q = mixed_key(zb, zt, lse_b, lse_t, alpha).to(tl.float64) - log_z
     tl.store(tok_ptr + row, token.to(tl.int64))
     tl.store(lp_ptr + row, lp_b)
     tl.store(lp_ptr + B + row, lp_t)
@@ -124,8 +131,8 @@ def write_outputs(
 @triton.jit
 def draw_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
-    part_ptr, tok_ptr, lp_ptr, host_ptr, B,
-    CHUNKS: tl.constexpr, CHUNK_NOISE: tl.constexpr, SCAN: tl.constexpr,
+    cut_ptr, part_ptr, tok_ptr, lp_ptr, host_ptr, B,
+    CHUNKS: tl.constexpr, CHUNK_NOISE: tl.constexpr, SCAN: tl.constexpr, CUT: tl.constexpr,
 ):  # fmt: skip
     """Per row, the two-level Gumbel-max draw (mixing.draw.sample_tokens): a chunk by its log-mass
     plus chunk noise, then a token of that chunk by u plus token noise; log Z_q from the masses."""
@@ -142,6 +149,7 @@ def draw_kernel(
     # (no `_` assigned before the loop: Triton would type it as a loop-carried variable)
     picked = first_max(lse(m, s) + gumbel(row_key, CHUNK_NOISE + c), c, CHUNKS)[1]
     alpha, lse_b, lse_t = row_mix(alpha_ptr, st, row)
+    cut_q, cut_t = row_cuts(cut_ptr, row, CUT)
     start = picked * chunk
     end = tl.minimum(start + chunk, V)
     lanes = tl.arange(0, SCAN)
@@ -153,7 +161,9 @@ def draw_kernel(
         raw_b = tl.load(zb_ptr + row * stride_b + idx, mask=ok, other=NEG_INF).to(tl.float32)
         raw_t = tl.load(zt_ptr + row * stride_t + idx, mask=ok, other=NEG_INF).to(tl.float32)
         zb, zt, _, _ = tempered(raw_b, raw_t, inv_temp)
-        key = tl.where(ok, mixed(zb, zt, lse_b, lse_t, alpha) + gumbel(row_key, idx), NEG_INF)
+        if CUT:
+            ok = ok & kept(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_q, cut_t)
+        key = tl.where(ok, mixed_key(zb, zt, lse_b, lse_t, alpha) + gumbel(row_key, idx), NEG_INF)
         top_i, at = first_max(key, idx, 2147483647)
         better = top_i > best  # later blocks hold larger indices: the first index wins ties
         token = tl.where(better, at, token)
@@ -165,8 +175,8 @@ def draw_kernel(
 
 @triton.jit
 def argmax_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr, BLOCK: tl.constexpr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Greedy, per (row, chunk): the largest u and its index, and (ONLINE_LSE: rows whose alpha was
     not solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
@@ -174,6 +184,7 @@ def argmax_kernel(
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     alpha, lse_b, lse_t = row_mix(alpha_ptr, state_ptr + row * STATE_W, row)
+    cut_q, cut_t = row_cuts(cut_ptr, row, CUT)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
@@ -188,7 +199,9 @@ def argmax_kernel(
         raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
         next_b, next_t = fetch(zb_ptr, zt_ptr, idx + BLOCK, end)
         zb, zt, _, _ = tempered(raw_b, raw_t, inv_temp)
-        u = tl.where(ok, mixed(zb, zt, lse_b, lse_t, alpha), NEG_INF)
+        if CUT:
+            ok = ok & kept(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_q, cut_t)
+        u = tl.where(ok, mixed_key(zb, zt, lse_b, lse_t, alpha), NEG_INF)
         if ONLINE_LSE:
             mq, sq, _, _ = online(mq, sq, u)
         key = tl.where(u == u, u, NEG_INF)

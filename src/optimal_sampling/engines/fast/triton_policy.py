@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import expm1, fetch, safe, tempered
+from .triton_cut import kept
 from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
 ENTROPY_STATS = 7  # per (row, split), float64: (max, s, t) of z_b and of z_t (see entropy_update), Jeffreys
@@ -156,14 +157,19 @@ def tilt_kernel(
 
 @triton.jit
 def diagnostics_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, part_ptr,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    SPLITS: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Per (row, split): the sums of the module docstring, over q's support: the joint support,
+    and with CUT only the tokens both cuts keep (triton_cut.py: the truncated q's support)."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     st = state_ptr + row * STATE_W
     a = tl.load(alpha_ptr + row).to(tl.float32)
+    if CUT:
+        cut_q, cut_t = tl.load(cut_ptr + row * 2), tl.load(cut_ptr + row * 2 + 1)
+        lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
     m_u = tl.full([BLOCK], NEG_INF, tl.float32)
     s_u = tl.zeros([BLOCK], tl.float32)
@@ -176,7 +182,10 @@ def diagnostics_kernel(
     end = tl.minimum(start + chunk, V)
     for i in range(0, n_blocks):
         raw_b, raw_t = fetch(zb_ptr, zt_ptr, start + i * BLOCK + lanes, end)
-        lp_b, lp_t, r, joint = log_probs(raw_b.to(tl.float32), raw_t.to(tl.float32), inv_temp, st)
+        raw_b, raw_t = raw_b.to(tl.float32), raw_t.to(tl.float32)
+        lp_b, lp_t, r, joint = log_probs(raw_b, raw_t, inv_temp, st)
+        if CUT:
+            joint = joint & kept(raw_b, raw_t, inv_temp, lse_b, lse_t, a, cut_q, cut_t)
         u = tl.where(joint, lp_b + a * r, NEG_INF)
         m_new = tl.maximum(m_u, u)
         scale, e = tl.exp(m_u - safe(m_new)), tl.exp(u - safe(m_new))

@@ -1,0 +1,364 @@
+"""The fused sampler's cuts: the teacher support constraint and top-k / top-p / min-p on q, found
+as one threshold per row on a key, without sorting the vocabulary.
+
+Every truncation of mixing.support keeps the tokens whose key is at least a threshold: the
+teacher's set is lp_t >= cut_t, and the survivors of top-k, then top-p, then min-p on q (inside the
+teacher's set) are u >= cut_q, with u = (1 - alpha) lp_b + alpha lp_t = log q + log Z_q (ties at a
+cut are kept, as mixing.support does). A search finds the threshold of one key per row:
+
+1. `search_kernel` (pass 1, FIRST): per (row, split), the count and the mass (sum of e^key) of the
+   keys at or above K fixed thresholds 0 > -G_1 > ... > -inf (keys are log-probabilities, <= 0),
+   and the largest key M; `search_combine_kernel` merges them per row (float64), finds the bracket
+   [lo, hi) where the count (top-k) or the mass (top-p) crosses its target, and plans the next pass:
+2. passes 2..PASSES: a row whose bracket holds at most CAP keys has them copied out by
+   `collect_kernel` (one atomic per block that holds any); the others are refined by
+   `search_kernel` at K thresholds evenly spaced over [lo, min(hi, M)];
+3. `finish_kernel`: per row, sorts the collected keys (at most CAP) and reads the exact k-th key,
+   the exact top-p cut (the last key whose mass before it is below the target), and min-p's
+   M + log(min_p); the cut is the largest of those that apply.
+
+With top-k on (k <= CAP) a row collects every key >= lo (so top-p on the top-k survivors, which
+needs their sorted masses, is exact too); otherwise it collects the bracket [lo, hi) and knows the
+count and mass above hi. A row still refining after the last pass, which needs more than CAP
+keys within 1 / (K - 1)**(PASSES - 1) of the first bracket's width, keeps its whole bracket
+(a superset of the exact set) and its EXACT column is 0; keys tied at one value end the search
+exactly. Invariant: logits are finite or -inf; the teacher's set always holds a token q can draw.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import safe
+from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
+
+CAP = 2048  # keys a row may collect for the exact finish
+K = 32  # thresholds per search pass
+PASSES = 4  # search passes (the first at fixed thresholds)
+SEARCH_BLOCK = 128  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators)
+# per (row, split) of a search pass: the max key, then per threshold the count, mass, smallest key
+PART = 1 + 3 * K
+PART_W = tl.constexpr(PART)
+SEARCH_STATE = 12  # per row, float64: the columns below
+SEARCH_STATE_W = tl.constexpr(SEARCH_STATE)
+PHASE = tl.constexpr(0)  # REFINE, COLLECT, COLLECTED, TIED, NO_CUT
+LO = tl.constexpr(1)  # the bracket [lo, hi) where the target is crossed
+HI = tl.constexpr(2)
+N_HI = tl.constexpr(3)  # count and mass (relative to e^TOP) of the keys >= hi
+S_HI = tl.constexpr(4)
+TOP = tl.constexpr(5)  # M, the largest key
+TOTAL_N = tl.constexpr(6)
+TOTAL_S = tl.constexpr(7)
+BASE_N = tl.constexpr(8)  # count and mass above the collected keys (0 when all keys >= lo are collected)
+BASE_S = tl.constexpr(9)
+COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI)
+EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
+REFINE, COLLECT, COLLECTED, TIED, NO_CUT = (tl.constexpr(float(v)) for v in range(5))
+POS_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def mixed_key(zb, zt, lse_b, lse_t, alpha):
+    """u = (1 - alpha) lp_b + alpha lp_t with 0 * (-inf) = 0: log q + log Z_q, the key of q's cuts."""
+    wb = 1.0 - alpha
+    return tl.where(wb == 0, 0.0, wb * (zb - lse_b)) + tl.where(alpha == 0, 0.0, alpha * (zt - lse_t))
+
+
+@triton.jit
+def cut_keys(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha):
+    """(u, lp_t) as the cuts compare them, bit for bit the same in every kernel: a token at a cut
+    IS the cut, so a compiler free to contract a multiply-add differently in two kernels could
+    drop it from one. Explicit FMAs leave it no choice (0 * (-inf) taken as 0)."""
+    lb = tl.fma(raw_b, inv_temp, -lse_b)
+    lt = tl.fma(raw_t, inv_temp, -lse_t)
+    wb = 1.0 - alpha
+    base_part = wb * tl.where(wb == 0, 0.0, lb)
+    return tl.fma(alpha, tl.where(alpha == 0, 0.0, lt), base_part), lt
+
+
+@triton.jit
+def kept(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_q, cut_t):
+    """Whether a token survives both cuts (what every pass after the search masks with)."""
+    u, lt = cut_keys(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha)
+    return (u >= cut_q) & (lt >= cut_t)
+
+
+@triton.jit
+def search_key(
+    raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q: tl.constexpr, CONSTRAINED: tl.constexpr
+):
+    """The searched key: u inside the teacher's set (Q), or the teacher's lp_t; -inf outside."""
+    u, lt = cut_keys(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha)
+    if Q:
+        key = u
+        if CONSTRAINED:
+            key = tl.where(lt >= cut_t, key, NEG_INF)
+    else:
+        key = lt
+    return key
+
+
+@triton.jit
+def row_inputs(state_ptr, alpha_ptr, cut_ptr, row):
+    st = state_ptr + row * STATE_W
+    lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
+    return lse_b, lse_t, tl.load(alpha_ptr + row), tl.load(cut_ptr + row * 2 + 1)
+
+
+@triton.jit
+def first_thresholds(j, K: tl.constexpr):
+    """Pass 1's thresholds -G_j: 0, -1/16, -1/4, ... -(j/4)**2, then -1e4 and -inf."""
+    g = 0.0625 * (j * j).to(tl.float32)
+    return tl.where(j == K - 1, NEG_INF, tl.where(j == K - 2, -1e4, -g))
+
+
+@triton.jit
+def search_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr,
+    search_ptr, thr_ptr, part_ptr,
+    SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
+    CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
+    (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
+    j = tl.arange(0, K)[:, None]
+    if FIRST:
+        thr = first_thresholds(j, K)
+        blocks = n_blocks
+    else:
+        thr = tl.load(thr_ptr + row * K + j)
+        blocks = tl.where(tl.load(search_ptr + row * SEARCH_STATE_W + PHASE) == REFINE, n_blocks, 0)
+    lanes = tl.arange(0, BLOCK)[None, :]
+    m = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    acc_n = tl.zeros([K, BLOCK], tl.float32)
+    acc_s = tl.zeros([K, BLOCK], tl.float32)
+    acc_min = tl.full([K, BLOCK], POS_INF, tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    for i in range(0, blocks):
+        idx = start + i * BLOCK + lanes
+        ok = idx < end
+        raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        m_new = tl.maximum(m, key)
+        scale = tl.exp(m - safe(m_new))
+        above = (key >= thr) & (key > NEG_INF)  # [K, BLOCK]
+        acc_s = acc_s * scale + tl.where(above, tl.exp(key - safe(m_new)), 0.0)
+        acc_n += above.to(tl.float32)
+        acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
+        m = m_new
+    top = tl.max(m)
+    scale = tl.exp(m - safe(top))
+    out = part_ptr + (row * SPLITS + split) * PART_W
+    tl.store(out, top)
+    jj = tl.arange(0, K)
+    tl.store(out + 1 + jj, tl.sum(acc_n, axis=1))
+    tl.store(out + 1 + K + jj, tl.sum(acc_s * scale, axis=1))
+    tl.store(out + 1 + 2 * K + jj, tl.min(acc_min, axis=1))
+
+
+@triton.jit
+def collect_kernel(
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr,
+    search_ptr, cand_ptr, count_ptr,
+    CAP: tl.constexpr, Q: tl.constexpr, CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out."""
+    row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
+    srch = search_ptr + row * SEARCH_STATE_W
+    blocks = tl.where(tl.load(srch + PHASE) == COLLECT, n_blocks, 0)
+    lo = tl.load(srch + LO).to(tl.float32)
+    hi = tl.load(srch + COLLECT_HI).to(tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
+    for i in range(0, blocks):
+        idx = start + i * BLOCK + lanes
+        ok = idx < end
+        raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        inside = (key >= lo) & (key < hi) & (key > NEG_INF)
+        n_in = tl.sum(inside.to(tl.int32), axis=0)
+        if n_in > 0:
+            base = tl.atomic_add(count_ptr + row, n_in)
+            pos = base + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            tl.store(cand_ptr + row * CAP + pos, key, mask=inside & (pos < CAP))
+
+
+@triton.jit
+def merged_pass(part_ptr, row, SPLITS: tl.constexpr, K: tl.constexpr):
+    """A pass's (row, split) partials merged: the largest key, and per threshold the count, the
+    mass relative to e^max (float64) and the smallest key at or above it."""
+    sp = tl.arange(0, SPLITS)[:, None]
+    jj = tl.arange(0, K)[None, :]
+    at = part_ptr + (row * SPLITS + sp) * PART_W
+    m = tl.load(at)  # [SPLITS, 1]
+    top = tl.max(tl.max(m, axis=1), axis=0)
+    w = tl.exp((m - safe(top)).to(tl.float64))
+    n = tl.sum(tl.load(at + 1 + jj).to(tl.float64), axis=0)  # [K]
+    s = tl.sum(tl.load(at + 1 + K + jj).to(tl.float64) * w, axis=0)
+    smallest = tl.min(tl.load(at + 1 + 2 * K + jj), axis=0)
+    return top, n, s, smallest
+
+
+@triton.jit
+def search_combine_kernel(
+    part_ptr, thr_ptr, search_ptr, count_ptr, k, p,
+    SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
+    ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
+):  # fmt: skip
+    """Per row: the bracket [lo, hi) where the count (BY_COUNT: target k) or the mass (target p of
+    the total) crosses, lo the smallest key at or above the crossing threshold, then what the next
+    pass does: collect it, refine it, or nothing (no cut; or the target met by keys tied at lo,
+    which settles the cut unless a SECOND cut, top-p after top-k, needs the keys above lo)."""
+    row = tl.program_id(0).to(tl.int64)
+    srch = search_ptr + row * SEARCH_STATE_W
+    if FIRST:
+        phase = REFINE
+    else:
+        phase = tl.load(srch + PHASE)
+        tl.store(srch + PHASE, tl.where(phase == COLLECT, COLLECTED, phase))
+    if phase == REFINE:
+        top, n, s, smallest = merged_pass(part_ptr, row, SPLITS, K)
+        jj = tl.arange(0, K)
+        if FIRST:
+            thr = first_thresholds(jj, K)
+            m = top
+            rel = 1.0
+            hi = tl.full([], POS_INF, tl.float32)
+            n_hi, s_hi = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
+            total_n, total_s = tl.sum(tl.where(jj == K - 1, n, 0.0)), tl.sum(tl.where(jj == K - 1, s, 0.0))
+            tl.store(count_ptr + row, 0)
+            tl.store(srch + TOP, m.to(tl.float64))
+            tl.store(srch + TOTAL_N, total_n)
+            tl.store(srch + TOTAL_S, total_s)
+            tl.store(srch + EXACT, 1.0)
+        else:
+            thr = tl.load(thr_ptr + row * K + jj)
+            m = tl.load(srch + TOP).to(tl.float32)
+            rel = tl.exp((top - safe(m)).to(tl.float64))  # this pass's masses relative to e^M
+            hi, n_hi, s_hi = tl.load(srch + HI).to(tl.float32), tl.load(srch + N_HI), tl.load(srch + S_HI)
+            total_n, total_s = tl.load(srch + TOTAL_N), tl.load(srch + TOTAL_S)
+        s = s * rel
+        if BY_COUNT:
+            if SECOND:  # top-p still cuts a row with fewer than k keys: all of them are its top-k set
+                k = tl.minimum(k.to(tl.float64), total_n)
+            below = n < k
+            target_ok = total_n >= k
+        else:
+            below = s < p * total_s
+            target_ok = total_s > 0
+        # The ends are known from the pass before (sums in another order may round across the
+        # target): t_0 = hi is below it, the last threshold (lo, or -inf) reaches it.
+        if not FIRST:  # (int arithmetic: Triton's interpreter cannot AND a scalar with a vector)
+            hi_first = (tl.sum(tl.where(jj == 0, thr, 0.0)) == hi).to(tl.int32)
+            below = tl.where(jj == 0, (below.to(tl.int32) + hi_first) > 0, below)
+        below = below & (jj != K - 1)
+        crossing = tl.sum(below.to(tl.int32))  # the first threshold whose count/mass reaches the target
+        lo = tl.sum(tl.where(jj == crossing, smallest, 0.0))  # a key: no key lies in [threshold, lo)
+        n_lo = tl.sum(tl.where(jj == crossing, n, 0.0))
+        prev = jj == crossing - 1
+        new_hi = tl.where(crossing > 0, tl.sum(tl.where(prev, thr, 0.0)), hi)
+        n_hi = tl.where(crossing > 0, tl.sum(tl.where(prev, n, 0.0)), n_hi)
+        s_hi = tl.where(crossing > 0, tl.sum(tl.where(prev, s, 0.0)), s_hi)
+        # Below the pass before's lo + 1 ulp (threshold K - 2) but not at lo: keys tied at lo meet
+        # the target (lo is then the cut, unless a SECOND cut needs the keys above it).
+        tied = crossing < 0  # false
+        if not FIRST and not SECOND:
+            t_last = tl.sum(tl.where(jj == K - 1, thr, 0.0))
+            t_up = tl.sum(tl.where(jj == K - 2, thr, 0.0))
+            tied = (crossing == K - 1).to(tl.int32) + (t_up == next_up(t_last)).to(tl.int32) == 2
+        plan_next(srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, K, ALL_ABOVE, CAP)
+
+
+@triton.jit
+def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, K: tl.constexpr,
+              ALL_ABOVE: tl.constexpr, CAP: tl.constexpr):  # fmt: skip
+    """Store the bracket and the next phase; a refining row's next thresholds span [lo, min(hi, M)]
+    evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo settle the target)."""
+    if ALL_ABOVE:
+        size, collect_hi = n_lo, tl.full([], POS_INF, tl.float32)
+        base_n, base_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
+    else:
+        size, collect_hi, base_n, base_s = n_lo - n_hi, hi, n_hi, s_hi
+    span_hi = tl.minimum(hi, m)
+    settled = (tied.to(tl.int32) + (span_hi <= lo).to(tl.int32)) > 0
+    phase = tl.where(size <= CAP, COLLECT, tl.where(settled, TIED, REFINE))
+    phase = tl.where(target_ok, phase, NO_CUT)
+    tl.store(srch + PHASE, phase)
+    tl.store(srch + LO, lo.to(tl.float64))
+    tl.store(srch + HI, hi.to(tl.float64))
+    tl.store(srch + N_HI, n_hi)
+    tl.store(srch + S_HI, s_hi)
+    tl.store(srch + COLLECT_HI, collect_hi.to(tl.float64))
+    tl.store(srch + BASE_N, base_n)
+    tl.store(srch + BASE_S, base_s)
+    jj = tl.arange(0, K)
+    floor = tl.maximum(lo, span_hi - 1e4)  # lo may be -inf; keys below M - 1e4 carry no mass
+    even = span_hi - (span_hi - floor) * jj.to(tl.float32) / (K - 2)
+    up = next_up(lo)
+    tl.store(thr_ptr + row * K + jj, tl.where(jj == K - 1, lo, tl.maximum(even, up)))
+
+
+@triton.jit
+def next_up(x):
+    """The smallest float32 above x (finite x)."""
+    bits = x.to(tl.int32, bitcast=True)
+    up = tl.where(x < 0, bits - 1, tl.where(x == 0, 1, bits + 1))
+    return up.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def finish_kernel(
+    search_ptr, cand_ptr, count_ptr, cut_ptr, k, p, log_min_p, which,
+    CAP: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
+    SEQUENTIAL: tl.constexpr, SECOND: tl.constexpr,
+):  # fmt: skip
+    """Per row: the cut from the sorted collected keys (exact), the bracket's lo (tied keys, or a
+    search that did not converge: EXACT = 0), or -inf (no cut); then at least M + log(min_p).
+    SEQUENTIAL: top-p counts mass within the top-k survivors (q's cuts); else within all keys
+    (the teacher's set is its top-k set AND its top-p set)."""
+    row = tl.program_id(0).to(tl.int64)
+    srch = search_ptr + row * SEARCH_STATE_W
+    phase = tl.load(srch + PHASE)
+    m = tl.load(srch + TOP)
+    count = tl.load(count_ptr + row)
+    idx = tl.arange(0, CAP)
+    valid = idx < count
+    c = tl.sort(tl.load(cand_ptr + row * CAP + idx, mask=valid, other=NEG_INF), descending=True)
+    e = tl.where(valid, tl.exp(c.to(tl.float64) - m), 0.0)
+    cut_k = tl.full([], NEG_INF, tl.float32)
+    mass = tl.load(srch + TOTAL_S)
+    if TOP_K:
+        if SECOND:  # (a row with fewer than k keys: all of them)
+            k = tl.minimum(k, tl.load(srch + TOTAL_N).to(tl.int32))
+        cut_k = tl.sum(tl.where(idx == k - tl.load(srch + BASE_N).to(tl.int32) - 1, c, 0.0))
+        if SEQUENTIAL:
+            mass = tl.load(srch + BASE_S) + tl.sum(tl.where(c >= cut_k, e, 0.0))
+    cut = cut_k
+    if TOP_P:
+        eligible = valid & (c >= cut_k) if SEQUENTIAL else valid
+        cum = tl.load(srch + BASE_S) + tl.cumsum(e, axis=0)
+        last = tl.sum((eligible & (cum < p * mass)).to(tl.int32))  # keys kept before the crossing
+        has = tl.sum(eligible.to(tl.int32)) > last
+        cut_p = tl.where(has, tl.sum(tl.where(idx == last, c, 0.0)), NEG_INF)
+        cut = tl.maximum(cut, cut_p)
+    collected = (phase == COLLECTED) | (phase == COLLECT)  # COLLECT: by the collect after the last pass
+    cut = tl.where(collected, cut, tl.where(phase == NO_CUT, NEG_INF, tl.load(srch + LO).to(tl.float32)))
+    exact = collected | (phase == NO_CUT)
+    if not SECOND:
+        exact = exact | (phase == TIED)
+    tl.store(srch + EXACT, exact.to(tl.float64))
+    if MIN_P:
+        cut = tl.maximum(cut, m.to(tl.float32) + log_min_p)
+    tl.store(cut_ptr + row * 2 + which, cut)

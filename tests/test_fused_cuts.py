@@ -1,0 +1,238 @@
+"""The fused sampler's cuts (engines/fast/triton_cut.py): the teacher support constraint and
+top-k / top-p / min-p found by a threshold search, against mixing.support's sort-based masks.
+
+On CPU the kernels run in Triton's interpreter (a subprocess: it must be switched on before
+triton is imported); on CUDA the same checks run in-process (tests/gpu)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optimal_sampling.config import MixConfig, SamplingParams
+from optimal_sampling.mixing import mix_step
+from optimal_sampling.mixing.logprobs import mix_logprobs, tempered_logprobs
+from optimal_sampling.mixing.step import sample_step
+from optimal_sampling.mixing.support import constrain_to_teacher, truncate
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# (top_k, top_p, min_p, target_top_k, target_top_p): q's truncation, then the teacher's set
+CONFIGS = [
+    (40, 1.0, 0.0, -1, 1.0),
+    (-1, 0.9, 0.0, -1, 1.0),
+    (-1, 1.0, 0.05, -1, 1.0),
+    (50, 0.8, 0.02, -1, 1.0),
+    (-1, 1.0, 0.0, 20, 1.0),
+    (-1, 1.0, 0.0, -1, 0.85),
+    (-1, 1.0, 0.0, 30, 0.6),
+    (100, 0.95, 0.0, -1, 0.9),
+    ("above CAP", 1.0, 0.0, -1, 1.0),  # the bracket of the k-th key is collected, not all above it
+]
+
+
+def logits_rows(vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows: flat, peaked (a few tokens hold most mass), two policies that disagree, -inf
+    entries, a one-hot teacher, keys tied at the cut, and a wide-range row."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(8, vocab, generator=g)
+    teacher = base + torch.randn(8, vocab, generator=g)
+    base[0] *= 0.1
+    teacher[0] = 0.1 * teacher[0]
+    base[1, :12] += 8 * torch.rand(12, generator=g)
+    teacher[1, :12] += 8 * torch.rand(12, generator=g)
+    teacher[2] = -base[2]
+    base[3, : vocab // 4] = float("-inf")
+    teacher[3, vocab // 2 : vocab // 2 + 50] = float("-inf")
+    teacher[4, 7] = 60.0
+    base[5] = torch.randn(vocab, generator=g).round()  # many exact ties
+    teacher[5] = base[5].clone()
+    base[6] *= 25
+    teacher[6] *= 25
+    base[7] = 3 * torch.randn(vocab, generator=g)
+    teacher[7] = base[7] + 0.3 * torch.randn(vocab, generator=g)
+    return base.to(device), teacher.to(device)
+
+
+def reference_keep(base, teacher, alpha, mix: MixConfig, params: SamplingParams) -> torch.Tensor:
+    """mixing.support's kept set for the q at the given alpha (float64)."""
+    t = params.temperature or 1.0
+    lp_b, lp_t = tempered_logprobs(base.double(), t), tempered_logprobs(teacher.double(), t)
+    lp_q = mix_logprobs(lp_b, lp_t, alpha.double())
+    lp_q = truncate(constrain_to_teacher(lp_q, lp_t, mix), params.top_k, params.top_p, params.min_p)
+    return lp_q > float("-inf")
+
+
+def fused_keep(base, teacher, alpha, cuts, state, params: SamplingParams, tol: float = 1e-5) -> torch.Tensor:
+    """The set the cuts keep, from the kernel's keys recomputed in float64 with its row state's
+    log-normalisers (a key within tol of its cut counts as kept: the cut IS a float32 key)."""
+    from optimal_sampling.engines.fast.triton_row_state import LSE_B, LSE_T
+
+    inv_t = 1.0 / (params.temperature or 1.0)
+    lp_b = base.double() * inv_t - state[:, LSE_B.value : LSE_B.value + 1]
+    lp_t = teacher.double() * inv_t - state[:, LSE_T.value : LSE_T.value + 1]
+    a = alpha.double().unsqueeze(-1)
+    u = torch.where(a < 1, (1 - a) * lp_b, 0.0) + torch.where(a > 0, a * lp_t, 0.0)
+    u = torch.nan_to_num(u, nan=float("-inf"))
+    cut_q, cut_t = cuts[:, :1].double(), cuts[:, 1:].double()
+    keep = (u >= cut_q - tol) & (lp_t >= cut_t - tol)
+    return keep & (mix_logprobs(lp_b, lp_t, alpha.double()) > float("-inf"))  # on q's support
+
+
+def check_cuts(device: str, vocab: int, cap: int, configs: list, temperatures: tuple, exact: bool) -> None:
+    """Each configuration's kept sets against the sorted masks, and its step against the torch
+    step, with `cap` keys per row collectable (exact: every search must end exact)."""
+    from optimal_sampling.engines.fast import triton_cut
+
+    default_cap = triton_cut.CAP
+    triton_cut.CAP = cap
+    try:
+        check_configs(device, vocab, configs, temperatures, exact)
+    finally:
+        triton_cut.CAP = default_cap
+
+
+def check_configs(
+    device: str, vocab: int, configs: list, temperatures: tuple, exact_everywhere: bool
+) -> None:
+    from optimal_sampling.engines.fast import mixing_fast, triton_cut
+
+    base, teacher = logits_rows(vocab, device)
+    seeds, steps = torch.arange(8, device=device) * 7 + 1, torch.arange(8, device=device)
+    for top_k, top_p, min_p, tk, tp in configs:
+        top_k = triton_cut.CAP + 100 if top_k == "above CAP" else top_k
+        constrained = tk > 0 or tp < 1.0
+        mix = MixConfig(alpha_method="fixed", fixed_alpha=0.6, constraint_to_target=constrained,
+                        target_top_k=tk, target_top_p=tp)  # fmt: skip
+        for temperature in temperatures:
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+            if not mixing_fast.fused_supported(mix, params):
+                continue
+            cuts, searches, state = fused_cuts(base, teacher, seeds, steps, mix, params)
+            alpha = torch.full((8,), 0.6, device=device)
+            want = reference_keep(base, teacher, alpha, mix, params)
+            got = fused_keep(base, teacher, alpha, cuts, state, params)
+            exact = torch.stack([s[:, triton_cut.EXACT.value] for s in searches]).amin(0) > 0
+            label = f"config {(top_k, top_p, min_p, tk, tp)} T={temperature} cap={triton_cut.CAP}"
+            assert torch.equal(got[exact], want[exact]), label + f" rows {(got != want).any(-1).tolist()}"
+            assert (got | ~want).all(), label + ": an inexact cut keeps a superset"
+            if exact_everywhere:
+                assert exact.all(), label
+            check_step(base, teacher, seeds, steps, mix, params, label)
+
+
+def fused_cuts(base, teacher, seeds, steps, mix, params):
+    """The cuts fused_outputs draws within, and each search's row state (its EXACT column)."""
+    from optimal_sampling.engines.fast import mixing_fast
+
+    trace = []
+    mixing_fast.fused_outputs(base, teacher, seeds, steps, mix, params, trace=trace)
+    found = [t for t in trace if "cuts" in t]
+    assert len(found) == 1
+    return found[0]["cuts"], found[0]["searches"], found[0]["state"]
+
+
+def check_step(base, teacher, seeds, steps, mix, params, label: str) -> None:
+    """Tokens, log q and the diagnostics of the fused step against the torch step."""
+    from dataclasses import replace
+
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+    from optimal_sampling.mixing.diagnostics import step_diagnostics
+
+    params = replace(params, collect_diagnostics=True)
+    fused = fused_sample_step(base, teacher, seeds, steps, mix, params)
+    exact = sample_step(base, teacher, seeds, steps, mix, params)
+    assert fused.tokens.tolist() == exact.tokens.tolist(), label
+    torch.testing.assert_close(fused.logprob_q, exact.logprob_q.float(), atol=1e-4, rtol=1e-4, msg=label)
+    mixed = mix_step(
+        base.double(), teacher.double(), mix, params.temperature, params.top_k, params.top_p, params.min_p
+    )
+    want = step_diagnostics(mixed.lp_q, mixed.lp_base, mixed.lp_teacher)
+    for name in ("kl_q_base", "kl_q_teacher"):
+        torch.testing.assert_close(
+            getattr(fused, name).double(), getattr(want, name), atol=1e-4, rtol=1e-3, msg=label
+        )
+    torch.testing.assert_close(
+        fused.ess_ratio.double().log(), want.ess_ratio.log(), atol=1e-3, rtol=1e-3, msg=label
+    )
+
+
+def check_cut_draws_follow_q(device: str) -> None:
+    """Chi-square: 40,960 fused draws of one row follow the q they report: kl_symmetry with top-p
+    inside the teacher's top-50, and ess_balance with min-p (the torch step's q as expected)."""
+    from scipy.stats import chisquare
+
+    from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
+
+    vocab, rows = 4096, 8192
+    g = torch.Generator().manual_seed(3)
+    base = 2 * torch.randn(vocab, generator=g)
+    teacher = base + torch.randn(vocab, generator=g)
+    base[:30] += 4
+    teacher[:30] += 4
+    configs = [
+        (MixConfig(constraint_to_target=True, target_top_k=50), SamplingParams(temperature=0.9, top_p=0.9)),
+        (MixConfig(alpha_method="ess_balance"), SamplingParams(temperature=1.0, min_p=0.01)),
+    ]
+    zb, zt = (
+        base.expand(rows, vocab).contiguous().to(device),
+        teacher.expand(rows, vocab).contiguous().to(device),
+    )
+    for mix, params in configs:
+        counts = torch.zeros(vocab, dtype=torch.float64)
+        for batch in range(5):
+            seeds = torch.arange(rows, device=device) + rows * batch
+            tokens = fused_sample_step(
+                zb, zt, seeds, torch.full((rows,), 2, device=device), mix, params
+            ).tokens
+            counts += torch.bincount(tokens.cpu(), minlength=vocab).double()
+        lp_q = mix_step(base[None].double(), teacher[None].double(), mix, params.temperature,
+                        params.top_k, params.top_p, params.min_p).lp_q[0]  # fmt: skip
+        expected = lp_q.exp() * counts.sum()
+        assert counts[expected == 0].sum() == 0, "a draw outside q's support"
+        big = expected >= 5
+        obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+        exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+        keep = exp > 0
+        assert (
+            chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp[keep].sum().item()).pvalue
+            > 1e-3
+        )
+
+
+def run_cut_checks(device: str) -> None:
+    """CUDA: every configuration at the default CAP, then a CAP so small that brackets are refined
+    over all passes (some left inexact). The interpreter sorts slowly: a smaller CAP and vocabulary."""
+    from optimal_sampling.engines.fast.triton_cut import CAP
+
+    if device == "cuda":
+        check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
+        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False)
+    else:
+        check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)
+        check_cuts(device, 512, 256, CONFIGS[3:4], (0.0,), exact=True)
+        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_cuts_equal_the_sorted_masks():
+    if torch.cuda.is_available():
+        run_cut_checks("cuda")
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_fast_engine import _patch_interpreter_for_numpy2
+
+    _patch_interpreter_for_numpy2()
+    run_cut_checks("cpu")
+    print("cut checks passed")
