@@ -105,6 +105,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of requests that give none (default: a fresh random seed per request)")  # fmt: skip
     g.add_argument("--tp-size", type=int, default=1, metavar="T",
                    help="GPUs per model replica (tensor parallelism; helpers started by the engine process) (default 1)")  # fmt: skip
+    g.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
+                   help="least time between two chunks of a streamed response; 0: a chunk per engine step "
+                        "(default: auto, the open streams x 0.25 ms: at most 4,000 chunks a second in all)")  # fmt: skip
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds running requests get to finish before they are aborted (default 10)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),

@@ -104,6 +104,8 @@ def serve(args: argparse.Namespace) -> int:
     require_serve_extra()
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.stream_interval_ms is not None and not args.stream_interval_ms >= 0:
+        raise ValueError(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
     from ..runtime.sampler import SamplerSpec
     from ..server.app import run_server
     from ..server.state import ServerSettings
@@ -116,6 +118,8 @@ def serve(args: argparse.Namespace) -> int:
         ParallelConfig(args.tp_size),
         args.seed,
     )
-    settings = ServerSettings(args.served_model_name, args.api_key, args.base, args.teacher)
+    settings = ServerSettings(
+        args.served_model_name, args.api_key, args.base, args.teacher, args.stream_interval_ms
+    )
     run_server(spec, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0

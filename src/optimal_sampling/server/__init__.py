@@ -4,10 +4,11 @@ Two processes: the engine process owns the models and runs every request in one 
 (continuous batching across HTTP requests; `engine_process`, around the runtime's
 `SamplingService`), and this one speaks HTTP, so JSON and sockets never slow a decode step.
 Modules, one job each: `protocol` (request schemas), `inputs` (fields -> tickets, checked
-against the models), `bridge` (tickets in, events out, disconnects abort), `fields` and
-`openai_format` (response bodies), `openai_routes`, `sglang_routes`, `info_routes`,
-`weights_routes`, `errors` (OpenAI-style error bodies), `state` (what routes share), `app`
-(FastAPI + uvicorn).
+against the models), `tokenizing` (prompts -> ids, cheaply), `bridge` (tickets in, events out,
+paced streams, disconnects abort), `fields` and `openai_format` (response bodies),
+`openai_routes`, `sglang_routes`, `info_routes`, `weights_routes`, `errors` (OpenAI-style error
+bodies), `state` (what routes share), `app` (FastAPI + uvicorn), `fake_engine` (a stand-in for
+the models, for load tests of the HTTP side).
 Needs the `serve` extra (fastapi, uvicorn); `require_serve_extra` says so in one line.
 """
 

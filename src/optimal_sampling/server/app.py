@@ -11,6 +11,7 @@ With an API key every route but /health needs `Authorization: Bearer KEY` (or `X
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import signal
 from contextlib import asynccontextmanager
@@ -41,7 +42,8 @@ async def check_api_key(request: Request) -> None:
 
 def create_app(engine: EngineProcess, pair: ServedPair, settings: ServerSettings) -> FastAPI:
     """The app over a started engine process; its lifespan stops the engine."""
-    state = ServerState(pair, EngineBridge(engine), settings)
+    interval = None if settings.stream_interval_ms is None else settings.stream_interval_ms / 1000.0
+    state = ServerState(pair, EngineBridge(engine, interval), settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,6 +84,7 @@ def run_server(
         # the handlers it found: with these that is a no-op, and a clean shutdown exits with 0.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, ignore_signal)
+        gc.freeze()  # what is loaded by now lives as long as the server: the collector skips it
         GracefulServer(config, app.state.server.bridge, shutdown_timeout).run()
     finally:
         engine.stop()

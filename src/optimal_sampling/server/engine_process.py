@@ -5,20 +5,24 @@ detokenizing, sockets) does tens of thousands of small jobs a second, and sharin
 the engine loop would slow every decode step (as vLLM and SGLang also split the two). So:
 - the child (`engine_main`, started with `spawn`) loads the pair (`OptimalSampler.from_configs`),
   reports a `PairInfo`, and runs a `SamplingService` whose events it sends back, one message
-  per engine step (token events packed column-wise: `pack`/`unpack`, a few lists instead of
-  hundreds of objects to pickle); a second thread there reads commands (submit, abort, call, stop);
-- the parent (`EngineProcess`) sends commands, and its reader thread hands each step's events to
-  `deliver` and resolves calls (scoring, stats). If the child dies, `on_exit` is called once.
+  per engine step, the token events packed as flat typed arrays (`pack`: a few byte strings to
+  pickle instead of hundreds of objects, and nothing to build per token on the other side); a
+  second thread there reads commands (submit, abort, call, stop);
+- the parent (`EngineProcess`) sends commands, and its reader thread hands each message, still
+  packed, to `deliver` (the bridge unpacks it on its event loop) and resolves calls (scoring,
+  stats). If the child dies, `on_exit` is called once.
 The child ignores SIGINT (Ctrl-C reaches the whole process group; the parent decides) and stops
 when the parent says so or goes away.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
 import threading
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,7 +58,7 @@ class EngineProcess:
 
     def __init__(self, spec: SamplerSpec):
         self.spec = spec
-        self.deliver: Callable[[list], None] = lambda events: None
+        self.deliver: Callable[[tuple], None] = lambda packed: None  # a message of `pack`
         self.on_exit: Callable[[], None] = lambda: None
         self.lock = threading.Lock()
         self.calls: dict[int, Future] = {}
@@ -132,7 +136,7 @@ class EngineProcess:
                 break
             try:
                 if kind == "events":
-                    self.deliver(unpack(value))
+                    self.deliver(value)
                 elif kind == "result":
                     self._resolve(*value)
             except Exception:  # one bad message must not stop every stream
@@ -149,32 +153,47 @@ class EngineProcess:
             future.set_result(value) if ok else future.set_exception(value)
 
 
-def pack(events: list) -> tuple:
-    """(token events column-wise or None, the other events): what one step sends."""
-    tokens = [e for e in events if type(e) is Tokens]
-    others = [e for e in events if type(e) is not Tokens]
-    if not tokens:
-        return None, others
-    names = {name for e in tokens for name in e.columns}
-    columns = {name: [e.columns.get(name) for e in tokens] for name in names}
-    return (
-        [e.ticket for e in tokens],
-        [e.index for e in tokens],
-        [e.tokens for e in tokens],
-        columns,
-    ), others
+Block = tuple  # (tickets, indices, tokens, {column: values}): one row per token, as `array`s
 
 
-def unpack(packed: tuple) -> list:
-    block, others = packed
-    if block is None:
-        return others
+def pack(events: list) -> tuple[list[Block], list]:
+    """(token events as blocks, the other events): what a message carries. A block holds one row
+    per token (ticket, request index, token id, one value per column) in flat typed arrays, which
+    pickle as a few byte strings instead of hundreds of objects; one block per set of columns."""
+    groups: dict[tuple[str, ...], list[Tokens]] = {}
+    others = []
+    for event in events:
+        if type(event) is Tokens:
+            groups.setdefault(tuple(event.columns), []).append(event)
+        else:
+            others.append(event)
+    return [pack_block(names, tokens) for names, tokens in groups.items()], others
+
+
+def pack_block(names: tuple[str, ...], events: list[Tokens]) -> Block:
+    tickets = array("q", [e.ticket for e in events for _ in e.tokens])
+    indices = array("q", [e.index for e in events for _ in e.tokens])
+    tokens = array("q", [t for e in events for t in e.tokens])
+    columns = {name: typed([v for e in events for v in e.columns[name]]) for name in names}
+    return tickets, indices, tokens, columns
+
+
+def typed(values: list) -> array | list:
+    """Ints or floats as a typed array (one byte string to pickle); anything else as it is."""
+    kinds = {type(v) for v in values}
+    if not kinds <= {int, float}:
+        return values
+    try:
+        return array("q" if kinds == {int} else "d", values)
+    except OverflowError:  # an int beyond 64 bits
+        return values
+
+
+def unpack_block(block: Block) -> tuple[list[int], list[int], list[int], dict[str, list]]:
+    """A block's arrays as lists (the HTTP side reads them row by row)."""
     tickets, indices, tokens, columns = block
-    events = [
-        Tokens(t, i, ids, {name: values[k] for name, values in columns.items() if values[k] is not None})
-        for k, (t, i, ids) in enumerate(zip(tickets, indices, tokens))
-    ]
-    return events + others
+    lists = {n: v.tolist() if isinstance(v, array) else v for n, v in columns.items()}
+    return tickets.tolist(), indices.tolist(), tokens.tolist(), lists
 
 
 # ---------------------------------------------------------------------------------------- the child
@@ -267,9 +286,12 @@ def engine_main(spec: SamplerSpec, conn) -> None:
 
     quiet_transformers()
     try:
-        sampler = OptimalSampler.from_configs(
-            spec.model_base, spec.model_teacher, spec.mix, spec.engine, spec.parallel, spec.seed
-        )
+        if hasattr(spec, "load_sampler"):  # a stand-in (fake_engine.FakeSpec)
+            sampler = spec.load_sampler()
+        else:
+            sampler = OptimalSampler.from_configs(
+                spec.model_base, spec.model_teacher, spec.mix, spec.engine, spec.parallel, spec.seed
+            )
     except Exception as err:  # told to the parent, which reports it in one line
         conn.send(("failed", " ".join(f"{type(err).__name__}: {err}".split())))
         return
@@ -279,6 +301,7 @@ def engine_main(spec: SamplerSpec, conn) -> None:
         with lock:
             conn.send(message)
 
+    gc.freeze()  # the loaded models' objects: the collector, busy with served tokens, skips them
     service = SamplingService(sampler, lambda events: send(("events", pack(events))))
     service.start()
     send(("ready", pair_info(sampler)))

@@ -62,13 +62,17 @@ def token_ids(pair: ServedPair, ids: Sequence[int], field: str) -> tuple[int, ..
     return tuple(ids)
 
 
-def encode(tokenizer, prompt: str | list[int], field: str, pair: ServedPair) -> tuple[tuple[int, ...], str]:
-    """(ids, text) of one prompt given as text or ids."""
+def encode(
+    pair: ServedPair, teacher: bool, prompt: str | list[int], field: str
+) -> tuple[tuple[int, ...], str]:
+    """(ids, text) of one prompt given as text or ids, as the base (or the teacher) reads it."""
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(f"{field} must not be empty", field)
-        return token_ids(pair, tokenizer(prompt)["input_ids"], field), prompt
-    return token_ids(pair, prompt, field), tokenizer.decode(prompt)
+        return token_ids(pair, (pair.encode_teacher if teacher else pair.encode_base)(prompt), field), prompt
+    return token_ids(pair, prompt, field), (
+        pair.teacher_tokenizer if teacher else pair.base_tokenizer
+    ).decode(prompt)
 
 
 def prompt_pairs(pair: ServedPair, prompts, teacher, field: str, teacher_field: str) -> list[PromptIds]:
@@ -81,8 +85,11 @@ def prompt_pairs(pair: ServedPair, prompts, teacher, field: str, teacher_field: 
         )
     out = []
     for prompt, teacher_prompt in zip(items, teacher_items):
-        base_ids, text = encode(pair.base_tokenizer, prompt, field, pair)
-        teacher_ids, teacher_text = encode(pair.teacher_tokenizer, teacher_prompt, teacher_field, pair)
+        base_ids, text = encode(pair, False, prompt, field)
+        if teacher_prompt is prompt and pair.shared_tokenizer:  # one tokenizer reads it the same way
+            teacher_ids, teacher_text = base_ids, text
+        else:
+            teacher_ids, teacher_text = encode(pair, True, teacher_prompt, teacher_field)
         out.append(PromptIds(base_ids, teacher_ids, text, teacher_text))
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..config import SamplingParams
 from ..runtime.requests import StopRules
@@ -21,7 +21,7 @@ from .fields import TextStream, delta_fields, sample_fields
 from .inputs import chat_pair, max_tokens_for, prompt_pairs, sampling_params, stop_strings, ticket_of
 from .openai_format import Shape, chunk, delta_choice, logprobs_block, response, stop_reason, usage
 from .protocol import OPENAI_REFUSED, ChatCompletionRequest, CompletionRequest, OpenAISampling, unsupported
-from .state import ServerState, new_id, sse
+from .state import EventStream, ServerState, new_id, sse
 
 router = APIRouter()
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection
@@ -101,7 +101,7 @@ async def run(server: ServerState, request: Request, body, pairs, asked, field: 
         events = stream_events(
             server, ticket, shape, stops, request.receive, prompt_tokens if with_usage else None
         )
-        return StreamingResponse(events, media_type="text/event-stream")
+        return EventStream(events)
     try:
         samples = await server.bridge.collect([ticket], rid, request.receive)
     except Disconnected:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..outputs import Sample
 from ..runtime.requests import StopRules
@@ -26,7 +26,7 @@ from .inputs import max_tokens_for, prompt_items, prompt_pairs, sampling_params,
 from .inputs import token_ids as checked_ids
 from .openai_routes import CLIENT_GONE, server_of
 from .protocol import SGLANG_REFUSED, GenerateRequest, ScoreRequest, SGLangSampling, unsupported
-from .state import ServedPair, ServerState, new_id, sse
+from .state import EventStream, ServedPair, ServerState, new_id, sse
 
 router = APIRouter()
 NAMES = {
@@ -80,9 +80,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     rid = body.rid if isinstance(body.rid, str) else new_id("gen")
     outputs = Outputs(server, body, pairs, tickets, rid, settings)
     if body.stream:
-        return StreamingResponse(
-            stream_generate(server, outputs, tickets, request), media_type="text/event-stream"
-        )
+        return EventStream(stream_generate(server, outputs, tickets, request))
     try:
         samples = await server.bridge.collect(tickets, rid, request.receive)
     except Disconnected:

@@ -7,8 +7,10 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+
+from fastapi.responses import Response
 
 from ..config import SamplingParams
 from ..models.loading import load_tokenizer
@@ -16,6 +18,7 @@ from ..runtime.requests import PromptIds, Request, requests_from_ids
 from .bridge import EngineBridge
 from .engine_process import PairInfo
 from .errors import APIError
+from .tokenizing import fast_encoder, same_tokenizer
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class ServerSettings:
     api_key: str | None = None
     model_base: str | None = None  # as given (None: the demo pair)
     model_teacher: str | None = None
+    stream_interval_ms: float | None = None  # between two chunks of a stream (None: bridge.auto_interval)
 
 
 @dataclass
@@ -33,11 +37,23 @@ class ServedPair:
 
     info: PairInfo
     base_tokenizer: object
-    teacher_tokenizer: object
+    teacher_tokenizer: object  # the base's own object where both read the same files
+
+    def __post_init__(self) -> None:
+        self.encode_base = fast_encoder(self.base_tokenizer)
+        self.encode_teacher = (
+            self.encode_base if self.shared_tokenizer else fast_encoder(self.teacher_tokenizer)
+        )
 
     @classmethod
     def load(cls, info: PairInfo) -> ServedPair:
-        return cls(info, load_tokenizer(info.base_path), load_tokenizer(info.teacher_path))
+        base = load_tokenizer(info.base_path)
+        same = same_tokenizer(info.base_path, info.teacher_path)
+        return cls(info, base, base if same else load_tokenizer(info.teacher_path))
+
+    @property
+    def shared_tokenizer(self) -> bool:
+        return self.teacher_tokenizer is self.base_tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -83,12 +99,35 @@ def new_id(prefix: str) -> str:
 LINE_BREAKS = (("\u2028", "\\u2028"), ("\u2029", "\\u2029"), ("\x85", "\\u0085"))
 
 
+ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def sse(payload: dict | str) -> str:
     """One server-sent event (strict JSON: non-finite floats were made null before)."""
     if isinstance(payload, str):
         return f"data: {payload}\n\n"
-    data = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    data = ENCODER.encode(payload)
     for raw, escaped in LINE_BREAKS:
         if raw in data:
             data = data.replace(raw, escaped)
     return f"data: {data}\n\n"
+
+
+class EventStream(Response):
+    """A text/event-stream response: each string of `events` written as it comes.
+
+    Unlike Starlette's StreamingResponse it starts no task group and no second reader of the
+    connection per request: the bridge already watches for the client going away (and then ends
+    `events`), and writing to a closed connection is a no-op in uvicorn."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str]):
+        self.events, self.status_code, self.background = events, 200, None
+        self.init_headers(None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for text in self.events:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -374,9 +374,11 @@ class FastEngine(Engine):
 
     def warm_eager_prefills(self, mix: MixConfig, params: SamplingParams) -> None:
         """Eager prefill chunks (above the graphs' token budget) of a few row counts and widths,
-        one and another residue mod 16 each (Triton specialises integer arguments on those), so
-        a first call meets no kernel compile, cuBLAS set-up or allocator growth of its own."""
-        for rows, width in ((1, 520), (1, 528), (3, 200), (3, 208), (16, 40), (16, 48)):
+        one and another residue mod 16 each (Triton specialises integer arguments on those), and
+        a chunk of the largest size, so a first call meets no kernel compile, cuBLAS set-up or
+        allocator growth of its own."""
+        largest = (min(self.max_slots, max(1, self.prefill_tokens // 256)), 250)  # the allocator's blocks
+        for rows, width in ((1, 520), (1, 528), (3, 200), (3, 208), (16, 40), (16, 48), largest):
             if rows <= self.max_slots and width < self.max_len:
                 prompts = [tuple((i + j) % self.vocab_size for j in range(width)) for i in range(rows)]
                 requests = [SlotRequest(self.scratch, p, p) for p in prompts]

@@ -447,7 +447,7 @@ class CutSearch:
             if p == self.passes:
                 break
             tc.search_kernel[grid](
-                *common, search, thr, parts, SPLITS=splits, K=tc.K, FIRST=p == 0, **flags, num_warps=8
+                *common, search, thr, parts, SPLITS=splits, K=tc.K, FIRST=p == 0, **flags, num_warps=4
             )
             tc.search_combine_kernel[(batch,)](
                 parts, thr, search, count, self.k, self.p, SPLITS=splits, K=tc.K, FIRST=p == 0,

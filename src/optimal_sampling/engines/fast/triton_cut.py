@@ -34,7 +34,7 @@ from .triton_common import safe
 from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
 CAP = 2048  # keys a row may collect for the exact finish
-K = 32  # thresholds per search pass
+K = 16  # thresholds per search pass (each costs a compare, an add and a min per token)
 PASSES = 4  # search passes (the first at fixed thresholds)
 SEARCH_BLOCK = 128  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators)
 # per (row, split) of a search pass: the max key, then per threshold the count, mass, smallest key
@@ -108,8 +108,8 @@ def row_inputs(state_ptr, alpha_ptr, cut_ptr, row):
 
 @triton.jit
 def first_thresholds(j, K: tl.constexpr):
-    """Pass 1's thresholds -G_j: 0, -1/16, -1/4, ... -(j/4)**2, then -1e4 and -inf."""
-    g = 0.0625 * (j * j).to(tl.float32)
+    """Pass 1's thresholds -G_j: 0, -1/4, -1, ... -(j/2)**2, then -1e4 and -inf."""
+    g = 0.25 * (j * j).to(tl.float32)
     return tl.where(j == K - 1, NEG_INF, tl.where(j == K - 2, -1e4, -g))
 
 
@@ -251,10 +251,11 @@ def search_combine_kernel(
             total_n, total_s = tl.load(srch + TOTAL_N), tl.load(srch + TOTAL_S)
         s = s * rel
         if BY_COUNT:
+            target_k = k.to(tl.float64)
             if SECOND:  # top-p still cuts a row with fewer than k keys: all of them are its top-k set
-                k = tl.minimum(k.to(tl.float64), total_n)
-            below = n < k
-            target_ok = total_n >= k
+                target_k = tl.minimum(target_k, total_n)
+            below = n < target_k
+            target_ok = total_n >= target_k
         else:
             below = s < p * total_s
             target_ok = total_s > 0
@@ -340,9 +341,10 @@ def finish_kernel(
     cut_k = tl.full([], NEG_INF, tl.float32)
     mass = tl.load(srch + TOTAL_S)
     if TOP_K:
+        kth = k
         if SECOND:  # (a row with fewer than k keys: all of them)
-            k = tl.minimum(k, tl.load(srch + TOTAL_N).to(tl.int32))
-        cut_k = tl.sum(tl.where(idx == k - tl.load(srch + BASE_N).to(tl.int32) - 1, c, 0.0))
+            kth = tl.minimum(k, tl.load(srch + TOTAL_N).to(tl.int32))
+        cut_k = tl.sum(tl.where(idx == kth - tl.load(srch + BASE_N).to(tl.int32) - 1, c, 0.0))
         if SEQUENTIAL:
             mass = tl.load(srch + BASE_S) + tl.sum(tl.where(c >= cut_k, e, 0.0))
     cut = cut_k

@@ -15,7 +15,7 @@ and g'(a) = E_{-a}[d'] - E_{2-a}[d'] (E_s: the mean under p e^{s d'}). Each poin
 The merge takes the precise L where it is finite and |d'| <= PRECISE_RANGE on the row, or where it
 agrees with the robust one to its rounding, else the robust L.
 
-The grid pass evaluates GRID alphas evenly spaced over [lo, hi] and s = 1 (L(1), and the Jeffreys
+The grid pass evaluates J alphas evenly spaced over [lo, hi] and s = 1 (L(1), and the Jeffreys
 divergence E_1[d'] - E_0[d'] that marks identical policies), and sets each row's outcome:
 the midpoint where the policies coincide (or d is constant on S, or S is empty), lo where
 g(lo) <= 0, hi where g(hi) >= 0, else the bracket of the sign change. Each refining pass evaluates
@@ -208,6 +208,29 @@ def hermite_root(left, right, f_left, f_right, fp_left, fp_right):
 
 
 @triton.jit
+def add_split(out, c, top, s, t, dm, q):
+    """Add one split's sums at J points (robust relative to their maxima top, precise with the
+    split's base-weight scale c)."""
+    c_r = tl.exp(tl.load(out).to(tl.float32) - safe(top)).to(tl.float64)
+    s += c_r * tl.load(out + 1)
+    t += c_r * tl.load(out + 2)
+    dm += c * tl.load(out + 3)
+    q += c * tl.load(out + 4)
+    return s, t, dm, q
+
+
+@triton.jit
+def next_alphas(left, right, f_left, f_right, fp_left, fp_right, JN: tl.constexpr):
+    """Newton from each end, the secant, the Hermite root, then evenly spaced, inside the bracket."""
+    jn = tl.arange(0, JN)
+    secant = left - f_left * (right - left) / (f_right - f_left)
+    even = left + (right - left) * (jn - 3).to(tl.float32) / (JN - 2)
+    cand = tl.where(jn == 0, left - f_left / fp_left, tl.where(jn == 1, right - f_right / fp_right, even))
+    cubic = hermite_root(left, right, f_left, f_right, fp_left, fp_right)
+    return inside(tl.where(jn == 2, secant, tl.where(jn == 3, cubic, cand)), left, right)
+
+
+@triton.jit
 def at(x, j, which):
     return tl.sum(tl.where(j == which, x, 0.0), axis=0)
 
@@ -253,24 +276,12 @@ def ess_combine_kernel(
         c = tl.exp(tl.load(ex).to(tl.float32) - safe(m0)).to(tl.float64)
         p_sum += c * tl.load(ex + 1)
         p_d += c * tl.load(ex + 2)
-        dm_lo += c * tl.load(out + 3)
-        q_lo += c * tl.load(out + 4)
-        dm_hi += c * tl.load(out + STATS_W + 3)
-        q_hi += c * tl.load(out + STATS_W + 4)
-        c_lo = tl.exp(tl.load(out).to(tl.float32) - safe(top_lo)).to(tl.float64)
-        s_lo += c_lo * tl.load(out + 1)
-        t_lo += c_lo * tl.load(out + 2)
-        c_hi = tl.exp(tl.load(out + STATS_W).to(tl.float32) - safe(top_hi)).to(tl.float64)
-        s_hi += c_hi * tl.load(out + STATS_W + 1)
-        t_hi += c_hi * tl.load(out + STATS_W + 2)
+        s_lo, t_lo, dm_lo, q_lo = add_split(out, c, top_lo, s_lo, t_lo, dm_lo, q_lo)
+        s_hi, t_hi, dm_hi, q_hi = add_split(out + STATS_W, c, top_hi, s_hi, t_hi, dm_hi, q_hi)
         if GRID:
             d_max = tl.maximum(d_max, tl.load(ex + 3))
             d_min = tl.minimum(d_min, tl.load(ex + 4))
-            c1 = tl.exp(tl.load(ex + 5).to(tl.float32) - safe(top1)).to(tl.float64)
-            s1 += c1 * tl.load(ex + 6)
-            t1 += c1 * tl.load(ex + 7)
-            dm1 += c * tl.load(ex + 8)
-            q1 += c * tl.load(ex + 9)
+            s1, t1, dm1, q1 = add_split(ex + 5, c, top1, s1, t1, dm1, q1)
             r1 += c * tl.load(ex + 10)
     norm = tl.where(p_sum > 0, p_sum, 1.0)
     if GRID:
@@ -285,6 +296,7 @@ def ess_combine_kernel(
     fp = (t_hi / tl.where(s_hi > 0, s_hi, 1.0) - t_lo / tl.where(s_lo > 0, s_lo, 1.0)).to(tl.float32)
     fp = tl.maximum(fp, 0.0)
     if GRID:
+        # Jeffreys = E_1[d'] - E_0[d'] (precise weights where |d'| is small), or d constant on S
         e_one = tl.where(narrow_ok & (q1 > 0), r1 / tl.where(q1 > 0, q1, 1.0), t1 / tl.where(s1 > 0, s1, 1.0))
         same = (e_one - p_d / norm <= IDENTICAL) | (d_max == d_min) | ~(p_sum > 0)
         f_lo, f_hi = at(f, j, 0), at(f, j, J - 1)
@@ -301,8 +313,9 @@ def ess_combine_kernel(
         left, right = tl.load(es + LEFT).to(tl.float32), tl.load(es + RIGHT).to(tl.float32)
         f_left, f_right = tl.load(es + F_LEFT).to(tl.float32), tl.load(es + F_RIGHT).to(tl.float32)
         fp_left, fp_right = tl.load(es + FP_LEFT).to(tl.float32), tl.load(es + FP_RIGHT).to(tl.float32)
+        valid = tl.load(es + DONE + 0 * j) == 0  # a row already done skipped the pass
         left, right, f_left, f_right, fp_left, fp_right, _, _ = narrow(
-            a, f, fp, f, left, right, f_left, f_right, fp_left, fp_right, f_left, f_right, tl.load(es + DONE + 0 * j) == 0
+            a, f, fp, f, left, right, f_left, f_right, fp_left, fp_right, f_left, f_right, valid
         )  # fmt: skip
         done = ~live | converged(left, right, f_left, f_right, fp_left, fp_right)
     tl.store(es + LEFT, left.to(tl.float64))
@@ -317,11 +330,6 @@ def ess_combine_kernel(
         outcome = tl.load(es + OUTCOME).to(tl.float32)
         alpha = tl.where(outcome == 1.0, lo, tl.where(outcome == 2.0, hi, alpha))
         tl.store(alpha_ptr + row, tl.where(outcome == 3.0, 0.5 * (lo + hi), alpha))
-    else:  # next alphas: Newton from each end, the secant, the Hermite root, then evenly spaced
+    else:
         jn = tl.arange(0, JN)
-        secant = left - f_left * (right - left) / (f_right - f_left)
-        even = left + (right - left) * (jn - 3).to(tl.float32) / (JN - 2)
-        cand = tl.where(jn == 0, left - f_left / fp_left, tl.where(jn == 1, right - f_right / fp_right, even))
-        cubic = hermite_root(left, right, f_left, f_right, fp_left, fp_right)
-        cand = tl.where(jn == 2, secant, tl.where(jn == 3, cubic, cand))
-        tl.store(next_ptr + row * JN + jn, inside(cand, left, right))
+        tl.store(next_ptr + row * JN + jn, next_alphas(left, right, f_left, f_right, fp_left, fp_right, JN))
