@@ -100,6 +100,17 @@ def search_key(
 
 
 @triton.jit
+def block_keys(
+    zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q: tl.constexpr, CONSTRAINED: tl.constexpr
+):
+    """The searched keys of the tokens at idx (-inf at and past end)."""
+    ok = idx < end
+    raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+    raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
+    return search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+
+
+@triton.jit
 def row_inputs(state_ptr, alpha_ptr, cut_ptr, row):
     st = state_ptr + row * STATE_W
     lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
@@ -142,10 +153,7 @@ def search_kernel(
     end = tl.minimum(start + chunk, V)
     for i in range(0, blocks):
         idx = start + i * BLOCK + lanes
-        ok = idx < end
-        raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         m_new = tl.maximum(m, key)
         scale = tl.exp(m - safe(m_new))
         above = (key >= thr) & (key > NEG_INF)  # [K, BLOCK]
@@ -183,10 +191,7 @@ def collect_kernel(
     end = tl.minimum(start + chunk, V)
     for i in range(0, blocks):
         idx = start + i * BLOCK + lanes
-        ok = idx < end
-        raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
         n_in = tl.sum(inside.to(tl.int32), axis=0)
         if n_in > 0:
