@@ -7,15 +7,13 @@ needed otherwise); on CUDA, tests/gpu/test_fast_gpu.py runs them compiled.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from triton_interpreter import patch_for_numpy2, run_as_script
 
 from optimal_sampling import OptimalSampler
 from optimal_sampling.config import MixConfig, SamplingParams
@@ -185,21 +183,7 @@ def test_fast_and_reference_samplers_agree(tiny_pair):
 
 
 # ---------------------------------------------------------------------- Triton kernels
-# On CPU they run in Triton's interpreter, which must be switched on before triton is first
-# imported (transformers imports it), hence a subprocess running this file as a script.
-
-
-def _patch_interpreter_for_numpy2() -> None:
-    """Triton 3.6's interpreter calls int() on 1-element arrays, which NumPy >= 2.4 refuses."""
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
+# On CPU they run in Triton's interpreter: this file as a script (tests/triton_interpreter.py).
 
 
 def adversarial_logits(vocab: int = 1536) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,10 +293,14 @@ def test_fused_step_covers_the_alpha_methods_with_diagnostics():
                 MixConfig(alpha_method=method), SamplingParams(collect_diagnostics=diagnostics)
             )
     assert fused_supported(MixConfig(), SamplingParams(top_k=50, top_p=0.9, min_p=0.05))
-    assert fused_supported(MixConfig(constraint_to_target=True, target_top_k=5, target_top_p=0.9), SamplingParams())
+    assert fused_supported(
+        MixConfig(constraint_to_target=True, target_top_k=5, target_top_p=0.9), SamplingParams()
+    )
     # a top-k beyond what a row may collect together with a top-p: two searches, the torch step
     assert not fused_supported(MixConfig(), SamplingParams(top_k=5000, top_p=0.9))
-    assert not fused_supported(MixConfig(constraint_to_target=True, target_top_k=5000, target_top_p=0.9), SamplingParams())
+    assert not fused_supported(
+        MixConfig(constraint_to_target=True, target_top_k=5000, target_top_p=0.9), SamplingParams()
+    )
 
 
 def check_fixed_alpha_one_is_the_teacher(device: str) -> None:
@@ -556,12 +544,10 @@ def test_triton_kernels():
     if torch.cuda.is_available():
         run_kernel_checks("cuda")
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_as_script(__file__, timeout=600)
 
 
 if __name__ == "__main__":
-    _patch_interpreter_for_numpy2()
+    patch_for_numpy2()
     run_kernel_checks("cpu")
     print("kernel checks passed")

@@ -7,12 +7,10 @@ triton is imported); on CUDA the same checks run in-process (tests/gpu)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreter import patch_for_numpy2, run_as_script
 
 from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.mixing import mix_step
@@ -224,15 +222,10 @@ def test_fused_cuts_equal_the_sorted_masks():
     if torch.cuda.is_available():
         run_cut_checks("cuda")
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_as_script(__file__, timeout=900)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_fast_engine import _patch_interpreter_for_numpy2
-
-    _patch_interpreter_for_numpy2()
+    patch_for_numpy2()
     run_cut_checks("cpu")
     print("cut checks passed")

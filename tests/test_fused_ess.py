@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from triton_interpreter import patch_for_numpy2, run_as_script
 
 from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.mixing.alpha import solve_alpha
@@ -195,16 +195,11 @@ def test_fused_ess_balance_matches_float64_and_the_torch_step():
         sys.path.insert(0, os.path.dirname(__file__))
         run_ess_checks("cuda")
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_as_script(__file__, timeout=900)
     assert "ess checks passed" in done.stdout
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_fast_engine import _patch_interpreter_for_numpy2
-
-    _patch_interpreter_for_numpy2()
+    patch_for_numpy2()
     run_ess_checks("cpu")
     print("ess checks passed")

@@ -344,7 +344,8 @@ class FastEngine(Engine):
 
     def warmup(self, mix: MixConfig, params: Sequence[SamplingParams]) -> WarmupStats:
         """Capture every small-prefill graph and, per sampling setting, every decode-step graph the
-        plan can select, and run a first draw at every row count one can have; on CUDA only.
+        plan can select, a first draw at every row count one can have (one-token prompts) and a few
+        eager prefills; on CUDA only.
         Between calls only: it runs on the scratch slot and the engine's streams."""
         if self.device.type != "cuda":
             return WarmupStats()
@@ -357,33 +358,29 @@ class FastEngine(Engine):
             sampler = self.sampler_for(mix, setting)
             for rows, width in self.plan.decode_shapes():
                 self.graphs.prepare(*self.step_graph(rows, width, sampler))
-            self.warm_first_draws(mix, setting)
-        self.warm_eager_prefills(mix, next(iter(settings.values())))
+            self.warm_prefills(mix, setting, [(rows, 1) for rows in self.plan.first_draw_rows()])
+        self.warm_prefills(mix, next(iter(settings.values())), self.eager_prefill_shapes())
         torch.cuda.synchronize(self.device)
         grown = [a - b for a, b in zip(device_memory(self.device), before, strict=True)]
         return WarmupStats(time.perf_counter() - start, self.captures - captures, *grown)
 
-    def warm_first_draws(self, mix: MixConfig, params: SamplingParams) -> None:
-        """`add_async` of one-token prompts into the scratch slot at every `plan.first_draw_rows`
-        count: eager prefills and the eager sampler meet each kernel variant they can use."""
-        for rows in self.plan.first_draw_rows():
-            prompts = [(i % self.vocab_size,) for i in range(rows)]
-            requests = [SlotRequest(self.scratch, p, p) for p in prompts]
-            self.add_async(requests, [0] * rows, [0] * rows, mix, params).to_host()
-        self.release([self.scratch])
-
-    def warm_eager_prefills(self, mix: MixConfig, params: SamplingParams) -> None:
-        """Eager prefill chunks (above the graphs' token budget) of a few row counts and widths,
-        one and another residue mod 16 each (Triton specialises integer arguments on those), and
-        a chunk of the largest size, so a first call meets no kernel compile, cuBLAS set-up or
-        allocator growth of its own."""
-        largest = (min(self.max_slots, max(1, self.prefill_tokens // 256)), 250)  # the allocator's blocks
-        for rows, width in ((1, 520), (1, 528), (3, 200), (3, 208), (16, 40), (16, 48), largest):
+    def warm_prefills(self, mix: MixConfig, params: SamplingParams, shapes: list[tuple[int, int]]) -> None:
+        """`add_async` of `rows` prompts of `width` tokens into the scratch slot, per shape that
+        fits: the prefills (graphed or eager) and the eager sampler meet each kernel variant."""
+        for rows, width in shapes:
             if rows <= self.max_slots and width < self.max_len:
                 prompts = [tuple((i + j) % self.vocab_size for j in range(width)) for i in range(rows)]
                 requests = [SlotRequest(self.scratch, p, p) for p in prompts]
                 self.add_async(requests, [0] * rows, [0] * rows, mix, params).to_host()
         self.release([self.scratch])
+
+    def eager_prefill_shapes(self) -> list[tuple[int, int]]:
+        """Eager prefill chunks (above the graphs' token budget) of a few row counts and widths,
+        one and another residue mod 16 each (Triton specialises integer arguments on those), and
+        a chunk of the largest size, so a first call meets no kernel compile, cuBLAS set-up or
+        allocator growth of its own."""
+        largest = (min(self.max_slots, max(1, self.prefill_tokens // 256)), 250)  # the allocator's blocks
+        return [(1, 520), (1, 528), (3, 200), (3, 208), (16, 40), (16, 48), largest]
 
     # ------------------------------------------------------------------ internals
     def sampler_for(self, mix: MixConfig, params: SamplingParams) -> StepSampler:

@@ -62,6 +62,19 @@ def grid_alphas(j, lo, hi, J: tl.constexpr):
 
 
 @triton.jit
+def pass_alphas(alphas_ptr, done_ptr, row, j, lo, hi, J: tl.constexpr, GRID: tl.constexpr):
+    """A pass's alphas (the grid pass's are evenly spaced, the others the merge wrote) and whether
+    the row still needs them (a refining pass skips rows already done)."""
+    if GRID:
+        a = grid_alphas(j, lo, hi, J)
+        live = tl.full([], 1, tl.int1)
+    else:
+        a = tl.load(alphas_ptr + row * J + j)
+        live = tl.load(done_ptr) == 0
+    return a, live
+
+
+@triton.jit
 def tilt_update(m, s, t, x, v):
     """Per lane: running max m of x, s = sum exp(x - m), t = sum exp(x - m) v."""
     m_new = tl.maximum(m, x)
@@ -93,12 +106,7 @@ def ess_kernel(
     zt_ptr += row * stride_t
     st = state_ptr + row * STATE_W
     j = tl.arange(0, J)
-    if GRID:
-        a = grid_alphas(j, lo, hi, J)
-        live = tl.full([], 1, tl.int1)
-    else:
-        a = tl.load(alphas_ptr + row * J + j)
-        live = tl.load(ess_ptr + row * STATE_W_ESS + DONE) == 0
+    a, live = pass_alphas(alphas_ptr, ess_ptr + row * STATE_W_ESS + DONE, row, j, lo, hi, J, GRID)
     a_lo, a_hi = -a[:, None], 2.0 - a[:, None]
     lse_b = tl.load(st + LSE_B).to(tl.float32)
     centre = tl.load(st + CENTRE).to(tl.float32)
@@ -244,12 +252,7 @@ def ess_combine_kernel(
     row = tl.program_id(0).to(tl.int64)
     es = ess_ptr + row * STATE_W_ESS
     j = tl.arange(0, J)
-    if GRID:
-        a = grid_alphas(j, lo, hi, J)
-        live = tl.full([], 1, tl.int1)
-    else:
-        a = tl.load(alphas_ptr + row * J + j)
-        live = tl.load(es + DONE) == 0
+    a, live = pass_alphas(alphas_ptr, es + DONE, row, j, lo, hi, J, GRID)
     m0 = tl.full([], NEG_INF, tl.float32)  # the maxima over the splits first, then the sums
     top_lo = tl.full([J], NEG_INF, tl.float32)
     top_hi = tl.full([J], NEG_INF, tl.float32)
