@@ -92,9 +92,9 @@ def main() -> None:
         recaptured = captures(sampler) - captured
         updated = [s.token_ids for s in sampler.generate(PROMPTS[:4], max_tokens=8, seed=5).samples]
         version = sampler.weight_version
-        del states
+        states = None
         sampler.close()  # a second sampler needs the first one's KV cache memory back
-        del sampler
+        sampler = None
         torch.cuda.empty_cache() if device == "cuda" else None
         fresh = OptimalSampler(str(paths["trained"]), str(paths["teacher"]), engine="fast", device=device,
                                max_batch_size=batch, seed=0)  # fmt: skip

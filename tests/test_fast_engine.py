@@ -432,6 +432,27 @@ def check_rope_store(device: str) -> None:
         assert cache[0][1].abs().sum() == 0  # a slot no row names stays untouched
 
 
+def check_log64(device: str) -> None:
+    """triton_common.log64 (the float64 log of the per-row merges) against torch's, to 1e-14
+    relative over the float64 range, with log 0 = -inf, log inf = inf and NaN below 0."""
+    from log64_kernel import apply_log64
+
+    x = torch.tensor(
+        [1e-300, 3e-200, 1e-10, 0.5, 0.70710678, 0.99999999, 1.0, 1.0000001, 1.4142135, 1.4142136,
+         1.9999999, 2.0, 3.0, 151936.0, 2.0**52 + 1, 1e300, 0.0, float("inf"), -1.0, float("nan")],
+        dtype=torch.float64, device=device,
+    )  # fmt: skip
+    x = torch.cat(
+        [x, torch.rand(12, dtype=torch.float64, device=device) * 10 ** torch.arange(-6, 6, device=device)]
+    )
+    out = torch.empty_like(x)
+    apply_log64[(1,)](x, out, N=x.numel())
+    finite = x > 0
+    finite[16:20] = False
+    torch.testing.assert_close(out[finite], x[finite].log(), rtol=1e-14, atol=1e-15)
+    assert out[16] == float("-inf") and out[17] == float("inf") and out[18:20].isnan().all()
+
+
 def run_kernel_checks(device: str) -> None:
     """Every configuration on CUDA; on the (slow) CPU interpreter one per grid layout (0 and 1 in
     the bracket, neither, and a single-point bracket, which skips the solve)."""
@@ -451,6 +472,7 @@ def run_kernel_checks(device: str) -> None:
         if device == "cuda" or temperature != 0.0:
             check_fused_entropy_and_diagnostics(device, temperature, method)
     check_fixed_alpha_one_is_the_teacher(device)
+    check_log64(device)
     check_decode_attention(device)
     check_rope_decode_attention(device)
     check_rope_store(device)

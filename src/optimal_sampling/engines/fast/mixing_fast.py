@@ -27,7 +27,6 @@ import math
 import torch
 
 from ...config import MixConfig, SamplingParams
-from ...mixing.alpha import IDENTICAL_JEFFREYS
 from ...mixing.draw import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
 from ...mixing.step import StepResult, sample_step
 
@@ -38,6 +37,7 @@ REFINE_POINTS = (4, 4, 8, 8)  # points per refining pass; a row whose bracket is
 BLOCK = 256  # vocabulary entries per step of a (row, chunk) program
 assert DRAW_ALIGN % BLOCK == 0  # a draw chunk is whole blocks
 PROGRAMS = 2112  # (row, chunk) programs to aim for per pass (16 per SM of an H100)
+MAX_SPLITS = 64  # chunks per row at most (triton_cut.MAX_SPLITS: its merge reads that many)
 ROW_WARPS = 4
 STATS_WARPS = 4
 SAMPLE_WARPS = 4
@@ -112,12 +112,12 @@ def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.devi
 
 
 def split_count(batch: int, vocab: int, programs: int | None = None) -> int:
-    """Chunks per row: about `programs` programs in all, at most 64, at least a block each.
+    """Chunks per row: about `programs` programs in all, at most MAX_SPLITS, at least a block each.
 
-    A power of two, because SPLITS is compiled into the kernels: a continuous-batching run sees
-    every batch size, and must not compile a kernel for each."""
+    A power of two, so that a continuous-batching run, which sees every batch size, meets few
+    layouts; the kernels take it at run time (one build serves every batch size)."""
     want = max(1, -(-(programs or PROGRAMS) // batch))
-    most = min(64, want, -(-vocab // BLOCK))
+    most = min(MAX_SPLITS, want, -(-vocab // BLOCK))
     return 1 << (most.bit_length() - 1)
 
 
@@ -170,6 +170,7 @@ def fused_outputs(
     tempered = params.temperature not in (0.0, 1.0)
     lo, hi = mix.alpha_min, mix.alpha_max
     solve = mix.alpha_method == "kl_symmetry" and lo < hi
+    d_range = mix.alpha_method == "ess_balance" and lo < hi  # its passes pick a summation by the range
     layout = grid_layout(lo, hi)
     state = torch.empty(batch, triton_row_state.STATE, dtype=torch.float64, device=device)
     row_parts = torch.empty(batch, splits, triton_row_state.ROW_STATS, dtype=torch.float64, device=device)
@@ -177,19 +178,19 @@ def fused_outputs(
     grid_max = torch.empty(batch, GRID_POINTS, dtype=torch.float32, device=device)
     triton_solve.row_kernel[(batch, splits)](
         *rows, inv_temp, lo, hi, row_parts, maxima, SPLITS=splits, K=GRID_POINTS, **layout,
-        MAXIMA=solve, TEMPERED=tempered, BLOCK=BLOCK, num_warps=ROW_WARPS,
+        MAXIMA=solve, TEMPERED=tempered, D_RANGE=d_range, BLOCK=BLOCK, num_warps=ROW_WARPS,
     )  # fmt: skip
     triton_solve.row_combine_kernel[(batch,)](
         row_parts, maxima, grid_max, state, SPLITS=splits, K=GRID_POINTS, MAXIMA=solve, TEMPERED=tempered,
-        num_warps=1,
+        D_RANGE=d_range, num_warps=1,
     )  # fmt: skip
     alpha = torch.empty(batch, dtype=torch.float32, device=device)
     if solve:
         solve_kl_symmetry(rows, inv_temp, lo, hi, layout, splits, state, grid_max, alpha, trace)
     elif mix.alpha_method == "entropy":
-        alpha.copy_(entropy_alpha(rows, inv_temp, splits, state, lo, hi))
+        entropy_alpha(rows, inv_temp, splits, state, lo, hi, alpha)
     elif mix.alpha_method == "reverse_kl_symmetry":
-        alpha.copy_(reverse_kl_alpha(rows, inv_temp, splits, state, lo, hi))
+        reverse_kl_alpha(rows, inv_temp, splits, state, lo, hi, alpha)
     elif mix.alpha_method == "ess_balance":
         alpha.copy_(ess_balance_alpha(rows, inv_temp, splits, state, lo, hi))
     else:
@@ -225,48 +226,34 @@ def fused_outputs(
         )  # fmt: skip
     if not params.collect_diagnostics:
         return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, host
-    diag = diagnostics_of(rows, inv_temp, splits, state, alpha, cuts if cut else None)  # [3, B]
-    packed = torch.cat([host, diag.T.double()], dim=1)
+    diag, packed = diagnostics_of(rows, inv_temp, splits, state, alpha, host, cuts if cut else None)
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, diag[0], diag[1], diag[2], packed
 
 
-def entropy_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
-    """alpha = H(base) / (H(base) + H(teacher)) clamped to [lo, hi], the midpoint where the two
+def entropy_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+    """alpha [B] := H(base) / (H(base) + H(teacher)) clamped to [lo, hi], the midpoint where the two
     policies coincide (Jeffreys divergence at most IDENTICAL_JEFFREYS) or both are one-hot."""
-    from . import triton_policy
+    from . import triton_merge, triton_policy
 
     batch, device = state.shape[0], state.device
     parts = torch.empty(batch, splits, triton_policy.ENTROPY_STATS, dtype=torch.float64, device=device)
     triton_policy.entropy_kernel[(batch, splits)](
         *rows, inv_temp, state, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
     )
-    h_b, h_t = split_entropy(parts[..., 0:3]), split_entropy(parts[..., 3:6])
-    jeffreys = parts[..., 6].sum(1)
-    total = h_b + h_t
-    mid = (lo + hi) / 2
-    alpha = torch.where(total > 0, (h_b / total).nan_to_num(nan=mid).clamp(lo, hi), mid)
-    return torch.where(jeffreys <= IDENTICAL_JEFFREYS, mid, alpha).float()
+    triton_merge.entropy_merge_kernel[(batch,)](parts, alpha, lo, hi, splits, num_warps=1)
 
 
-def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
-    """alpha = KL(t~ || b~) / (KL(t~ || b~) + KL(b~ || t~)) on the joint support, clamped to
+def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+    """alpha [B] := KL(t~ || b~) / (KL(t~ || b~) + KL(b~ || t~)) on the joint support, clamped to
     [lo, hi]; the midpoint where the policies coincide or share no token (as mixing.alpha)."""
-    from . import triton_policy
+    from . import triton_merge, triton_policy
 
     batch, device = state.shape[0], state.device
     parts = torch.empty(batch, splits, triton_policy.TILT_STATS, dtype=torch.float64, device=device)
     triton_policy.tilt_kernel[(batch, splits)](
         *rows, inv_temp, state, parts, SPLITS=splits, BLOCK=BLOCK, num_warps=STATS_WARPS
     )
-    w, d, a, b = parts.sum(1).unbind(-1)  # [B] each
-    log_ratio = torch.log1p(d / w)  # M(1) - M(0)
-    kl_tb = a / (w + d) - log_ratio  # M'(1) - (M(1) - M(0))
-    kl_bt = log_ratio - b / w  # (M(1) - M(0)) - M'(0)
-    jeffreys = kl_tb + kl_bt
-    mid = (lo + hi) / 2
-    alpha = (kl_tb / jeffreys).nan_to_num(nan=mid).clamp(lo, hi)
-    same = (jeffreys <= IDENTICAL_JEFFREYS) | ~(w > 0)
-    return torch.where(same, mid, alpha).float()
+    triton_merge.tilt_merge_kernel[(batch,)](parts, alpha, lo, hi, splits, num_warps=1)
 
 
 ESS_GRID = 8  # alphas of the ess_balance grid pass, evenly over [alpha_min, alpha_max] (a power of 2)
@@ -306,33 +293,10 @@ def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: 
     return alpha
 
 
-def split_max(m: torch.Tensor) -> torch.Tensor:
-    """The largest of a row's split maxima ([B, splits] -> [B, 1]), 0 where all are -inf (an
-    empty row), so that exp(m - max) stays finite."""
-    top = m.amax(dim=1, keepdim=True)
-    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-
-
-def split_entropy(parts: torch.Tensor) -> torch.Tensor:
-    """H from each split's (max, s, t) of one row (see triton_policy.entropy_update): [B, splits, 3] -> [B]."""
-    m, s, t = parts.unbind(-1)
-    safe_top = split_max(m)
-    c = torch.exp(m - safe_top)
-    shift = torch.where(s > 0, s * (m - safe_top), torch.zeros_like(s))
-    total_s, total_t = (c * s).sum(1), (c * (t + shift)).sum(1)
-    return torch.log(total_s) - total_t / total_s
-
-
-def merged_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log sum_k s_k exp(m_k) over the splits: [B, splits] x2 -> [B] (-inf where all are empty)."""
-    safe_top = split_max(m)
-    return (safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=1, keepdim=True))).squeeze(1)
-
-
-def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, cuts=None) -> torch.Tensor:
+def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, host, cuts=None):
     """ESS ratio, KL(q || base) and KL(q || teacher) of the q at each row's alpha (within the cuts,
-    if any): [3, B] float32."""
-    from . import triton_policy
+    if any): [3, B] float32, and the packed rows [B, 8] float64 (host's five columns, then these)."""
+    from . import triton_merge, triton_policy
 
     batch, device = state.shape[0], state.device
     parts = torch.empty(batch, splits, triton_policy.DIAG_STATS, dtype=torch.float32, device=device)
@@ -340,19 +304,12 @@ def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, cuts=None) 
         *rows, inv_temp, state, alpha, alpha if cuts is None else cuts, parts,
         SPLITS=splits, CUT=cuts is not None, BLOCK=BLOCK, num_warps=STATS_WARPS,
     )  # fmt: skip
-    p = parts.double()
-    safe_top = split_max(p[..., 0])
-    weight = torch.exp(p[..., 0] - safe_top)  # [B, splits]
-    s0, s_r = (p[..., 1] * weight).sum(1), (p[..., 2] * weight).sum(1)
-    log_z = safe_top.squeeze(1) + torch.log(s0)
-    expected_r = s_r / s0  # E_q[r]
-    a = alpha.double()
-    kl_base = a * expected_r - log_z
-    kl_teacher = -(1.0 - a) * expected_r - log_z
-    lse = [merged_lse(p[..., k], p[..., k + 1]) for k in (3, 5, 7, 9)]
-    log_ratio = 2.0 * (lse[2] - lse[3]) - (lse[0] - lse[1])
-    ess_ratio = torch.exp(log_ratio.nan_to_num(nan=0.0))
-    return torch.stack([ess_ratio, kl_base, kl_teacher]).float()
+    diag = torch.empty(3, batch, dtype=torch.float32, device=device)
+    packed = torch.empty(batch, 8, dtype=torch.float64, device=device)
+    triton_merge.diagnostics_merge_kernel[(batch,)](
+        parts, alpha, host, diag, packed, batch, splits, num_warps=1
+    )
+    return diag, packed
 
 
 def solve_kl_symmetry(

@@ -115,3 +115,18 @@ def log1p(r):
         )
     )
     return tl.where(tl.abs(r) < 0.5, series, tl.log(1.0 + r.to(tl.float32)).to(tl.float64))  # fmt: skip
+
+
+@triton.jit
+def log64(x):
+    """log(x) in float64 for normal x >= 0 (Triton's log is float32 only): x = m 2^e with m in
+    [sqrt(1/2), sqrt(2)), log m by log1p's series (~1e-13); 0 gives -inf, +inf +inf, NaN or x < 0 NaN."""
+    bits = x.to(tl.int64, bitcast=True)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    m = ((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)  # [1, 2)
+    big = m > 1.4142135623730951
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e)
+    ln2 = tl.full([], 0.6931471805599453, tl.float64)  # a float literal would be rounded to float32
+    out = e.to(tl.float64) * ln2 + log1p(m - 1.0)
+    return tl.where(x > 0, tl.where(x == float("inf"), x, out), tl.where(x == 0, float("-inf"), float("nan")))

@@ -56,6 +56,8 @@ COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI
 EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
 REFINE, COLLECT, COLLECTED, TIED, NO_CUT = (tl.constexpr(float(v)) for v in range(5))
 POS_INF = tl.constexpr(float("inf"))
+LOWEST = tl.constexpr(-3.4028234663852886e38)  # the smallest finite float32
+MAX_SPLITS = tl.constexpr(64)  # mixing_fast.split_count's largest
 
 
 @triton.jit
@@ -124,11 +126,11 @@ def first_thresholds(j, K: tl.constexpr):
     return tl.where(j == K - 1, NEG_INF, tl.where(j == K - 2, -1e4, -g))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr,
     search_ptr, thr_ptr, part_ptr,
-    SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
+    SPLITS, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
@@ -144,6 +146,7 @@ def search_kernel(
     else:
         thr = tl.load(thr_ptr + row * K + j)
         blocks = tl.where(tl.load(search_ptr + row * SEARCH_STATE_W + PHASE) == REFINE, n_blocks, 0)
+    thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
     m = tl.full([1, BLOCK], NEG_INF, tl.float32)
     acc_n = tl.zeros([K, BLOCK], tl.float32)
@@ -156,7 +159,7 @@ def search_kernel(
         key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         m_new = tl.maximum(m, key)
         scale = tl.exp(m - safe(m_new))
-        above = (key >= thr) & (key > NEG_INF)  # [K, BLOCK]
+        above = key >= thr  # [K, BLOCK]
         acc_s = acc_s * scale + tl.where(above, tl.exp(key - safe(m_new)), 0.0)
         acc_n += above.to(tl.float32)
         acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
@@ -201,25 +204,26 @@ def collect_kernel(
 
 
 @triton.jit
-def merged_pass(part_ptr, row, SPLITS: tl.constexpr, K: tl.constexpr):
+def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
     """A pass's (row, split) partials merged: the largest key, and per threshold the count, the
     mass relative to e^max (float64) and the smallest key at or above it."""
-    sp = tl.arange(0, SPLITS)[:, None]
+    sp = tl.arange(0, MAX_SPLITS)[:, None]
     jj = tl.arange(0, K)[None, :]
     at = part_ptr + (row * SPLITS + sp) * PART_W
-    m = tl.load(at)  # [SPLITS, 1]
+    ok = sp < SPLITS
+    m = tl.load(at, mask=ok, other=NEG_INF)  # [MAX_SPLITS, 1]
     top = tl.max(tl.max(m, axis=1), axis=0)
     w = tl.exp((m - safe(top)).to(tl.float64))
-    n = tl.sum(tl.load(at + 1 + jj).to(tl.float64), axis=0)  # [K]
-    s = tl.sum(tl.load(at + 1 + K + jj).to(tl.float64) * w, axis=0)
-    smallest = tl.min(tl.load(at + 1 + 2 * K + jj), axis=0)
+    n = tl.sum(tl.load(at + 1 + jj, mask=ok, other=0.0).to(tl.float64), axis=0)  # [K]
+    s = tl.sum(tl.load(at + 1 + K + jj, mask=ok, other=0.0).to(tl.float64) * w, axis=0)
+    smallest = tl.min(tl.load(at + 1 + 2 * K + jj, mask=ok, other=POS_INF), axis=0)
     return top, n, s, smallest
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_combine_kernel(
     part_ptr, thr_ptr, search_ptr, count_ptr, k, p,
-    SPLITS: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
+    SPLITS, K: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
     ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
     """Per row: the bracket [lo, hi) where the count (BY_COUNT: target k) or the mass (target p of

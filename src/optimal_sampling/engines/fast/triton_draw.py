@@ -173,10 +173,10 @@ def draw_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def argmax_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
-    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS, ONLINE_LSE: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Greedy, per (row, chunk): the largest u and its index, and (ONLINE_LSE: rows whose alpha was
     not solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
@@ -220,11 +220,11 @@ def argmax_kernel(
         tl.store(at + 3, s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def argmax_finish_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
     tok_ptr, lp_ptr, host_ptr, B,
-    SPLITS: tl.constexpr, ONLINE_LSE: tl.constexpr,
+    SPLITS, ONLINE_LSE: tl.constexpr,
 ):  # fmt: skip
     """Greedy: merge a row's partials into the token (first index on ties) and its outputs."""
     row = tl.program_id(0).to(tl.int64)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import expm1, fetch, safe, tempered
+from .triton_common import expm1, fetch, online, safe, tempered
 from .triton_cut import kept
 from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
@@ -45,9 +45,9 @@ def log_probs(raw_b, raw_t, inv_temp, st):
 
 @triton.jit
 def accumulate(m, s, x):
-    """Per-lane running (max, sum of exp(. - max)) after x."""
-    m_new = tl.maximum(m, x)
-    return m_new, s * tl.exp(m - safe(m_new)) + tl.exp(x - safe(m_new))
+    """Per-lane running (max, sum of exp(. - max)) after x, with one exp (triton_common.online)."""
+    m_new, s_new, _, _ = online(m, s, x)
+    return m_new, s_new
 
 
 @triton.jit
@@ -60,10 +60,13 @@ def store_lse(out, m, s):
 @triton.jit
 def entropy_update(m, s, t, z):
     """Per lane, relative to the running max m: s = sum exp(z - m), t = sum exp(z - m) (z - m), in
-    float64 (a one-hot row has s = 1 + 1e-10, and H = log s - t / s needs that 1e-10)."""
+    float64 (a one-hot row has s = 1 + 1e-10, and H = log s - t / s needs that 1e-10). One exp:
+    the old sums' factor c or the new term's weight w is 1."""
     m_new = tl.maximum(m, z)
-    c = tl.exp(m - safe(m_new)).to(tl.float64)
-    w = tl.exp(z - safe(m_new)).to(tl.float64)
+    e = tl.exp(tl.minimum(m, z) - safe(m_new))
+    up = z > m
+    c = tl.where(up, e, 1.0).to(tl.float64)
+    w = tl.where(up, 1.0, e).to(tl.float64)
     t = c * (t + tl.where(s > 0, s * (m - m_new).to(tl.float64), 0.0))
     t += tl.where(w > 0, w * (z - m_new).to(tl.float64), 0.0)
     return m_new, c * s + w, t
@@ -79,10 +82,10 @@ def store_entropy(out, m, s, t):
     tl.store(out + 2, tl.sum(c * (t + tl.where(s > 0, s * (m - top).to(tl.float64), 0.0))))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def entropy_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, part_ptr,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -102,9 +105,10 @@ def entropy_kernel(
     jeffreys = tl.zeros([BLOCK], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        raw_b, raw_t = fetch(zb_ptr, zt_ptr, start + i * BLOCK + lanes, end)
-        raw_b, raw_t = raw_b.to(tl.float32), raw_t.to(tl.float32)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, zt, _, _ = tempered(raw_b, raw_t, inv_temp)
         mb, sb, tb = entropy_update(mb, sb, tb, zb)
         mt, s_t, tt = entropy_update(mt, s_t, tt, zt)
@@ -117,10 +121,10 @@ def entropy_kernel(
     tl.store(out + 6, tl.sum(jeffreys).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def tilt_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, part_ptr,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """On the joint support, in float64 per token: W = sum p_b, D = sum p_b expm1(r),
     A = sum p_b e^r r, B = sum p_b r; hence M(0), M(1), M'(0), M'(1) of the tilted family with no
@@ -138,8 +142,10 @@ def tilt_kernel(
     b = tl.zeros([BLOCK], tl.float64)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        raw_b, raw_t = fetch(zb_ptr, zt_ptr, start + i * BLOCK + lanes, end)
+        raw_b, raw_t = next_b, next_t
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         zb, _, d, joint = tempered(raw_b.to(tl.float32), raw_t.to(tl.float32), inv_temp)
         p_b = tl.where(joint, tl.exp(zb.to(tl.float64) - lse_b), 0.0)
         r = tl.where(joint, d.to(tl.float64) - shift, 0.0)
@@ -155,10 +161,10 @@ def tilt_kernel(
     tl.store(out + 3, tl.sum(b))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def diagnostics_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
-    SPLITS: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the sums of the module docstring, over q's support: the joint support,
     and with CUT only the tokens both cuts keep (triton_cut.py: the truncated q's support)."""
@@ -180,18 +186,16 @@ def diagnostics_kernel(
     m6, s6 = tl.full([BLOCK], NEG_INF, tl.float32), tl.zeros([BLOCK], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, n_blocks):
-        raw_b, raw_t = fetch(zb_ptr, zt_ptr, start + i * BLOCK + lanes, end)
-        raw_b, raw_t = raw_b.to(tl.float32), raw_t.to(tl.float32)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         lp_b, lp_t, r, joint = log_probs(raw_b, raw_t, inv_temp, st)
         if CUT:
             joint = joint & kept(raw_b, raw_t, inv_temp, lse_b, lse_t, a, cut_q, cut_t)
         u = tl.where(joint, lp_b + a * r, NEG_INF)
-        m_new = tl.maximum(m_u, u)
-        scale, e = tl.exp(m_u - safe(m_new)), tl.exp(u - safe(m_new))
-        s_u = s_u * scale + e
-        s_r = s_r * scale + e * r
-        m_u = m_new
+        m_u, s_u, e, up = online(m_u, s_u, u)  # e: the old sums' factor where u is the new max
+        s_r = tl.where(up, s_r * e + r, s_r + e * r)
         m3, s3 = accumulate(m3, s3, tl.where(joint, lp_b - a * r, NEG_INF))  # 2 lp_b - u
         m4, s4 = accumulate(m4, s4, tl.where(joint, lp_t + (1.0 - a) * r, NEG_INF))  # 2 lp_t - u
         m5, s5 = accumulate(m5, s5, tl.where(joint, lp_b, NEG_INF))

@@ -12,12 +12,14 @@ from ...mixing.alpha import IDENTICAL_JEFFREYS
 
 NEG_INF = tl.constexpr(float("-inf"))
 DONE_WIDTH = tl.constexpr(1e-5)  # a bracket this narrow bounds |alpha - root| already
-ROW_STATS = 10  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t
+ROW_STATS = (
+    12  # per (row, split) of the row pass: m_b, s_b, m_t, s_t, d at max z_b, far, raw m/s b, t, d range
+)
 SHIFT_STATS = (
     3  # per (row, split) of the grid pass: sum of p_b, of p_b expm1(d - c), 1 if the row could overflow
 )
 STATS = 3  # per (row, split, point): weight, sum of e g, sum of e g^2
-STATE = 18  # per row, float64
+STATE = 20  # per row, float64
 STATE_W = tl.constexpr(STATE)
 # state columns
 LEFT = tl.constexpr(0)
@@ -38,6 +40,8 @@ FAR = tl.constexpr(14)  # tokens in one support only: the shift is then lse_t - 
 K_LEFT = tl.constexpr(15)  # K(s) = log sum over the joint support of exp(z_b + s d), at the bracket ends
 K_RIGHT = tl.constexpr(16)
 LOG_Z = tl.constexpr(17)  # log Z_q at alpha, from K at the nearer end (a solved row)
+D_MAX = tl.constexpr(18)  # the largest and smallest d on the joint support (row pass with D_RANGE)
+D_MIN = tl.constexpr(19)
 ROW_STATS_W = tl.constexpr(ROW_STATS)
 SHIFT_STATS_W = tl.constexpr(SHIFT_STATS)
 STATS_W = tl.constexpr(STATS)

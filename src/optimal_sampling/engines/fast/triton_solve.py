@@ -40,6 +40,8 @@ import triton.language as tl
 from .triton_common import expm1, fetch, grid, log1p, lse, merge_lse, online, reduce_lanes, safe, tempered
 from .triton_row_state import (
     CENTRE,
+    D_MAX,
+    D_MIN,
     DONE,
     DONE_WIDTH,
     F_LEFT,
@@ -67,13 +69,15 @@ from .triton_row_state import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def row_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, part_ptr, max_ptr,
-    SPLITS: tl.constexpr, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr,
-    ONE_AT: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr,
+    ONE_AT: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr, D_RANGE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, chunk): both log-normalisers, the d at the largest z_b, and the grid maxima of x_s."""
+    """Per (row, chunk): both log-normalisers, the d at the largest z_b, the grid maxima of x_s,
+    and (D_RANGE) the largest and smallest d on the joint support."""
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -88,6 +92,8 @@ def row_kernel(
     rsb = tl.zeros([1, BLOCK], tl.float32)
     rmt = tl.full([1, BLOCK], NEG_INF, tl.float32)
     rst = tl.zeros([1, BLOCK], tl.float32)
+    d_max = tl.full([1, BLOCK], NEG_INF, tl.float32)
+    d_min = tl.full([1, BLOCK], float("inf"), tl.float32)
     j = tl.arange(0, K)
     s_pts = grid(j, lo, hi, K, FIRST_IN, ZERO_AT, ONE_AT)
     top = tl.full([K, BLOCK], NEG_INF, tl.float32)
@@ -107,6 +113,9 @@ def row_kernel(
             rmt, rst, _, _ = online(rmt, rst, raw_t)
         if MAXIMA:
             top = tl.maximum(top, tl.where(joint, zb, NEG_INF) + s_pts[:, None] * d)  # d = 0 off joint
+        if D_RANGE:
+            d_max = tl.maximum(d_max, tl.where(joint, d, NEG_INF))
+            d_min = tl.minimum(d_min, tl.where(joint, d, float("inf")))
     out = (
         part_ptr + (row * SPLITS + split) * ROW_STATS_W
     )  # float64: the precise shift is a ratio of these sums
@@ -126,16 +135,20 @@ def row_kernel(
         m, s, _ = reduce_lanes(rmt, rst)
         tl.store(out + 8, m)
         tl.store(out + 9, s)
+    if D_RANGE:
+        tl.store(out + 10, tl.max(d_max).to(tl.float64))
+        tl.store(out + 11, tl.min(d_min).to(tl.float64))
     if MAXIMA:
         tl.store(max_ptr + (row * SPLITS + split) * K + j, tl.max(top, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def row_combine_kernel(
     part_ptr, max_ptr, gmax_ptr, state_ptr,
-    SPLITS: tl.constexpr, K: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr,
+    SPLITS, K: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr,
+    D_RANGE: tl.constexpr,
 ):  # fmt: skip
-    """Merge a row's partials: log-normalisers, centre, rough shift, grid maxima; reset the solve."""
+    """Merge a row's partials: log-normalisers, centre, rough shift, grid maxima, d range; reset the solve."""
     row = tl.program_id(0).to(tl.int64)
     mb, sb = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float64)
     mt, st = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
@@ -143,6 +156,7 @@ def row_combine_kernel(
     rmt, rst = tl.full([], NEG_INF, tl.float32), tl.zeros([], tl.float32)
     centre = tl.zeros([], tl.float32)  # d at the row's largest z_b
     far = tl.zeros([], tl.float32)
+    d_max, d_min = tl.full([], NEG_INF, tl.float64), tl.full([], float("inf"), tl.float64)
     j = tl.arange(0, K)
     top = tl.full([K], NEG_INF, tl.float32)
     for sp in range(0, SPLITS):  # a loop, not unrolled: unrolled float64 merges take ptxas minutes
@@ -160,6 +174,9 @@ def row_combine_kernel(
             rmt, rst = merge_lse(rmt, rst, tl.load(at + 8).to(tl.float32), tl.load(at + 9).to(tl.float32))
         if MAXIMA:
             top = tl.maximum(top, tl.load(max_ptr + (row * SPLITS + sp) * K + j))
+        if D_RANGE:
+            d_max = tl.maximum(d_max, tl.load(at + 10))
+            d_min = tl.minimum(d_min, tl.load(at + 11))
     lse_b, lse_t = lse(mb, sb.to(tl.float32)), lse(mt, st)
     rough = lse_t.to(tl.float64) - lse_b.to(tl.float64) - centre.to(tl.float64)  # the grid pass refines it
     st_ptr = state_ptr + row * STATE_W
@@ -178,13 +195,16 @@ def row_combine_kernel(
         tl.store(st_ptr + RAW_LSE_T, lse_t.to(tl.float64))
     if MAXIMA:
         tl.store(gmax_ptr + row * K + j, top)
+    if D_RANGE:
+        tl.store(st_ptr + D_MAX, d_max)
+        tl.store(st_ptr + D_MIN, d_min)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def stats_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, pts_ptr, refs_ptr,
     state_ptr, part_ptr, shift_ptr,
-    SPLITS: tl.constexpr, K: tl.constexpr, GRID: tl.constexpr, FIRST_IN: tl.constexpr,
+    SPLITS, K: tl.constexpr, GRID: tl.constexpr, FIRST_IN: tl.constexpr,
     ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, chunk) and point s: sum of e, e g and e g^2 with e = exp(x_s - ref_s), g = d - c - shift'.
@@ -304,10 +324,10 @@ def converged(left, right, f_left, f_right, fp_left, fp_right):
     return (right - left <= DONE_WIDTH) | (step_l <= 1e-7) | (step_r <= 1e-7)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def combine_kernel(
     part_ptr, shift_ptr, gmax_ptr, state_ptr, pts_ptr, refs_ptr, next_ptr, next_refs_ptr, alpha_ptr, lo, hi,
-    SPLITS: tl.constexpr, K: tl.constexpr, KG: tl.constexpr, KN: tl.constexpr, GRID: tl.constexpr,
+    SPLITS, K: tl.constexpr, KG: tl.constexpr, KN: tl.constexpr, GRID: tl.constexpr,
     LAST: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr,
 ):  # fmt: skip
     """Merge a pass's partials, narrow the bracket, and write the next points and refs (or alpha)."""
