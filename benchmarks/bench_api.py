@@ -16,6 +16,7 @@ Measured in one run:
 Prints a table, then one JSON line last.
 
     PYTHONPATH=src python3 benchmarks/bench_api.py [--quick] [--max-tokens 64] [--first-call-only]
+        [--pair 7b] [--api-vs-engine] [--configs a,b]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
 from optimal_sampling import OptimalSampler
+from optimal_sampling.config import SamplingParams
 
 VOCAB = 151936
 PROMPT = 110
@@ -185,6 +187,40 @@ def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dic
     return rows
 
 
+def api_vs_engine(base: str, teacher: str, batch: int = 256, prompt: int = 128, tokens: int = 512) -> dict:
+    """The same work (batch prompts of `prompt` tokens, `tokens` new tokens each, prefill included)
+    through `generate` and through the engine's own pipelined loop (bench_decode.FastLoop: first
+    draw, then decode_and_sample steps, each read one step later), on one warmed sampler."""
+    from bench_decode import FastLoop, fixed_steps
+
+    sampler = OptimalSampler(base, teacher, max_batch_size=batch, seed=0)
+    texts = prompts_of(sampler.base.tokenizer, batch, offset=prompt, length=prompt)
+    call = partial(sampler.generate, texts, max_tokens=tokens, temperature=1.0)
+    timed(call)
+    api_s, out = timed(call)
+    ids = [tuple(sampler.base.tokenizer(t)["input_ids"]) for t in texts]
+    loop, slots = FastLoop(sampler.engine, sampler.mix, SamplingParams(temperature=1.0)), list(range(batch))
+
+    def engine_run() -> None:
+        first = loop.start(slots, ids)
+        full = fixed_steps(loop, slots, first)[0]
+        for _ in range(tokens - 1):  # the first draw gave one token; each step one more
+            full()
+        sampler.engine.release(slots)
+
+    timed(engine_run)
+    engine_s, _ = timed(engine_run)
+    api_tok_s, engine_tok_s = sum(out.num_tokens) / api_s, batch * tokens / engine_s
+    row = {"batch": batch, "prompt_tokens": len(ids[0]), "new_tokens": tokens, "api_tokens": sum(out.num_tokens),
+           "api_s": round(api_s, 3), "engine_s": round(engine_s, 3), "api_tok_s": round(api_tok_s, 1),
+           "engine_tok_s": round(engine_tok_s, 1), "share": round(api_tok_s / engine_tok_s, 3)}  # fmt: skip
+    print(json.dumps({"api_vs_engine": row}), flush=True)
+    sampler = loop = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def teacher_alone(teacher: str, batches: list[int], max_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16).cuda().eval()
     out = {}
@@ -214,6 +250,11 @@ def main() -> None:
         "--pair", choices=sorted(PAIRS), default="small", help="small: 0.5B + 1.5B, 7b: 1.5B + 7B"
     )
     parser.add_argument("--no-first-call", action="store_true", help="skip the fresh sampler's one-off costs")
+    parser.add_argument(
+        "--api-vs-engine",
+        action="store_true",
+        help="only generate against the engine loop, batch 256 x 512 tokens",
+    )
     args = parser.parse_args()
     if args.configs:
         for name in list(CONFIGS):
@@ -222,6 +263,10 @@ def main() -> None:
     batches = [1, 64] if args.quick else [1, 64, 256]
     with tempfile.TemporaryDirectory() as root:
         base, teacher = write_pair(Path(root), args.pair)
+        if args.api_vs_engine:
+            print(json.dumps({"card": torch.cuda.get_device_name(), "pair": args.pair,
+                              "api_vs_engine": api_vs_engine(base, teacher)}))  # fmt: skip
+            return
         first = None if args.no_first_call else first_calls(base, teacher, args.max_tokens)
         if args.first_call_only:
             print_first_calls(first)

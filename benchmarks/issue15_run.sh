@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device run for issue 15, within one command's time: the fused step's CUDA checks, where the
+# fused step's time goes (profile_fused.py), then the public-API matrix (bench_api.py) in the time
+# left (DEADLINE seconds from the start; its rows print as they finish). Logs under $OUT.
+#   bash benchmarks/issue15_run.sh            (repo root; BENCH_ARGS for bench_api, e.g. --pair 7b)
+set -o pipefail
+START=$(date +%s)
+DEADLINE=${DEADLINE:-585}
+OUT=${OUT:-/tmp/issue15}
+mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+left() { echo $((DEADLINE - ($(date +%s) - START))); }
+nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "${SKIP_TESTS:-0}" = 0 ]; then
+    timeout 180 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py 2>&1 |
+        tee "$OUT/tests_gpu.log" | tail -8
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py -k triton_kernels 2>&1 |
+        tee "$OUT/tests_kernels.log" | tail -4
+    echo "tests done at $(($(date +%s) - START)) s"
+fi
+if [ -n "${PROFILE_CONFIGS:-}" ]; then
+    timeout 90 python3 benchmarks/profile_fused.py --batches 256 --configs "$PROFILE_CONFIGS" 2>&1 |
+        grep -v -i warn | tee "$OUT/profile.log" | tail -1
+fi
+echo "bench_api with $(left) s left"
+timeout "$(left)" python3 benchmarks/bench_api.py --max-tokens 128 ${BENCH_ARGS:-} 2>&1 | grep -v -i warn |
+    tee "$OUT/bench_api.log" | tail -45
