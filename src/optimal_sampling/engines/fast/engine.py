@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,10 +47,10 @@ from ...mixing.step import StepResult
 from ..base import Engine, Pending, Ready, SlotRequest, WarmupStats, unique_prompts
 from ..weights import WeightMap
 from .attention import decode_attention_sdpa
+from .cached_model import CachedModel, new_cached_model
 from .graph_plan import GraphPlan, one_split_rule
 from .graphs import GraphCache, batch_bucket
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
-from .model import CompactModel
 from .prefill import Prefill, to_device
 
 
@@ -72,33 +71,10 @@ class PendingAdd:
         return self.result.to_host()
 
 
-@dataclass
-class CachedModel:
-    net: CompactModel
-    k: torch.Tensor  # [layers, slots + 1, max_len, kv_heads, head_dim]
-    v: torch.Tensor
-    lengths: list[int]  # per slot, on the host
-    counters: torch.Tensor  # [(slots + 1) * kv_heads] int32 zeros: decode attention's split counters
-
-
 def device_memory(device: torch.device) -> tuple[int, int, int]:
     """(torch allocated, torch reserved, device used) bytes."""
     free, total = torch.cuda.mem_get_info(device)
     return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), total - free
-
-
-def new_cached_model(model, slots: int, max_len: int) -> CachedModel:
-    """model: a Hugging Face model, or a CompactModel already built (e.g. a tensor-parallel shard)."""
-    if isinstance(model, CompactModel):
-        net = model
-    else:
-        device = next(model.parameters()).device
-        net = CompactModel(model, max_len, fused=device.type == "cuda")
-    s = net.spec
-    shape = (s.layers, slots + 1, max_len, s.kv_heads, s.head_dim)
-    k = torch.zeros(shape, dtype=net.dtype, device=net.device)
-    counters = torch.zeros((slots + 1) * s.kv_heads, dtype=torch.int32, device=net.device)
-    return CachedModel(net, k, torch.zeros_like(k), [0] * (slots + 1), counters)
 
 
 class FastEngine(Prefill, Engine):

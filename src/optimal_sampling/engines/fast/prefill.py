@@ -7,16 +7,13 @@ docstring says why prefill has its own streams and graph pool)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..base import SlotRequest
 from .attention import prefill_attention
+from .cached_model import CachedModel
 from .graph_plan import width_of
-
-if TYPE_CHECKING:
-    from .engine import CachedModel
 
 
 def to_device(host: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
