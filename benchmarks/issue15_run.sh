@@ -12,9 +12,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" = 0 ]; then
-    timeout 180 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py 2>&1 |
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py 2>&1 |
         tee "$OUT/tests_gpu.log" | tail -8
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py -k triton_kernels 2>&1 |
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py -k triton_kernels 2>&1 |
         tee "$OUT/tests_kernels.log" | tail -4
     echo "tests done at $(($(date +%s) - START)) s"
 fi
