@@ -21,7 +21,7 @@ from .triton_row_state import IDENTICAL, NEG_INF
 
 ENTROPY_W = tl.constexpr(7)  # triton_policy.ENTROPY_STATS
 TILT_W = tl.constexpr(4)  # triton_policy.TILT_STATS
-DIAG_W = tl.constexpr(11)  # triton_policy.DIAG_STATS
+DIAG_W = tl.constexpr(14)  # triton_policy.DIAG_STATS
 
 
 @triton.jit
@@ -99,23 +99,33 @@ def merged_lse(at, SPLITS):
 
 @triton.jit(do_not_specialize=["SPLITS", "B"])
 def diagnostics_merge_kernel(part_ptr, alpha_ptr, host_ptr, diag_ptr, packed_ptr, B, SPLITS):
-    """KL(q || .) from log Z_q = log sum e^u and E_q[r]; log ESS ratio = 2 (lse(lp_b) - lse(lp_t))
-    - (lse(2 lp_b - u) - lse(2 lp_t - u)) on q's support (NaN taken as 0: ratio 1)."""
+    """KL(q || .) from E_q[r - c] and the top token's log-probs (see triton_policy's docstring);
+    log ESS ratio = 2 (lse(lp_b) - lse(lp_t)) - (lse(2 lp_b - u) - lse(2 lp_t - u)) on q's support
+    (NaN taken as 0: ratio 1)."""
     row = tl.program_id(0).to(tl.int64)
     at = part_ptr + row * SPLITS * DIAG_W
     top = tl.full([], NEG_INF, tl.float32)
-    for sp in range(0, SPLITS):
-        top = tl.maximum(top, tl.load(at + sp * DIAG_W))
+    c, lb_top, lt_top = tl.zeros([], tl.float32), tl.zeros([], tl.float32), tl.zeros([], tl.float32)
+    for sp in range(0, SPLITS):  # the top token's split (the first on ties): its r, lp_b, lp_t
+        m = tl.load(at + sp * DIAG_W)
+        better = m > top
+        c = tl.where(better, tl.load(at + sp * DIAG_W + 11), c)
+        lb_top = tl.where(better, tl.load(at + sp * DIAG_W + 12), lb_top)
+        lt_top = tl.where(better, tl.load(at + sp * DIAG_W + 13), lt_top)
+        top = tl.maximum(top, m)
     s0, s_r = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
-    for sp in range(0, SPLITS):
+    for sp in range(0, SPLITS):  # sum e^{u - u*} and sum e^{u - u*} (r - c), c the top token's r
         w = tl.exp(tl.load(at + sp * DIAG_W) - safe(top))
-        s0 += (tl.load(at + sp * DIAG_W + 1) * w).to(tl.float64)
-        s_r += (tl.load(at + sp * DIAG_W + 2) * w).to(tl.float64)
-    log_z = safe(top).to(tl.float64) + log64(s0)
-    expected_r = s_r / s0
+        s_sp = tl.load(at + sp * DIAG_W + 1)
+        s0 += (s_sp * w).to(tl.float64)
+        s_r += (w * (tl.load(at + sp * DIAG_W + 2) + s_sp * (tl.load(at + sp * DIAG_W + 11) - c))).to(
+            tl.float64
+        )
+    log_s0 = log64(s0)
+    expected = s_r / s0  # E_q[r - c]
     a = tl.load(alpha_ptr + row).to(tl.float64)
-    kl_base = (a * expected_r - log_z).to(tl.float32)
-    kl_teacher = (-(1.0 - a) * expected_r - log_z).to(tl.float32)
+    kl_base = (a * expected - lb_top.to(tl.float64) - log_s0).to(tl.float32)
+    kl_teacher = (-(1.0 - a) * expected - lt_top.to(tl.float64) - log_s0).to(tl.float32)
     lse_b2, lse_t2 = merged_lse(at + 3, SPLITS), merged_lse(at + 5, SPLITS)  # of 2 lp - u
     lse_b, lse_t = merged_lse(at + 7, SPLITS), merged_lse(at + 9, SPLITS)  # of lp
     log_ratio = 2.0 * (lse_b - lse_t) - (lse_b2 - lse_t2)

@@ -8,8 +8,11 @@ sampler's configurations beyond the kl_symmetry solve:
 - `tilt_kernel`: the tilted family's M(0), M(1), M'(0), M'(1) on the joint support, for
   reverse_kl_symmetry's alpha = KL(t || b) / (KL(t || b) + KL(b || t)), in float64 per token;
 - `diagnostics_kernel`: at a row's alpha, with u = lp_b + alpha r on S (log q up to log Z_q),
-  the online log-sum-exp of u with sum e^u r (log Z_q and E_q[r], hence both KL(q || .)), and the
-  log-sum-exps of 2 lp_b - u, 2 lp_t - u, lp_b and lp_t on S (the two ESS of q).
+  the online log-sum-exp of u with sum e^u (r - c), c the r of the top token (u*), and lp_b, lp_t
+  there: KL(q || base) = alpha E_q[r - c] - lp_b* - log S0 and KL(q || teacher) = -(1 - alpha)
+  E_q[r - c] - lp_t* - log S0 (S0 = sum e^{u - u*}), which keep a tiny KL tiny where r is large
+  (no difference of two large terms); and the log-sum-exps of 2 lp_b - u, 2 lp_t - u, lp_b and
+  lp_t on S (the two ESS of q).
 
 Both take log-normalisers from the row state (`triton_row_state.LSE_B`, `LSE_T`) and write one
 partial per (row, split) that `mixing_fast` merges per row with a few [B, splits] torch ops.
@@ -27,7 +30,7 @@ from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
 ENTROPY_STATS = 7  # per (row, split), float64: (max, s, t) of z_b and of z_t (see entropy_update), Jeffreys
 TILT_STATS = 4  # per (row, split), float64: W, D, A, B (see tilt_kernel)
-DIAG_STATS = 11  # per (row, split): m_u, S0, S_r, then (max, sum) of 2lp_b-u, 2lp_t-u, lp_b, lp_t
+DIAG_STATS = 14  # per (row, split): m_u, S0, S_r, (max, sum) of 2lp_b-u, 2lp_t-u, lp_b, lp_t, c, lp_b*, lp_t*
 ENTROPY_STATS_W = tl.constexpr(ENTROPY_STATS)
 DIAG_STATS_W = tl.constexpr(DIAG_STATS)
 TILT_STATS_W = tl.constexpr(TILT_STATS)
@@ -179,7 +182,9 @@ def diagnostics_kernel(
     lanes = tl.arange(0, BLOCK)
     m_u = tl.full([BLOCK], NEG_INF, tl.float32)
     s_u = tl.zeros([BLOCK], tl.float32)
-    s_r = tl.zeros([BLOCK], tl.float32)
+    s_r = tl.zeros([BLOCK], tl.float32)  # sum e^{u - m_u} (r - c): centred at the lane's top token
+    c = tl.zeros([BLOCK], tl.float32)  # and r, lp_b, lp_t at the lane's top token
+    lb_top, lt_top = tl.zeros([BLOCK], tl.float32), tl.zeros([BLOCK], tl.float32)
     m3, s3 = tl.full([BLOCK], NEG_INF, tl.float32), tl.zeros([BLOCK], tl.float32)
     m4, s4 = tl.full([BLOCK], NEG_INF, tl.float32), tl.zeros([BLOCK], tl.float32)
     m5, s5 = tl.full([BLOCK], NEG_INF, tl.float32), tl.zeros([BLOCK], tl.float32)
@@ -194,8 +199,12 @@ def diagnostics_kernel(
         if CUT:
             joint = joint & kept(raw_b, raw_t, inv_temp, lse_b, lse_t, a, cut_q, cut_t)
         u = tl.where(joint, lp_b + a * r, NEG_INF)
+        old_s = s_u
         m_u, s_u, e, up = online(m_u, s_u, u)  # e: the old sums' factor where u is the new max
-        s_r = tl.where(up, s_r * e + r, s_r + e * r)
+        s_r = tl.where(up, e * (s_r + old_s * (c - r)), s_r + e * (r - c))
+        c = tl.where(up, r, c)
+        lb_top = tl.where(up, lp_b, lb_top)
+        lt_top = tl.where(up, lp_t, lt_top)
         m3, s3 = accumulate(m3, s3, tl.where(joint, lp_b - a * r, NEG_INF))  # 2 lp_b - u
         m4, s4 = accumulate(m4, s4, tl.where(joint, lp_t + (1.0 - a) * r, NEG_INF))  # 2 lp_t - u
         m5, s5 = accumulate(m5, s5, tl.where(joint, lp_b, NEG_INF))
@@ -203,10 +212,16 @@ def diagnostics_kernel(
     out = part_ptr + (row * SPLITS + split) * DIAG_STATS_W
     top = tl.max(m_u)
     scale = tl.exp(m_u - safe(top))
+    first = tl.min(tl.where(m_u == top, lanes, BLOCK))  # a lane holding the split's top token
+    at_top = lanes == first
+    c_top = tl.sum(tl.where(at_top, c, 0.0))
     tl.store(out, top)
     tl.store(out + 1, tl.sum(s_u * scale))
-    tl.store(out + 2, tl.sum(s_r * scale))
+    tl.store(out + 2, tl.sum(scale * (s_r + s_u * (c - c_top))))
     store_lse(out + 3, m3, s3)
     store_lse(out + 5, m4, s4)
     store_lse(out + 7, m5, s5)
     store_lse(out + 9, m6, s6)
+    tl.store(out + 11, c_top)
+    tl.store(out + 12, tl.sum(tl.where(at_top, lb_top, 0.0)))
+    tl.store(out + 13, tl.sum(tl.where(at_top, lt_top, 0.0)))
