@@ -6,12 +6,11 @@ of [B] tensors in the order of `result_fields(params)`, so the engine captures t
 CUDA graph as the two forward passes.
 
 The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_policy.py:
-entropies, tilted moments and diagnostics; triton_ess.py: the ess_balance passes; triton_cut.py:
-the teacher constraint and top-k / top-p / min-p as per-row thresholds; triton_row_state.py: the
-buffers' layout) cover every alpha_method, with or without diagnostics, any temperature, the
-teacher constraint and the truncations (all but a top-k above triton_cut.CAP together with a
-top-p). They keep |alpha - alpha_float64| <=
-1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
+entropies, tilted moments and diagnostics, merged per row by triton_merge.py; triton_ess.py: the
+ess_balance passes; triton_cut.py: the teacher constraint and top-k / top-p / min-p as per-row
+thresholds; triton_row_state.py: the buffers' layout) cover every alpha_method, with or without
+diagnostics, any temperature, the teacher constraint and the truncations (all but a top-k above
+triton_cut.CAP together with a top-p). They keep |alpha - alpha_float64| <= 1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
 refining passes of a few points, which rows already solved skip, instead of 24 Newton
 iterations over [B, V] tensors; they spread every row over the whole GPU and never write a
 [B, V] tensor. Other configurations use the exact `optimal_sampling.mixing.step.sample_step`.

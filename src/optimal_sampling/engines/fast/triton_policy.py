@@ -15,7 +15,7 @@ sampler's configurations beyond the kl_symmetry solve:
   lp_t on S (the two ESS of q).
 
 Both take log-normalisers from the row state (`triton_row_state.LSE_B`, `LSE_T`) and write one
-partial per (row, split) that `mixing_fast` merges per row with a few [B, splits] torch ops.
+partial per (row, split) that triton_merge.py merges per row (one program per row).
 Invariant, as for the other passes: logits are finite or -inf; q lives on the joint support.
 """
 
