@@ -16,45 +16,13 @@ from collections import defaultdict
 from functools import partial
 
 import torch
+from bench_api import CONFIGS  # benchmarks/ is the script's directory
+from bench_decode import graph_ms
 
 from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.engines.fast.mixing_fast import FusedStepSampler
 
 VOCAB = 151936
-CONFIGS = {
-    "kl_symmetry": ({}, {}),
-    "kl_symmetry+diagnostics": ({}, {"collect_diagnostics": True}),
-    "ess_balance": ({"alpha_method": "ess_balance"}, {}),
-    "ess_balance+diagnostics": ({"alpha_method": "ess_balance"}, {"collect_diagnostics": True}),
-    "entropy": ({"alpha_method": "entropy"}, {}),
-    "entropy+diagnostics": ({"alpha_method": "entropy"}, {"collect_diagnostics": True}),
-    "reverse_kl_symmetry": ({"alpha_method": "reverse_kl_symmetry"}, {}),
-    "fixed 0.7": ({"alpha_method": "fixed", "fixed_alpha": 0.7}, {}),
-    "kl_symmetry+top_p 0.95": ({}, {"top_p": 0.95}),
-    "kl_symmetry+top_k 50+top_p 0.9": ({}, {"top_k": 50, "top_p": 0.9}),
-    "kl_symmetry+min_p 0.05": ({}, {"min_p": 0.05}),
-    "kl_symmetry+constraint top_p 0.9": ({"constraint_to_target": True, "target_top_p": 0.9}, {}),
-    "kl_symmetry greedy": ({}, {"temperature": 0.0}),
-}
-
-
-def graph_ms(fn, repeat: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.synchronize()
-    graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeat
 
 
 def kernel_shares(fn, repeat: int = 5) -> dict[str, float]:
@@ -96,7 +64,7 @@ def main() -> None:
             mix, sampling = CONFIGS[name]
             sampler = FusedStepSampler(MixConfig(**mix), SamplingParams(**{"temperature": 1.0, **sampling}))
             step = partial(sampler, base, teacher, seeds, steps)
-            ms = graph_ms(step)
+            ms = graph_ms(step, repeat=30)
             out["ms"][f"{name}|{batch}"] = round(ms, 4)
             line = {"config": name, "batch": batch, "ms": round(ms, 4)}
             if not args.no_profile and batch == max(map(int, args.batches.split(","))):
