@@ -117,24 +117,8 @@ def ess_kernel(
     zt_ptr += row * stride_t
     if tl.maximum(d_hi, -d_lo) <= RANGE:  # also a row with an empty joint support (-inf, +inf)
         narrow_sums(
-            zb_ptr,
-            zt_ptr,
-            V,
-            chunk,
-            n_blocks,
-            inv_temp,
-            st,
-            a,
-            live,
-            split,
-            ex,
-            out,
-            d_hi,
-            d_lo,
-            J,
-            GRID,
-            BLOCK,
-        )
+            zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, d_hi, d_lo, J, GRID, BLOCK
+        )  # fmt: skip
     else:
         wide_sums(zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, J, GRID, BLOCK)
 
