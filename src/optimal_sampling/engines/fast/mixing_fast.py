@@ -191,7 +191,7 @@ def fused_outputs(
     elif mix.alpha_method == "reverse_kl_symmetry":
         reverse_kl_alpha(rows, inv_temp, splits, state, lo, hi, alpha)
     elif mix.alpha_method == "ess_balance":
-        alpha.copy_(ess_balance_alpha(rows, inv_temp, splits, state, lo, hi))
+        ess_balance_alpha(rows, inv_temp, splits, state, lo, hi, alpha)
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     cut = mix.constrained or truncates(params, vocab)
@@ -260,17 +260,17 @@ ESS_REFINE = (4, 4, 4)  # alphas per refining pass: Newton from each end, secant
 ESS_WARPS = 8  # the grid pass holds 5 sums per point and lane, 2 points per alpha
 
 
-def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float) -> torch.Tensor:
-    """alpha [B] float32 of ess_balance (triton_ess.py): a grid pass of ESS_GRID alphas over
+def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+    """alpha [B] float32 := ess_balance's (triton_ess.py): a grid pass of ESS_GRID alphas over
     [lo, hi] (with s = 1), then one refining pass per ESS_REFINE entry, which rows already solved
     skip; each pass is one (row, chunk) kernel and one per-row merge. lo == hi needs no pass:
     mixing.alpha returns lo then, whatever the rows."""
     from . import triton_ess
 
     batch, device = state.shape[0], state.device
-    alpha = torch.full((batch,), lo, dtype=torch.float32, device=device)
     if lo == hi:
-        return alpha
+        alpha.fill_(lo)
+        return
     ess = torch.empty(batch, triton_ess.STATE, dtype=torch.float64, device=device)
     counts = (ESS_GRID, *ESS_REFINE)
     alphas = alpha  # the grid pass makes its own
@@ -285,11 +285,10 @@ def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: 
         )  # fmt: skip
         next_alphas = torch.empty(batch, kn, dtype=torch.float32, device=device)
         triton_ess.ess_combine_kernel[(batch,)](
-            parts, extras, ess, alphas, next_alphas, alpha, lo, hi,
+            parts, extras, state, ess, alphas, next_alphas, alpha, lo, hi,
             SPLITS=splits, J=k, JN=kn, GRID=grid, LAST=last, num_warps=1,
         )  # fmt: skip
         alphas = next_alphas
-    return alpha
 
 
 def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, host, cuts=None):

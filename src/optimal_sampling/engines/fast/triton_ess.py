@@ -38,8 +38,8 @@ from .triton_row_state import CENTRE, D_MAX, D_MIN, IDENTICAL, LSE_B, NEG_INF, S
 from .triton_solve import converged, inside, narrow
 
 STATS = 5  # per (row, split, alpha, end of the pair): robust max, sum e, sum e d'; precise D, Q
-EXTRAS = 11  # per (row, split): m, P, P1 of the base weights; grid pass: max and min d', s = 1's six
-STATE = 10  # per row, float64: the bracket and its ends, L(1), the outcome, done, the precise flag
+EXTRAS = 9  # per (row, split): m, P, P1 of the base weights; grid pass: s = 1's five sums and R1
+STATE = 9  # per row, float64: the bracket and its ends, L(1), the outcome, done
 PRECISE_RANGE = 25.0  # |d'| up to this: e^{3 |d'|} < 1e33, so no precise term overflows
 STATS_W = tl.constexpr(STATS)
 EXTRAS_W = tl.constexpr(EXTRAS)
@@ -55,7 +55,15 @@ FP_RIGHT = tl.constexpr(5)
 L_ONE = tl.constexpr(6)
 OUTCOME = tl.constexpr(7)  # 0 root inside, 1 at lo, 2 at hi, 3 identical policies or empty support
 DONE = tl.constexpr(8)
-NARROW = tl.constexpr(9)  # 1 where |d'| <= PRECISE_RANGE on the row
+
+
+@triton.jit
+def d_range(st):
+    """The row's largest and smallest d' = d - centre on the joint support (row pass, D_RANGE)
+    and whether |d'| stays within PRECISE_RANGE (also for an empty support: -inf, +inf)."""
+    centre = tl.load(st + CENTRE)
+    d_hi, d_lo = tl.load(st + D_MAX) - centre, tl.load(st + D_MIN) - centre
+    return d_hi, d_lo, tl.maximum(d_hi, -d_lo) <= RANGE
 
 
 @triton.jit
@@ -109,23 +117,20 @@ def ess_kernel(
     st = state_ptr + row * STATE_W
     j = tl.arange(0, J)
     a, live = pass_alphas(alphas_ptr, ess_ptr + row * STATE_W_ESS + DONE, row, j, lo, hi, J, GRID)
-    centre = tl.load(st + CENTRE)
-    d_hi, d_lo = tl.load(st + D_MAX) - centre, tl.load(st + D_MIN) - centre
     ex = extra_ptr + (row * SPLITS + split) * EXTRAS_W + tl.arange(0, 1)
     out = part_ptr + ((row * SPLITS + split) * J + j) * (2 * STATS_W)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
-    if tl.maximum(d_hi, -d_lo) <= RANGE:  # also a row with an empty joint support (-inf, +inf)
-        narrow_sums(
-            zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, d_hi, d_lo, J, GRID, BLOCK
-        )  # fmt: skip
+    d_hi, d_lo, narrow_row = d_range(st)
+    if narrow_row:
+        narrow_sums(zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, J, GRID, BLOCK)
     else:
         wide_sums(zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, J, GRID, BLOCK)
 
 
 @triton.jit
 def narrow_sums(
-    zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out, d_hi, d_lo,
+    zb_ptr, zt_ptr, V, chunk, n_blocks, inv_temp, st, a, live, split, ex, out,
     J: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The precise sums of a row with |d'| <= PRECISE_RANGE, with the moments from the same terms
@@ -173,13 +178,13 @@ def narrow_sums(
         tl.store(ex + 1, total)
         tl.store(ex + 2, tl.sum(p_d.to(tl.float64), axis=1))
         store_narrow(out, total, tl.sum(dm_lo.to(tl.float64), axis=1), tl.sum(t_lo.to(tl.float64), axis=1))
-        d_hi_sum = tl.sum(dm_hi.to(tl.float64), axis=1)
-        store_narrow(out + STATS_W, total, d_hi_sum, tl.sum(t_hi.to(tl.float64), axis=1))
+        store_narrow(
+            out + STATS_W, total, tl.sum(dm_hi.to(tl.float64), axis=1), tl.sum(t_hi.to(tl.float64), axis=1)
+        )
         if GRID:
-            tl.store(ex + 3, tl.zeros_like(total) + d_hi)
-            tl.store(ex + 4, tl.zeros_like(total) + d_lo)
-            store_narrow(ex + 5, total, tl.sum(dm1.to(tl.float64), axis=1), tl.sum(r1.to(tl.float64), axis=1))
-            tl.store(ex + 10, tl.sum(r1.to(tl.float64), axis=1))
+            r1_sum = tl.sum(r1.to(tl.float64), axis=1)  # the robust moment and R1 alike
+            store_narrow(ex + 3, total, tl.sum(dm1.to(tl.float64), axis=1), r1_sum)
+            tl.store(ex + 8, r1_sum)
 
 
 @triton.jit
@@ -205,7 +210,6 @@ def wide_sums(
     zero, none = tl.zeros([1, BLOCK], tl.float32), tl.full([1, BLOCK], NEG_INF, tl.float32)
     zeros, nones = tl.zeros([J, BLOCK], tl.float32), tl.full([J, BLOCK], NEG_INF, tl.float32)
     m0, p_sum, p_d = none, zero, zero  # the base weights: running max, sum p, sum p d'
-    d_max, d_min = none, zero - NEG_INF
     m1, s1, t1, dm1, q1, r1 = none, zero, zero, zero, zero, zero  # s = 1, with R1 = sum p e^{d'} d'
     m_lo, s_lo, t_lo, dm_lo, q_lo = nones, zeros, zeros, zeros, zeros  # s = -a: robust, then precise
     m_hi, s_hi, t_hi, dm_hi, q_hi = nones, zeros, zeros, zeros, zeros  # s = 2 - a
@@ -242,8 +246,6 @@ def wide_sums(
         m_lo, s_lo, t_lo = tilt_update(m_lo, s_lo, t_lo, y0 + sd, dc)
         m_hi, s_hi, t_hi = tilt_update(m_hi, s_hi, t_hi, y0 + a_hi * dc, dc)
         if GRID:
-            d_max = tl.maximum(d_max, tl.where(joint, dc, NEG_INF))
-            d_min = tl.minimum(d_min, tl.where(joint, dc, float("inf")))
             dm1 = dm1 * keep + p * em1
             q1 = q1 * keep + p * ex1
             r1 = r1 * keep + p * ex1 * dc
@@ -261,12 +263,10 @@ def wide_sums(
         tl.store(out + STATS_W + 3, tl.sum((dm_hi * c0).to(tl.float64), axis=1))
         tl.store(out + STATS_W + 4, tl.sum((q_hi * c0).to(tl.float64), axis=1))
         if GRID:
-            tl.store(ex + 3, tl.max(d_max, axis=1).to(tl.float64))
-            tl.store(ex + 4, tl.min(d_min, axis=1).to(tl.float64))
-            store_robust(ex + 5, m1, s1, t1)
-            tl.store(ex + 8, tl.sum((dm1 * c0).to(tl.float64), axis=1))
-            tl.store(ex + 9, tl.sum((q1 * c0).to(tl.float64), axis=1))
-            tl.store(ex + 10, tl.sum((r1 * c0).to(tl.float64), axis=1))
+            store_robust(ex + 3, m1, s1, t1)
+            tl.store(ex + 6, tl.sum((dm1 * c0).to(tl.float64), axis=1))
+            tl.store(ex + 7, tl.sum((q1 * c0).to(tl.float64), axis=1))
+            tl.store(ex + 8, tl.sum((r1 * c0).to(tl.float64), axis=1))
 
 
 @triton.jit
@@ -334,7 +334,7 @@ def at(x, j, which):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def ess_combine_kernel(
-    part_ptr, extra_ptr, ess_ptr, alphas_ptr, next_ptr, alpha_ptr, lo, hi,
+    part_ptr, extra_ptr, state_ptr, ess_ptr, alphas_ptr, next_ptr, alpha_ptr, lo, hi,
     SPLITS, J: tl.constexpr, JN: tl.constexpr, GRID: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
     """Merge a pass's partials, narrow the bracket, and write the next alphas (or alpha)."""
@@ -353,13 +353,12 @@ def ess_combine_kernel(
         top_lo = tl.maximum(top_lo, tl.load(out).to(tl.float32))
         top_hi = tl.maximum(top_hi, tl.load(out + STATS_W).to(tl.float32))
         if GRID:
-            top1 = tl.maximum(top1, tl.load(ex + 5).to(tl.float32))
+            top1 = tl.maximum(top1, tl.load(ex + 3).to(tl.float32))
     p_sum, p_d = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
     s_lo, t_lo = tl.zeros([J], tl.float64), tl.zeros([J], tl.float64)
     dm_lo, q_lo = tl.zeros([J], tl.float64), tl.zeros([J], tl.float64)
     s_hi, t_hi = tl.zeros([J], tl.float64), tl.zeros([J], tl.float64)
     dm_hi, q_hi = tl.zeros([J], tl.float64), tl.zeros([J], tl.float64)
-    d_max, d_min = tl.full([], NEG_INF, tl.float64), tl.full([], float("inf"), tl.float64)
     s1, t1, dm1 = tl.zeros([], tl.float64), tl.zeros([], tl.float64), tl.zeros([], tl.float64)
     q1, r1 = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
     for sp in range(0, SPLITS):
@@ -371,16 +370,13 @@ def ess_combine_kernel(
         s_lo, t_lo, dm_lo, q_lo = add_split(out, c, top_lo, s_lo, t_lo, dm_lo, q_lo)
         s_hi, t_hi, dm_hi, q_hi = add_split(out + STATS_W, c, top_hi, s_hi, t_hi, dm_hi, q_hi)
         if GRID:
-            d_max = tl.maximum(d_max, tl.load(ex + 3))
-            d_min = tl.minimum(d_min, tl.load(ex + 4))
-            s1, t1, dm1, q1 = add_split(ex + 5, c, top1, s1, t1, dm1, q1)
-            r1 += c * tl.load(ex + 10)
+            s1, t1, dm1, q1 = add_split(ex + 3, c, top1, s1, t1, dm1, q1)
+            r1 += c * tl.load(ex + 8)
     norm = tl.where(p_sum > 0, p_sum, 1.0)
+    d_max, d_min, narrow_ok = d_range(state_ptr + row * STATE_W)
     if GRID:
-        narrow_ok = tl.maximum(d_max, -d_min) <= RANGE
         l_one = tilt_log(top1, s1, dm1, q1, m0, norm, narrow_ok)
     else:
-        narrow_ok = tl.load(es + NARROW) != 0
         l_one = tl.load(es + L_ONE)
     l_lo = tilt_log(top_lo, s_lo, dm_lo, q_lo, m0, norm, narrow_ok)
     l_hi = tilt_log(top_hi, s_hi, dm_hi, q_hi, m0, norm, narrow_ok)
@@ -399,7 +395,6 @@ def ess_combine_kernel(
         )  # fmt: skip
         tl.store(es + OUTCOME, outcome.to(tl.float64))
         tl.store(es + L_ONE, l_one)
-        tl.store(es + NARROW, narrow_ok.to(tl.float64))
         done = (outcome != 0) | converged(left, right, f_left, f_right, fp_left, fp_right)
     else:
         left, right = tl.load(es + LEFT).to(tl.float32), tl.load(es + RIGHT).to(tl.float32)
