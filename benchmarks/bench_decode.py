@@ -41,7 +41,7 @@ from optimal_sampling.config import MixConfig, SamplingParams
 from optimal_sampling.engines.base import Ready, SlotRequest, admit_group, spare_slots
 from optimal_sampling.engines.fast import FastEngine
 from optimal_sampling.engines.fast.graphs import GraphCache
-from optimal_sampling.engines.fast.mixing_fast import fused_outputs
+from optimal_sampling.engines.fast.mixing_fast import fused_outputs, values_tensor
 from optimal_sampling.engines.reference import ReferenceEngine
 from optimal_sampling.mixing.step import sample_step
 
@@ -206,7 +206,8 @@ def bench_sampler_kernel(batch: int, mix: MixConfig, params: SamplingParams) -> 
     logits_b = torch.randn(batch, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
     logits_t = logits_b + torch.randn_like(logits_b)
     seeds = torch.arange(batch, device="cuda")
-    return graph_ms(lambda: fused_outputs(logits_b, logits_t, seeds, seeds, mix, params))
+    values = values_tensor(mix, params, VOCAB, "cuda")  # made outside the graph: a copy from the host
+    return graph_ms(lambda: fused_outputs(logits_b, logits_t, seeds, seeds, mix, params, values=values))
 
 
 def bench_variable(

@@ -23,5 +23,7 @@ if [ -n "${PROFILE_CONFIGS:-}" ]; then
         grep -v -i warn | tee "$OUT/profile.log" | tail -1
 fi
 echo "bench_api with $(left) s left"
+# a fresh Triton cache, so the first sampler's warmup is the cold one a new machine pays
+export TRITON_CACHE_DIR=${BENCH_TRITON_CACHE:-$(mktemp -d)}
 timeout "$(left)" python3 benchmarks/bench_api.py --max-tokens 128 ${BENCH_ARGS:-} 2>&1 | grep -v -i warn |
     tee "$OUT/bench_api.log" | tail -45

@@ -62,7 +62,8 @@ def main() -> None:
         steps = torch.zeros(batch, device="cuda", dtype=torch.long)
         for name in names:
             mix, sampling = CONFIGS[name]
-            sampler = FusedStepSampler(MixConfig(**mix), SamplingParams(**{"temperature": 1.0, **sampling}))
+            params = SamplingParams(**{"temperature": 1.0, **sampling})
+            sampler = FusedStepSampler(MixConfig(**mix), params, VOCAB, torch.device("cuda"))
             step = partial(sampler, base, teacher, seeds, steps)
             ms = graph_ms(step, repeat=30)
             out["ms"][f"{name}|{batch}"] = round(ms, 4)

@@ -203,6 +203,27 @@ def check_cut_draws_follow_q(device: str) -> None:
         )
 
 
+def check_one_sampler_serves_its_key(device: str) -> None:
+    """A FusedStepSampler built for one setting and `use`d with another of the same fused_key
+    (other temperature, top-k, top-p, min-p and teacher-set numbers read on the device) draws
+    what the torch step draws for that other setting, and again for the first after switching back."""
+    from optimal_sampling.engines.fast.mixing_fast import FusedStepSampler, fused_key
+
+    vocab = 512
+    base, teacher = logits_rows(vocab, device)
+    seeds, steps = torch.arange(8, device=device) + 5, torch.full((8,), 3, device=device)
+    mix = MixConfig(constraint_to_target=True, target_top_k=30, target_top_p=0.9)
+    first = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02)
+    other = SamplingParams(temperature=1.6, top_k=90, top_p=0.6, min_p=0.1)
+    assert fused_key(mix, first, vocab) == fused_key(mix, other, vocab)
+    sampler = FusedStepSampler(mix, first, vocab, torch.device(device))
+    for params in (other, first):
+        got = sampler.use(params)(base, teacher, seeds, steps)
+        want = sample_step(base, teacher, seeds, steps, mix, params)
+        assert got[0].tolist() == want.tokens.tolist(), params
+        torch.testing.assert_close(got[3], want.logprob_q.float(), atol=1e-4, rtol=1e-4)
+
+
 def run_cut_checks(device: str) -> None:
     """CUDA: every configuration at the default CAP, then a CAP so small that brackets are refined
     over all passes (some left inexact). The interpreter sorts slowly: a smaller CAP and vocabulary."""
@@ -220,6 +241,7 @@ def run_cut_checks(device: str) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_fused_cuts_equal_the_sorted_masks():
     if torch.cuda.is_available():
+        check_one_sampler_serves_its_key("cuda")
         run_cut_checks("cuda")
         return
     run_as_script(__file__, timeout=900)
@@ -227,5 +249,6 @@ def test_fused_cuts_equal_the_sorted_masks():
 
 if __name__ == "__main__":
     patch_for_numpy2()
+    check_one_sampler_serves_its_key("cpu")
     run_cut_checks("cpu")
     print("cut checks passed")

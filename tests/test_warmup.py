@@ -155,6 +155,25 @@ def random_prompts(rng: random.Random, batch: int, longest: int) -> list[list[in
     return [[rng.randrange(3, 290) for _ in range(rng.randint(1, longest))] for _ in range(batch)]
 
 
+def test_fused_graphs_are_keyed_by_the_kernels_a_setting_runs():
+    """Settings that differ only in numbers the kernels read on the device share a fused step (and
+    its graphs); a setting that runs other kernels does not. The torch step keys every number."""
+    from optimal_sampling.engines.fast.mixing_fast import fused_key, step_key, step_values
+
+    vocab, mix = 10_000, MixConfig()
+    key = lambda **kw: fused_key(mix, SamplingParams(**kw), vocab)  # noqa: E731
+    assert key(temperature=0.7) == key(temperature=1.3) != key(temperature=1.0) != key(temperature=0.0)
+    assert key(top_p=0.9, top_k=40, min_p=0.1) == key(top_p=0.5, top_k=7, min_p=0.01)
+    assert key(top_k=40) != key(top_k=3000) != key() == key(top_k=vocab)  # above CAP, off
+    assert key(top_p=0.9) != key() != key(min_p=0.1) != key(collect_diagnostics=True)
+    assert fused_key(MixConfig(alpha_min=0.1), SamplingParams(), vocab) != key()
+    assert step_key(mix, SamplingParams(temperature=0.7)) != step_key(mix, SamplingParams(temperature=1.3))
+    values = step_values(
+        MixConfig(constraint_to_target=True, target_top_k=20), SamplingParams(temperature=0.5, top_k=9), vocab
+    )
+    assert values[:3] == [2.0, 9.0, 1.0] and values[4:6] == [20.0, 1.0]
+
+
 def test_engine_selects_only_planned_shapes(tiny_pair, one_torch_thread):
     """Generate over many batch sizes and prompt lengths on the CPU with recording graph caches:
     every decode and prefill key the engine asks for is one warmup would have captured, and the

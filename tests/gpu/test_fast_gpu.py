@@ -125,6 +125,35 @@ def test_decode_and_sample_equals_decode_then_sample_step(tiny_pair, method, dia
         tokens = fused.tokens.tolist()
 
 
+def test_settings_of_one_key_share_graphs_and_draw_their_own_numbers(tiny_pair):
+    """Steps alternating between settings that differ only in their numbers (temperature, top-p,
+    top-k, min-p) replay the same graphs, each reading its own numbers: they equal the torch step
+    of their own setting, and after the first two steps nothing is captured."""
+    _, a = pair(tiny_pair, "llama", torch.bfloat16)
+    _, b = pair(tiny_pair, "llama", torch.bfloat16)
+    mix = MixConfig(**TEACHER_SET)
+    settings = [
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, collect_diagnostics=True),
+        SamplingParams(temperature=1.4, top_k=9, top_p=0.6, min_p=0.1, collect_diagnostics=True),
+    ]
+    requests = [SlotRequest(i, p, p) for i, p in enumerate(PROMPTS)]
+    a.add(requests)
+    b.add(requests)
+    slots, tokens = [0, 1, 2], [4, 5, 6]
+    seeds = torch.tensor([11, 12, 13], device="cuda")
+    for step in range(1, 9):
+        params = settings[step % 2]
+        if step == 3:
+            captures = a.captures
+        fused = a.decode_and_sample(slots, tokens, seeds.tolist(), [step] * 3, mix, params)
+        logits_b, logits_t = b.decode(torch.tensor(slots, device="cuda"), torch.tensor(tokens, device="cuda"))
+        exact = sample_step(logits_b, logits_t, seeds, torch.full((3,), step, device="cuda"), mix, params)
+        assert fused.tokens.tolist() == exact.tokens.tolist(), step
+        torch.testing.assert_close(fused.logprob_q, exact.logprob_q, atol=2e-3, rtol=2e-3)
+        tokens = fused.tokens.tolist()
+    assert a.captures == captures
+
+
 def test_sampler_refill_on_cuda_gives_same_tokens_as_alone(tiny_pair):
     base_dir, teacher_dir = tiny_pair("qwen2")
     sampler = OptimalSampler(
@@ -217,6 +246,7 @@ def test_warmup_leaves_no_capture_to_generate(tiny_pair):
     warm = OptimalSampler(base_dir, teacher_dir, **kwargs)
     cold = OptimalSampler(base_dir, teacher_dir, warmup=False, **kwargs)
     other = dict(temperature=0.7, collect_diagnostics=True)
+    same_kernels = dict(temperature=1.3, collect_diagnostics=True)  # other's graphs serve it
     extra = warm.warmup([SamplingParams(**other)])
     stats = warm.warmup_stats
     assert stats == extra and extra.graphs > 0 and cold.engine.captures == 0
@@ -224,7 +254,7 @@ def test_warmup_leaves_no_capture_to_generate(tiny_pair):
     captures, rng = warm.engine.captures, random.Random(0)
     for batch, longest, max_tokens, options in [
         (1, 5, 30, {}), (3, 70, 20, {}), (6, 130, 12, other), (9, 40, 8, {}), (2, 200, 50, other),
-        (5, 250, 4, {}),
+        (5, 250, 4, {}), (4, 90, 16, same_kernels),
     ]:  # fmt: skip
         prompts = [[rng.randrange(3, 290) for _ in range(rng.randint(1, longest))] for _ in range(batch)]
         got, want = (

@@ -10,10 +10,14 @@ Invariants:
 - slot s of model m holds keys/values for positions [0, lengths_m[s]); `decode` appends one.
 - a step (both models, and with `decode_and_sample` the mixing and sampling too) is a pure
   function of its packed inputs and the caches: no host sync inside, so on CUDA it is captured as
-  one CUDA graph per (batch bucket, attention width[, sampling options]).
+  one CUDA graph per (batch bucket, attention width[, sampler key]). A fused sampler's key is the
+  kernels it runs (`mixing_fast.fused_key`); the numbers they read (1 / T, the cuts' targets) sit
+  in a device tensor set before each replay, so one graph serves every temperature other than 0
+  and 1, every top-p, top-k and min-p value.
 - one-off costs are paid in `warmup`, not in calls: it captures every decode-step and small-prefill
   graph the `GraphPlan` can select (graph_plan.py) and runs a first draw at every row count one
-  can have, so afterwards only a sampling setting warmup was not given captures (its own steps).
+  can have, so afterwards only a sampling setting whose key warmup did not meet captures (its own
+  steps).
 - requests may be added while other slots decode (continuous batching); identical prompt pairs
   are prefilled once and their cache rows copied (prefill.py). On CUDA `add_async` prefills on a prefill
   stream while decode steps of other slots run. Prefills run eagerly at their exact shape, except
@@ -50,7 +54,7 @@ from .attention import decode_attention_sdpa
 from .cached_model import CachedModel, new_cached_model
 from .graph_plan import GraphPlan, one_split_rule
 from .graphs import GraphCache, batch_bucket
-from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, step_key
+from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, sampler_key, values_tensor
 from .prefill import Prefill, to_device
 
 
@@ -234,7 +238,8 @@ class FastEngine(Prefill, Engine):
 
         tokens None: each slot's last token, as drawn by the previous step or the first draw of
         `add_async`, read on the device (so the previous step's results need not be read yet)."""
-        outputs = self.run_step(list(slots), tokens, row_seeds, steps, self.sampler_for(mix, params))
+        sampler = self.sampler_for(mix, params).use(params)  # the numbers its graphs read
+        outputs = self.run_step(list(slots), tokens, row_seeds, steps, sampler)
         return result_from_tensors(outputs, params)
 
     def sample_tensors(
@@ -251,7 +256,10 @@ class FastEngine(Prefill, Engine):
             logits_b, logits_t = logits_b[index], logits_t[index]
         seeds = to_device(list(row_seeds) + [0] * pad, self.device)
         counts = to_device(list(steps) + [0] * pad, self.device)
-        outputs = self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts)
+        values = values_tensor(
+            mix, params, self.vocab_size, self.device
+        )  # not the graphs': steps may be queued
+        outputs = self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts, values)
         return result_from_tensors(tuple(out[:n] for out in outputs), params)
 
     def sample(self, logits_b, logits_t, row_seeds, steps, mix: MixConfig, params: SamplingParams) -> Pending:
@@ -304,7 +312,7 @@ class FastEngine(Prefill, Engine):
         before, start, captures = device_memory(self.device), time.perf_counter(), self.captures
         for rows, width in self.plan.prefill_shapes():
             self.prefill_graphs.prepare(*self.prefill_graph(rows, width))
-        settings = {step_key(mix, p): p for p in params}
+        settings = {sampler_key(mix, p, self.vocab_size, self.device): p for p in params}
         for setting in settings.values():
             sampler = self.sampler_for(mix, setting)
             for rows, width in self.plan.decode_shapes():
@@ -335,9 +343,9 @@ class FastEngine(Prefill, Engine):
 
     # ------------------------------------------------------------------ internals
     def sampler_for(self, mix: MixConfig, params: SamplingParams) -> StepSampler:
-        key = step_key(mix, params)
+        key = sampler_key(mix, params, self.vocab_size, self.device)
         if key not in self.samplers:
-            self.samplers[key] = make_step_sampler(mix, params, self.device)
+            self.samplers[key] = make_step_sampler(mix, params, self.vocab_size, self.device)
         return self.samplers[key]
 
     def run_step(self, slots: list[int], tokens, row_seeds, steps, sampler: StepSampler | None):

@@ -58,8 +58,45 @@ def result_from_tensors(outputs: tuple[torch.Tensor, ...], params: SamplingParam
 
 
 def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
-    """What a captured step depends on (not max_tokens, n, stop or seed)."""
+    """What a captured torch step depends on (not max_tokens, n, stop or seed)."""
     return (mix, params.temperature, params.top_k, params.top_p, params.min_p, params.collect_diagnostics)
+
+
+def fused_key(mix: MixConfig, params: SamplingParams, vocab: int) -> tuple:
+    """What a captured fused step depends on: the kernels it launches, not the numbers they read
+    from `step_values` (1 / T, top-k, top-p, min-p), so one graph serves every temperature other
+    than 0 and 1, every top-p, every top-k up to CUT_CAP (and every one above), every min-p."""
+    from .triton_cut import CAP
+
+    temperature = "greedy" if params.greedy else "plain" if params.temperature == 1.0 else "tempered"
+    top_k = "none" if not 0 < params.top_k < vocab else "small" if params.top_k <= CAP else "large"
+    return (
+        "fused",
+        mix,
+        temperature,
+        top_k,
+        params.top_p < 1.0,
+        params.min_p > 0.0,
+        params.collect_diagnostics,
+    )
+
+
+VALUES = 7  # step_values' length
+
+
+def step_values(mix: MixConfig, params: SamplingParams, vocab: int) -> list[float]:
+    """The numbers a fused step reads on the device (float64): 1 / T, then the cut targets of q
+    (top-k, top-p, log min-p) and of the teacher's set (top-k, top-p, 0), triton_cut's order."""
+    inv_temp = 1.0 / params.temperature if params.temperature > 0 else 1.0
+    no_k = float(2**31 - 1)  # min-p or top-p alone: no count target
+    q_k = float(params.top_k) if 0 < params.top_k < vocab else no_k
+    t_k = float(mix.target_top_k) if mix.constrained and 0 < mix.target_top_k < vocab else no_k
+    log_min_p = math.log(params.min_p) if params.min_p > 0.0 else 0.0
+    return [inv_temp, q_k, params.top_p, log_min_p, t_k, mix.target_top_p, 0.0]
+
+
+def values_tensor(mix: MixConfig, params: SamplingParams, vocab: int, device) -> torch.Tensor:
+    return torch.tensor(step_values(mix, params, vocab), dtype=torch.float64, device=device)
 
 
 FUSED_METHODS = ("kl_symmetry", "fixed", "entropy", "reverse_kl_symmetry", "ess_balance")
@@ -94,19 +131,55 @@ class StepSampler:
         self.mix, self.params = mix, params
         self.key = step_key(mix, params)
 
-    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
+    def use(self, params: SamplingParams) -> StepSampler:
+        """Set the numbers its captured steps read to params' (a torch step has none)."""
+        return self
+
+    def __call__(self, logits_b, logits_t, row_seeds, steps, values=None) -> tuple[torch.Tensor, ...]:
         result = sample_step(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
         return tuple(getattr(result, name) for name in result_fields(self.params))
 
 
 class FusedStepSampler(StepSampler):
-    def __call__(self, logits_b, logits_t, row_seeds, steps) -> tuple[torch.Tensor, ...]:
-        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params)
+    """The fused step of every setting with one `fused_key`: its kernels read the setting's
+    numbers from `values`, a device tensor `use` sets (on the current stream, so a step already
+    queued keeps the numbers it was queued with)."""
+
+    def __init__(self, mix: MixConfig, params: SamplingParams, vocab: int, device):
+        super().__init__(mix, params)
+        self.vocab, self.key = vocab, fused_key(mix, params, vocab)
+        self.current = step_values(mix, params, vocab)
+        self.values = torch.tensor(self.current, dtype=torch.float64, device=device)
+
+    def use(self, params: SamplingParams) -> FusedStepSampler:
+        assert fused_key(self.mix, params, self.vocab) == self.key
+        new = step_values(self.mix, params, self.vocab)
+        for i, (old, value) in enumerate(zip(self.current, new, strict=True)):
+            if old != value:
+                self.values[i].fill_(value)  # a kernel with a scalar argument: no host sync
+        self.current = new
+        return self
+
+    def __call__(self, logits_b, logits_t, row_seeds, steps, values=None) -> tuple[torch.Tensor, ...]:
+        """values: the numbers to read instead of `self.values` (an eager call beside queued steps)."""
+        values = self.values if values is None else values
+        return fused_outputs(logits_b, logits_t, row_seeds, steps, self.mix, self.params, values=values)
 
 
-def make_step_sampler(mix: MixConfig, params: SamplingParams, device: torch.device) -> StepSampler:
-    if device.type == "cuda" and fused_supported(mix, params) and triton_available():
-        return FusedStepSampler(mix, params)
+def uses_fused(mix: MixConfig, params: SamplingParams, device: torch.device) -> bool:
+    return device.type == "cuda" and fused_supported(mix, params) and triton_available()
+
+
+def sampler_key(mix: MixConfig, params: SamplingParams, vocab: int, device: torch.device) -> tuple:
+    """The key of the step sampler (and its graphs) `make_step_sampler` gives for this setting."""
+    return fused_key(mix, params, vocab) if uses_fused(mix, params, device) else step_key(mix, params)
+
+
+def make_step_sampler(
+    mix: MixConfig, params: SamplingParams, vocab: int, device: torch.device
+) -> StepSampler:
+    if uses_fused(mix, params, device):
+        return FusedStepSampler(mix, params, vocab, device)
     return StepSampler(mix, params)
 
 
@@ -148,6 +221,7 @@ def fused_outputs(
     mix: MixConfig,
     params: SamplingParams,
     trace: list | None = None,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused sampler: a row pass, the alpha passes, then the draw: a pass summing the mass of
     each draw chunk and a per-row kernel drawing the chunk and its token (greedy: an argmax pass),
@@ -155,6 +229,9 @@ def fused_outputs(
     Returns tokens, log pi_base, log pi_teacher, log q, alpha, with diagnostics the ESS ratio and
     KL(q || base), KL(q || teacher), and all of them as [B, fields] float64.
 
+    params decides which kernels run; the numbers they read (1 / T, the cuts' targets) come from
+    `values` (`step_values` on the device; made from params when None), so a captured step
+    serves every setting with its `fused_key`.
     trace: a list to append each alpha pass's points, partial sums and row state to (diagnosis,
     eager only; benchmarks/sampler_diag.py)."""
     from . import triton_draw, triton_row_state, triton_solve
@@ -165,7 +242,9 @@ def fused_outputs(
     splits = split_count(batch, vocab)
     chunk = -(-vocab // (splits * BLOCK)) * BLOCK
     rows = (logits_b, logits_t, logits_b.stride(0), logits_t.stride(0), vocab, chunk, chunk // BLOCK)
-    inv_temp = 1.0 / params.temperature if params.temperature > 0 else 1.0
+    if values is None:
+        values = values_tensor(mix, params, vocab, device)
+    inv_temp = values  # the kernels read 1 / T from values[0]
     tempered = params.temperature not in (0.0, 1.0)
     lo, hi = mix.alpha_min, mix.alpha_max
     solve = mix.alpha_method == "kl_symmetry" and lo < hi
@@ -195,7 +274,7 @@ def fused_outputs(
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     cut = mix.constrained or truncates(params, vocab)
-    cuts = cut_thresholds(rows, inv_temp, splits, state, alpha, mix, params, trace) if cut else alpha
+    cuts = cut_thresholds(rows, values, splits, state, alpha, mix, params, trace) if cut else alpha
     online = not solve or cut  # log Z_q of a truncated q comes from the draw's own sums
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
@@ -229,7 +308,7 @@ def fused_outputs(
     return tokens, logprobs[0], logprobs[1], logprobs[2], alpha, diag[0], diag[1], diag[2], packed
 
 
-def entropy_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+def entropy_alpha(rows, inv_temp: torch.Tensor, splits: int, state, lo: float, hi: float, alpha) -> None:
     """alpha [B] := H(base) / (H(base) + H(teacher)) clamped to [lo, hi], the midpoint where the two
     policies coincide (Jeffreys divergence at most IDENTICAL_JEFFREYS) or both are one-hot."""
     from . import triton_merge, triton_policy
@@ -242,7 +321,7 @@ def entropy_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: floa
     triton_merge.entropy_merge_kernel[(batch,)](parts, alpha, lo, hi, splits, num_warps=1)
 
 
-def reverse_kl_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+def reverse_kl_alpha(rows, inv_temp: torch.Tensor, splits: int, state, lo: float, hi: float, alpha) -> None:
     """alpha [B] := KL(t~ || b~) / (KL(t~ || b~) + KL(b~ || t~)) on the joint support, clamped to
     [lo, hi]; the midpoint where the policies coincide or share no token (as mixing.alpha)."""
     from . import triton_merge, triton_policy
@@ -260,7 +339,7 @@ ESS_REFINE = (4, 4, 4)  # alphas per refining pass: Newton from each end, secant
 ESS_WARPS = 8  # the grid pass holds 5 sums per point and lane, 2 points per alpha
 
 
-def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: float, alpha) -> None:
+def ess_balance_alpha(rows, inv_temp: torch.Tensor, splits: int, state, lo: float, hi: float, alpha) -> None:
     """alpha [B] float32 := ess_balance's (triton_ess.py): a grid pass of ESS_GRID alphas over
     [lo, hi] (with s = 1), then one refining pass per ESS_REFINE entry, which rows already solved
     skip; each pass is one (row, chunk) kernel and one per-row merge. lo == hi needs no pass:
@@ -291,7 +370,7 @@ def ess_balance_alpha(rows, inv_temp: float, splits: int, state, lo: float, hi: 
         alphas = next_alphas
 
 
-def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, host, cuts=None):
+def diagnostics_of(rows, inv_temp: torch.Tensor, splits: int, state, alpha, host, cuts=None):
     """ESS ratio, KL(q || base) and KL(q || teacher) of the q at each row's alpha (within the cuts,
     if any): [3, B] float32, and the packed rows [B, 8] float64 (host's five columns, then these)."""
     from . import triton_merge, triton_policy
@@ -311,7 +390,16 @@ def diagnostics_of(rows, inv_temp: float, splits: int, state, alpha, host, cuts=
 
 
 def solve_kl_symmetry(
-    rows, inv_temp: float, lo: float, hi: float, layout: dict, splits: int, state, grid_max, alpha, trace=None
+    rows,
+    inv_temp: torch.Tensor,
+    lo: float,
+    hi: float,
+    layout: dict,
+    splits: int,
+    state,
+    grid_max,
+    alpha,
+    trace=None,
 ):
     """alpha [B]: the grid pass, then REFINE_POINTS passes (skipped by rows already done)."""
     from . import triton_row_state, triton_solve
@@ -348,21 +436,24 @@ def fused_sample_step(
 
 
 def cut_thresholds(
-    rows, inv_temp: float, splits: int, state, alpha, mix: MixConfig, params: SamplingParams, trace=None
+    rows, values: torch.Tensor, splits: int, state, alpha, mix: MixConfig, params: SamplingParams, trace=None
 ) -> torch.Tensor:
     """[B, 2] float32: each row's cut on u (q's top-k / top-p / min-p, inside the teacher's set)
-    and on lp_t (the teacher's set); -inf where none applies (triton_cut.py).
+    and on lp_t (the teacher's set); -inf where none applies (triton_cut.py). values: the step's
+    numbers (`step_values`): 1 / T, q's targets, the teacher set's targets.
     trace: a list to append the cuts and each search's row state to (checks, eager only)."""
     batch, vocab = state.shape[0], rows[4]
     cuts = torch.full((batch, 2), float("-inf"), dtype=torch.float32, device=state.device)
     searches = []
     if mix.constrained:
         teacher = CutSearch(mix.target_top_k, mix.target_top_p, 0.0, vocab, sequential=False)
-        searches.append(teacher.run(rows, inv_temp, splits, state, alpha, cuts, which=1, constrained=False))
+        searches.append(
+            teacher.run(rows, values, values[4:], splits, state, alpha, cuts, which=1, constrained=False)
+        )
     if truncates(params, vocab):
         q = CutSearch(params.top_k, params.top_p, params.min_p, vocab, sequential=True)
         searches.append(
-            q.run(rows, inv_temp, splits, state, alpha, cuts, which=0, constrained=mix.constrained)
+            q.run(rows, values, values[1:4], splits, state, alpha, cuts, which=0, constrained=mix.constrained)
         )
     if trace is not None:
         trace.append({"cuts": cuts, "searches": searches, "state": state})
@@ -370,21 +461,25 @@ def cut_thresholds(
 
 
 class CutSearch:
-    """One row-wise threshold search (triton_cut.py's passes) for a top-k / top-p / min-p."""
+    """One row-wise threshold search (triton_cut.py's passes) for a top-k / top-p / min-p: which
+    of them apply and how k compares with CAP set its kernels; their targets are read on the device."""
 
     def __init__(self, top_k: int, top_p: float, min_p: float, vocab: int, sequential: bool):
         from .triton_cut import CAP, PASSES
 
         self.use_k, self.use_p, self.use_min = 0 < top_k < vocab, top_p < 1.0, min_p > 0.0
-        self.k = top_k if self.use_k else 2**31 - 1  # min-p alone: no target, pass 1 finds the max
-        self.p, self.log_min_p = top_p, math.log(min_p) if self.use_min else 0.0
         self.all_above = self.use_k and top_k <= CAP
         self.second = self.all_above and self.use_p  # top-p needs every key of the top-k set
         self.passes = PASSES if self.use_k or self.use_p else 1
         self.sequential = sequential
 
-    def run(self, rows, inv_temp: float, splits: int, state, alpha, cuts, which: int, constrained: bool):
-        """Write column `which` of cuts; returns the rows' search state (triton_cut's columns)."""
+    def run(
+        self, rows, inv_temp: torch.Tensor, targets: torch.Tensor, splits: int, state, alpha, cuts,
+        which: int, constrained: bool,
+    ):  # fmt: skip
+        """Write column `which` of cuts; returns the rows' search state (triton_cut's columns).
+        targets: float64 on the device, k (2**31 - 1 for none: min-p alone, pass 1 finds the max),
+        p, log min-p."""
         from . import triton_cut as tc
 
         batch, device = state.shape[0], state.device
@@ -405,12 +500,12 @@ class CutSearch:
                 *common, search, thr, parts, SPLITS=splits, K=tc.K, FIRST=p == 0, **flags, num_warps=4
             )
             tc.search_combine_kernel[(batch,)](
-                parts, thr, search, count, self.k, self.p, SPLITS=splits, K=tc.K, FIRST=p == 0,
+                parts, thr, search, count, targets, SPLITS=splits, K=tc.K, FIRST=p == 0,
                 BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
                 CAP=tc.CAP, num_warps=4,
             )  # fmt: skip
         tc.finish_kernel[(batch,)](
-            search, cand, count, cuts, self.k, self.p, self.log_min_p, which, CAP=tc.CAP,
+            search, cand, count, cuts, targets, which, CAP=tc.CAP,
             TOP_K=self.use_k, TOP_P=self.use_p, MIN_P=self.use_min, SEQUENTIAL=self.sequential,
             SECOND=self.second, num_warps=8,
         )  # fmt: skip

@@ -128,13 +128,14 @@ def first_thresholds(j, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
     search_ptr, thr_ptr, part_ptr,
     SPLITS, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
     (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -176,11 +177,12 @@ def search_kernel(
 
 @triton.jit
 def collect_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
     search_ptr, cand_ptr, count_ptr,
     CAP: tl.constexpr, Q: tl.constexpr, CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -222,7 +224,7 @@ def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_combine_kernel(
-    part_ptr, thr_ptr, search_ptr, count_ptr, k, p,
+    part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr,
     SPLITS, K: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
     ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
@@ -231,6 +233,7 @@ def search_combine_kernel(
     pass does: collect it, refine it, or nothing (no cut; or the target met by keys tied at lo,
     which settles the cut unless a SECOND cut, top-p after top-k, needs the keys above lo)."""
     row = tl.program_id(0).to(tl.int64)
+    k, p = tl.load(target_ptr), tl.load(target_ptr + 1).to(tl.float32)
     srch = search_ptr + row * SEARCH_STATE_W
     if FIRST:
         phase = REFINE
@@ -330,7 +333,7 @@ def next_up(x):
 
 @triton.jit
 def finish_kernel(
-    search_ptr, cand_ptr, count_ptr, cut_ptr, k, p, log_min_p, which,
+    search_ptr, cand_ptr, count_ptr, cut_ptr, target_ptr, which,
     CAP: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
     SEQUENTIAL: tl.constexpr, SECOND: tl.constexpr,
 ):  # fmt: skip
@@ -339,6 +342,8 @@ def finish_kernel(
     SEQUENTIAL: top-p counts mass within the top-k survivors (q's cuts); else within all keys
     (the teacher's set is its top-k set AND its top-p set)."""
     row = tl.program_id(0).to(tl.int64)
+    k, p = tl.load(target_ptr).to(tl.int32), tl.load(target_ptr + 1).to(tl.float32)
+    log_min_p = tl.load(target_ptr + 2).to(tl.float32)
     srch = search_ptr + row * SEARCH_STATE_W
     phase = tl.load(srch + PHASE)
     m = tl.load(srch + TOP)

@@ -60,7 +60,7 @@ def row_cuts(cut_ptr, row, CUT: tl.constexpr):
 
 @triton.jit
 def mass_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr, part_ptr,
     CHUNKS: tl.constexpr, ONLINE: tl.constexpr, TEMPERED: tl.constexpr, CUT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -69,6 +69,7 @@ def mass_kernel(
     (every term <= ~1, so no overflow, and the mass is not lost to underflow); a row whose alpha
     was not solved (ONLINE) keeps a running max per lane instead. CUT: tokens outside the cuts
     carry no mass (the row is then ONLINE: its log Z_q is the truncated q's)."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -130,12 +131,13 @@ def write_outputs(
 
 @triton.jit
 def draw_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp_ptr, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
     cut_ptr, part_ptr, tok_ptr, lp_ptr, host_ptr, B,
     CHUNKS: tl.constexpr, CHUNK_NOISE: tl.constexpr, SCAN: tl.constexpr, CUT: tl.constexpr,
 ):  # fmt: skip
     """Per row, the two-level Gumbel-max draw (mixing.draw.sample_tokens): a chunk by its log-mass
     plus chunk noise, then a token of that chunk by u plus token noise; log Z_q from the masses."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row = tl.program_id(0).to(tl.int64)
     st = state_ptr + row * STATE_W
     row_key = key_of_row(seeds_ptr, steps_ptr, row)
@@ -175,11 +177,12 @@ def draw_kernel(
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def argmax_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr, part_ptr,
     SPLITS, ONLINE_LSE: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Greedy, per (row, chunk): the largest u and its index, and (ONLINE_LSE: rows whose alpha was
     not solved, so no alpha pass summed log Z_q) log Z_q per lane, reduced once."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -222,11 +225,12 @@ def argmax_kernel(
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def argmax_finish_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, inv_temp, state_ptr, alpha_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, inv_temp_ptr, state_ptr, alpha_ptr, part_ptr,
     tok_ptr, lp_ptr, host_ptr, B,
     SPLITS, ONLINE_LSE: tl.constexpr,
 ):  # fmt: skip
     """Greedy: merge a row's partials into the token (first index on ties) and its outputs."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row = tl.program_id(0).to(tl.int64)
     best = tl.full([], NEG_INF, tl.float32)
     best_idx = tl.zeros([], tl.int32)

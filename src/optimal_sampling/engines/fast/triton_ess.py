@@ -105,7 +105,7 @@ def store_robust(out, m, s, t):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def ess_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, state_ptr, ess_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, lo, hi, state_ptr, ess_ptr,
     alphas_ptr, part_ptr, extra_ptr,
     SPLITS, J: tl.constexpr, GRID: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -113,6 +113,7 @@ def ess_kernel(
     on the grid pass). A row already done skips the pass, stores included. A row whose |d'| stays
     within PRECISE_RANGE (the row pass's d range) takes the precise sums alone (narrow_sums), the
     others both kinds (wide_sums)."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     st = state_ptr + row * STATE_W
     j = tl.arange(0, J)

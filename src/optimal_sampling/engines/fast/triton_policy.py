@@ -87,9 +87,10 @@ def store_entropy(out, m, s, t):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def entropy_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, part_ptr,
     SPLITS, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -126,12 +127,13 @@ def entropy_kernel(
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def tilt_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, part_ptr,
     SPLITS, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """On the joint support, in float64 per token: W = sum p_b, D = sum p_b expm1(r),
     A = sum p_b e^r r, B = sum p_b r; hence M(0), M(1), M'(0), M'(1) of the tilted family with no
     cancellation between O(1) terms (reverse_kl_symmetry's two KLs are O(Jeffreys))."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -166,11 +168,12 @@ def tilt_kernel(
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def diagnostics_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, state_ptr, alpha_ptr, cut_ptr, part_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr, part_ptr,
     SPLITS, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the sums of the module docstring, over q's support: the joint support,
     and with CUT only the tokens both cuts keep (triton_cut.py: the truncated q's support)."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t

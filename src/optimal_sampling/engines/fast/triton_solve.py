@@ -71,13 +71,14 @@ from .triton_row_state import (
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def row_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, part_ptr, max_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, lo, hi, part_ptr, max_ptr,
     SPLITS, K: tl.constexpr, FIRST_IN: tl.constexpr, ZERO_AT: tl.constexpr,
     ONE_AT: tl.constexpr, MAXIMA: tl.constexpr, TEMPERED: tl.constexpr, D_RANGE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, chunk): both log-normalisers, the d at the largest z_b, the grid maxima of x_s,
     and (D_RANGE) the largest and smallest d on the joint support."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
@@ -202,7 +203,7 @@ def row_combine_kernel(
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def stats_kernel(
-    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp, lo, hi, pts_ptr, refs_ptr,
+    zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, lo, hi, pts_ptr, refs_ptr,
     state_ptr, part_ptr, shift_ptr,
     SPLITS, K: tl.constexpr, GRID: tl.constexpr, FIRST_IN: tl.constexpr,
     ZERO_AT: tl.constexpr, ONE_AT: tl.constexpr, BLOCK: tl.constexpr,
@@ -215,6 +216,7 @@ def stats_kernel(
     exp(ref_1 - ref_0 - c) (its log is max z_t - z_t at the base's top token; above 80 the row
     counts as risky and takes the rough shift). A row already done skips the pass, stores included
     (combine_kernel ignores its partials)."""
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
