@@ -134,7 +134,9 @@ def search_kernel(
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
-    (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing."""
+    (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing.
+    Pass 1 keeps a running max; later passes take the masses relative to the row's max M from pass
+    1 (every key is <= M), which saves a rescale per threshold and token, and store M as their max."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -144,12 +146,14 @@ def search_kernel(
     if FIRST:
         thr = first_thresholds(j, K)
         blocks = n_blocks
+        m = tl.full([1, BLOCK], NEG_INF, tl.float32)
     else:
+        srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
-        blocks = tl.where(tl.load(search_ptr + row * SEARCH_STATE_W + PHASE) == REFINE, n_blocks, 0)
+        blocks = tl.where(tl.load(srch + PHASE) == REFINE, n_blocks, 0)
+        m = tl.full([1, BLOCK], 0.0, tl.float32) + tl.load(srch + TOP).to(tl.float32)
     thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
-    m = tl.full([1, BLOCK], NEG_INF, tl.float32)
     acc_n = tl.zeros([K, BLOCK], tl.float32)
     acc_s = tl.zeros([K, BLOCK], tl.float32)
     acc_min = tl.full([K, BLOCK], POS_INF, tl.float32)
@@ -158,13 +162,15 @@ def search_kernel(
     for i in range(0, blocks):
         idx = start + i * BLOCK + lanes
         key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
-        m_new = tl.maximum(m, key)
-        scale = tl.exp(m - safe(m_new))
         above = key >= thr  # [K, BLOCK]
-        acc_s = acc_s * scale + tl.where(above, tl.exp(key - safe(m_new)), 0.0)
+        if FIRST:
+            m_new = tl.maximum(m, key)
+            acc_s = acc_s * tl.exp(m - safe(m_new)) + tl.where(above, tl.exp(key - safe(m_new)), 0.0)
+            m = m_new
+        else:
+            acc_s += tl.where(above, tl.exp(key - safe(m)), 0.0)
         acc_n += above.to(tl.float32)
         acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
-        m = m_new
     top = tl.max(m)
     scale = tl.exp(m - safe(top))
     out = part_ptr + (row * SPLITS + split) * PART_W
