@@ -82,17 +82,22 @@ def fused_keep(base, teacher, alpha, cuts, state, params: SamplingParams, tol: f
     return keep & (mix_logprobs(lp_b, lp_t, alpha.double()) > float("-inf"))  # on q's support
 
 
-def check_cuts(device: str, vocab: int, cap: int, configs: list, temperatures: tuple, exact: bool) -> None:
+def check_cuts(
+    device: str, vocab: int, cap: int, configs: list, temperatures: tuple, exact: bool, refine: tuple = ()
+) -> None:
     """Each configuration's kept sets against the sorted masks, and its step against the torch
-    step, with `cap` keys per row collectable (exact: every search must end exact)."""
+    step, with `cap` keys per row collectable (exact: every search must end exact); refine:
+    (thresholds per refining pass, passes) instead of triton_cut's."""
     from optimal_sampling.engines.fast import triton_cut
 
-    default_cap = triton_cut.CAP
+    default = triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES
     triton_cut.CAP = cap
+    if refine:
+        triton_cut.K_REFINE, triton_cut.PASSES = refine
     try:
         check_configs(device, vocab, configs, temperatures, exact)
     finally:
-        triton_cut.CAP = default_cap
+        triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES = default
 
 
 def check_configs(
@@ -232,10 +237,12 @@ def run_cut_checks(device: str) -> None:
     if device == "cuda":
         check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
         check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False)
+        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(8, 6))
     else:
         check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)
         check_cuts(device, 512, 256, CONFIGS[3:4], (0.0,), exact=True)
         check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False)
+        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(8, 6))  # other pass widths
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

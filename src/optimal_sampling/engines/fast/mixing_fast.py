@@ -484,8 +484,8 @@ class CutSearch:
 
         batch, device = state.shape[0], state.device
         search = torch.empty(batch, tc.SEARCH_STATE, dtype=torch.float64, device=device)
-        thr = torch.empty(batch, tc.K, dtype=torch.float32, device=device)
-        parts = torch.empty(batch, splits, tc.PART, dtype=torch.float32, device=device)
+        thr = torch.empty(batch, tc.K_REFINE, dtype=torch.float32, device=device)
+        parts = torch.empty(batch, splits, 1 + 3 * max(tc.K, tc.K_REFINE), dtype=torch.float32, device=device)
         cand = torch.empty(batch, tc.CAP, dtype=torch.float32, device=device)
         count = torch.empty(batch, dtype=torch.int32, device=device)
         common = (*rows[:6], rows[5] // tc.SEARCH_BLOCK, inv_temp, state, alpha, cuts)
@@ -496,11 +496,12 @@ class CutSearch:
                 tc.collect_kernel[grid](*common, search, cand, count, CAP=tc.CAP, **flags, num_warps=4)
             if p == self.passes:
                 break
+            k = tc.K if p == 0 else tc.K_REFINE
             tc.search_kernel[grid](
-                *common, search, thr, parts, SPLITS=splits, K=tc.K, FIRST=p == 0, **flags, num_warps=4
+                *common, search, thr, parts, SPLITS=splits, K=k, FIRST=p == 0, **flags, num_warps=4
             )
             tc.search_combine_kernel[(batch,)](
-                parts, thr, search, count, targets, SPLITS=splits, K=tc.K, FIRST=p == 0,
+                parts, thr, search, count, targets, SPLITS=splits, K=k, KN=tc.K_REFINE, FIRST=p == 0,
                 BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
                 CAP=tc.CAP, num_warps=4,
             )  # fmt: skip

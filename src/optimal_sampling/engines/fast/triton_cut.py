@@ -12,7 +12,7 @@ cut are kept, as mixing.support does). A search finds the threshold of one key p
    [lo, hi) where the count (top-k) or the mass (top-p) crosses its target, and plans the next pass:
 2. passes 2..PASSES: a row whose bracket holds at most CAP keys has them copied out by
    `collect_kernel` (one atomic per block that holds any); the others are refined by
-   `search_kernel` at K thresholds evenly spaced over [lo, min(hi, M)];
+   `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)];
 3. `finish_kernel`: per row, sorts the collected keys (at most CAP) and reads the exact k-th key,
    the exact top-p cut (the last key whose mass before it is below the target), and min-p's
    M + log(min_p); the cut is the largest of those that apply.
@@ -20,7 +20,7 @@ cut are kept, as mixing.support does). A search finds the threshold of one key p
 With top-k on (k <= CAP) a row collects every key >= lo (so top-p on the top-k survivors, which
 needs their sorted masses, is exact too); otherwise it collects the bracket [lo, hi) and knows the
 count and mass above hi. A row still refining after the last pass, which needs more than CAP
-keys within 1 / (K - 1)**(PASSES - 1) of the first bracket's width, keeps its whole bracket
+keys within 1 / (K_REFINE - 2)**(PASSES - 1) of the first bracket's width, keeps its whole bracket
 (a superset of the exact set) and its EXACT column is 0; keys tied at one value end the search
 exactly. Invariant: logits are finite or -inf; the teacher's set always holds a token q can draw.
 """
@@ -34,12 +34,11 @@ from .triton_common import safe
 from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
 CAP = 2048  # keys a row may collect for the exact finish
-K = 16  # thresholds per search pass (each costs a compare, an add and a min per token)
+K = 16  # thresholds of pass 1 (fixed; each costs a compare, an add and a min per token)
+K_REFINE = 16  # thresholds of each later pass
 PASSES = 4  # search passes (the first at fixed thresholds)
 SEARCH_BLOCK = 128  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators)
-# per (row, split) of a search pass: the max key, then per threshold the count, mass, smallest key
-PART = 1 + 3 * K
-PART_W = tl.constexpr(PART)
+# a pass writes per (row, split) 1 + 3 K floats: the max key, then per threshold the count, mass, smallest key
 SEARCH_STATE = 12  # per row, float64: the columns below
 SEARCH_STATE_W = tl.constexpr(SEARCH_STATE)
 PHASE = tl.constexpr(0)  # REFINE, COLLECT, COLLECTED, TIED, NO_CUT
@@ -173,7 +172,7 @@ def search_kernel(
         acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
     top = tl.max(m)
     scale = tl.exp(m - safe(top))
-    out = part_ptr + (row * SPLITS + split) * PART_W
+    out = part_ptr + (row * SPLITS + split) * (1 + 3 * K)
     tl.store(out, top)
     jj = tl.arange(0, K)
     tl.store(out + 1 + jj, tl.sum(acc_n, axis=1))
@@ -217,7 +216,7 @@ def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
     mass relative to e^max (float64) and the smallest key at or above it."""
     sp = tl.arange(0, MAX_SPLITS)[:, None]
     jj = tl.arange(0, K)[None, :]
-    at = part_ptr + (row * SPLITS + sp) * PART_W
+    at = part_ptr + (row * SPLITS + sp) * (1 + 3 * K)
     ok = sp < SPLITS
     m = tl.load(at, mask=ok, other=NEG_INF)  # [MAX_SPLITS, 1]
     top = tl.max(tl.max(m, axis=1), axis=0)
@@ -231,7 +230,7 @@ def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_combine_kernel(
     part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr,
-    SPLITS, K: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
+    SPLITS, K: tl.constexpr, KN: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
     ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
     """Per row: the bracket [lo, hi) where the count (BY_COUNT: target k) or the mass (target p of
@@ -297,14 +296,15 @@ def search_combine_kernel(
             t_last = tl.sum(tl.where(jj == K - 1, thr, 0.0))
             t_up = tl.sum(tl.where(jj == K - 2, thr, 0.0))
             tied = (crossing == K - 1).to(tl.int32) + (t_up == next_up(t_last)).to(tl.int32) == 2
-        plan_next(srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, K, ALL_ABOVE, CAP)
+        plan_next(srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, KN, ALL_ABOVE, CAP)
 
 
 @triton.jit
 def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, K: tl.constexpr,
               ALL_ABOVE: tl.constexpr, CAP: tl.constexpr):  # fmt: skip
-    """Store the bracket and the next phase; a refining row's next thresholds span [lo, min(hi, M)]
-    evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo settle the target)."""
+    """Store the bracket and the next phase; a refining row's next K thresholds (the next pass's)
+    span [lo, min(hi, M)] evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo
+    settle the target)."""
     if ALL_ABOVE:
         size, collect_hi = n_lo, tl.full([], POS_INF, tl.float32)
         base_n, base_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
