@@ -2,7 +2,8 @@
 # One device run for issue 15, within one command's time: the fused step's CUDA checks, where the
 # fused step's time goes (profile_fused.py), then the public-API matrix (bench_api.py) in the time
 # left (DEADLINE seconds from the start; its rows print as they finish). Logs under $OUT.
-#   bash benchmarks/issue15_run.sh            (repo root; BENCH_ARGS for bench_api, e.g. --pair 7b)
+#   bash benchmarks/issue15_run.sh            (repo root; BENCH_ARGS for bench_api, e.g. --pair 7b;
+#                                              PROFILE_CONFIGS / PROFILE_ARGS for profile_fused)
 set -o pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-585}
@@ -19,7 +20,7 @@ if [ "${SKIP_TESTS:-0}" = 0 ]; then
     echo "tests done at $(($(date +%s) - START)) s"
 fi
 if [ -n "${PROFILE_CONFIGS:-}" ]; then
-    timeout 90 python3 benchmarks/profile_fused.py --batches 256 --configs "$PROFILE_CONFIGS" 2>&1 |
+    timeout 90 python3 benchmarks/profile_fused.py --batches 256 --configs "$PROFILE_CONFIGS" ${PROFILE_ARGS:-} 2>&1 |
         grep -v -i warn | tee "$OUT/profile.log" | tail -1
 fi
 echo "bench_api with $(left) s left"
