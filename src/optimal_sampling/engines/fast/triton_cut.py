@@ -55,6 +55,7 @@ COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI
 EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
 REFINE, COLLECT, COLLECTED, TIED, NO_CUT = (tl.constexpr(float(v)) for v in range(5))
 POS_INF = tl.constexpr(float("inf"))
+RESCALE_SLACK = tl.constexpr(30.0)  # pass 1's mass terms are at most e^30 (sums of V of them fit float32)
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the smallest finite float32
 MAX_SPLITS = tl.constexpr(64)  # mixing_fast.split_count's largest
 
@@ -134,23 +135,26 @@ def search_kernel(
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
     (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing.
-    Pass 1 keeps a running max; later passes take the masses relative to the row's max M from pass
-    1 (every key is <= M), which saves a rescale per threshold and token, and store M as their max."""
+    The masses are taken relative to e^ref for one ref per program, not a running max per lane, so
+    a token costs no rescale per threshold: later passes use the row's max M from pass 1 (every key
+    is <= M) and store it as their max; pass 1 raises ref to a block's max only when that block
+    holds a key more than RESCALE_SLACK above it (terms stay <= e^RESCALE_SLACK: no overflow)."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
     j = tl.arange(0, K)[:, None]
+    m = tl.full([1, BLOCK], NEG_INF, tl.float32)  # pass 1: each lane's largest key
     if FIRST:
         thr = first_thresholds(j, K)
         blocks = n_blocks
-        m = tl.full([1, BLOCK], NEG_INF, tl.float32)
+        ref = tl.full([], NEG_INF, tl.float32)
     else:
         srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
         blocks = tl.where(tl.load(srch + PHASE) == REFINE, n_blocks, 0)
-        m = tl.full([1, BLOCK], 0.0, tl.float32) + tl.load(srch + TOP).to(tl.float32)
+        ref = tl.load(srch + TOP).to(tl.float32)
     thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
     acc_n = tl.zeros([K, BLOCK], tl.float32)
@@ -163,15 +167,19 @@ def search_kernel(
         key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         above = key >= thr  # [K, BLOCK]
         if FIRST:
-            m_new = tl.maximum(m, key)
-            acc_s = acc_s * tl.exp(m - safe(m_new)) + tl.where(above, tl.exp(key - safe(m_new)), 0.0)
-            m = m_new
-        else:
-            acc_s += tl.where(above, tl.exp(key - safe(m)), 0.0)
+            m = tl.maximum(m, key)
+            block_top = tl.max(key)
+            if block_top > ref + RESCALE_SLACK:  # rare: the sums so far were relative to e^safe(ref)
+                acc_s = acc_s * tl.exp(safe(ref) - block_top)
+                ref = block_top
+        acc_s += tl.where(above, tl.exp(key - safe(ref)), 0.0)
         acc_n += above.to(tl.float32)
         acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
-    top = tl.max(m)
-    scale = tl.exp(m - safe(top))
+    if FIRST:
+        top = tl.max(m)
+        scale = tl.exp(safe(ref) - safe(top))  # ref <= top: the sums relative to e^top
+    else:
+        top, scale = ref, 1.0
     out = part_ptr + (row * SPLITS + split) * (1 + 3 * K)
     tl.store(out, top)
     jj = tl.arange(0, K)
