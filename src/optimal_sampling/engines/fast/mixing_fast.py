@@ -65,7 +65,7 @@ def step_key(mix: MixConfig, params: SamplingParams) -> tuple:
 def fused_key(mix: MixConfig, params: SamplingParams, vocab: int) -> tuple:
     """What a captured fused step depends on: the kernels it launches, not the numbers they read
     from `step_values` (1 / T, top-k, top-p, min-p), so one graph serves every temperature other
-    than 0 and 1, every top-p, every top-k up to CUT_CAP (and every one above), every min-p."""
+    than 0 and 1, every top-p, every top-k up to triton_cut.CAP (and every one above), every min-p."""
     from .triton_cut import CAP
 
     temperature = "greedy" if params.greedy else "plain" if params.temperature == 1.0 else "tempered"
@@ -79,9 +79,6 @@ def fused_key(mix: MixConfig, params: SamplingParams, vocab: int) -> tuple:
         params.min_p > 0.0,
         params.collect_diagnostics,
     )
-
-
-VALUES = 7  # step_values' length
 
 
 def step_values(mix: MixConfig, params: SamplingParams, vocab: int) -> list[float]:
