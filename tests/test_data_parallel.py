@@ -20,7 +20,8 @@ import torch
 
 from optimal_sampling.cli import main
 from optimal_sampling.distributed.environment import NO_MULTICAST
-from optimal_sampling.jobs import data_parallel as parallel
+from optimal_sampling.jobs import dp_launcher as launcher
+from optimal_sampling.jobs import dp_shard
 from optimal_sampling.jobs import prompts as prompt_files
 from optimal_sampling.jobs import store as io
 
@@ -94,30 +95,30 @@ def reference(pair, prompts: Path, tmp_path: Path, *extra: str) -> list[tuple]:
 
 def test_shards_are_disjoint_and_cover_every_prompt():
     for world in (1, 2, 3, 7):
-        shards = [parallel.shard_prompts(10, r, world) for r in range(world)]
+        shards = [dp_shard.shard_prompts(10, r, world) for r in range(world)]
         assert sorted(i for shard in shards for i in shard) == list(range(10))
 
 
 def test_worker_environment_pins_gpus_and_keeps_multicast_off(monkeypatch):
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
     monkeypatch.setenv("RANK", "3")
-    env = parallel.worker_env("2,3", world=2)
+    env = launcher.worker_env("2,3", world=2)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in env
     assert {k: env[k] for k in NO_MULTICAST} == NO_MULTICAST
     assert env["OMP_NUM_THREADS"] == "1"  # set by the fixture: a user's choice is kept
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(parallel.__file__).parent.parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(launcher.__file__).parent.parent.parent)
 
 
 def test_gpu_plan_gives_each_rank_its_block(monkeypatch):
-    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["4", "5", "6", "7"])
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["4", "5", "6", "7"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert parallel.gpu_plan("auto", 2, 2) == ["4,5", "6,7"]
-    assert parallel.gpu_plan("cuda", 4, 1) == ["4", "5", "6", "7"]
-    assert parallel.gpu_plan("cpu", 8, 1) is None
+    assert launcher.gpu_plan("auto", 2, 2) == ["4,5", "6,7"]
+    assert launcher.gpu_plan("cuda", 4, 1) == ["4", "5", "6", "7"]
+    assert launcher.gpu_plan("cpu", 8, 1) is None
     with pytest.raises(ValueError, match="needs 6 GPUs; 4 visible"):
-        parallel.gpu_plan("auto", 3, 2)
+        launcher.gpu_plan("auto", 3, 2)
     with pytest.raises(ValueError, match="each worker gets its own GPU"):
-        parallel.gpu_plan("cuda:1", 2, 1)
+        launcher.gpu_plan("cuda:1", 2, 1)
 
 
 def record(prompt: int, sample: int) -> dict:

@@ -22,7 +22,7 @@ import pytest
 
 from optimal_sampling.cli import main
 from optimal_sampling.config import EngineConfig, SamplingParams
-from optimal_sampling.jobs import data_parallel as parallel
+from optimal_sampling.jobs import dp_launcher as launcher
 from optimal_sampling.jobs import generate as generate_job
 from optimal_sampling.jobs import store as io
 from optimal_sampling.jobs.lock import OutputLock
@@ -479,7 +479,7 @@ def test_16_worker_input_error_is_reported_without_resume_advice(pair, tmp_path,
     def failing_worker(options, rank, world):
         return [sys.executable, "-c", f"import sys; print({said!r}, file=sys.stderr); sys.exit(2)"]
 
-    monkeypatch.setattr(parallel, "worker_command", failing_worker)
+    monkeypatch.setattr(launcher, "worker_command", failing_worker)
     prompts = write_lines(tmp_path / "prompts.txt", ["one", "two"])
     code, err = cli(argv_for(pair, "--input", str(prompts), "--output", str(tmp_path / "out.jsonl"),
                              "--data-parallel", "2"), capsys)  # fmt: skip
