@@ -158,7 +158,7 @@ def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dic
     for name, (mix, sampling) in CONFIGS.items():
         key = json.dumps(mix, sort_keys=True)
         if key not in samplers:
-            sampler = None
+            sampler = call = None  # (call holds sampler.generate, hence the sampler)
             samplers.clear()  # free the engine's caches and graphs before the next one
             gc.collect()
             torch.cuda.empty_cache()

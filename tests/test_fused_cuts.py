@@ -237,12 +237,12 @@ def run_cut_checks(device: str) -> None:
     if device == "cuda":
         check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
         check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False)
-        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(8, 6))
+        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(16, 4))
     else:
         check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)
         check_cuts(device, 512, 256, CONFIGS[3:4], (0.0,), exact=True)
         check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False)
-        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(8, 6))  # other pass widths
+        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(16, 4))  # other pass widths
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

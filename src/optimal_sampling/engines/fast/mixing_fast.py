@@ -462,12 +462,13 @@ class CutSearch:
     of them apply and how k compares with CAP set its kernels; their targets are read on the device."""
 
     def __init__(self, top_k: int, top_p: float, min_p: float, vocab: int, sequential: bool):
-        from .triton_cut import CAP, PASSES
+        from .triton_cut import CAP, PASSES, K
 
         self.use_k, self.use_p, self.use_min = 0 < top_k < vocab, top_p < 1.0, min_p > 0.0
         self.all_above = self.use_k and top_k <= CAP
         self.second = self.all_above and self.use_p  # top-p needs every key of the top-k set
         self.passes = PASSES if self.use_k or self.use_p else 1
+        self.first_k = K if self.use_k or self.use_p else 2  # min-p alone needs only the row's max
         self.sequential = sequential
 
     def run(
@@ -493,7 +494,7 @@ class CutSearch:
                 tc.collect_kernel[grid](*common, search, cand, count, CAP=tc.CAP, **flags, num_warps=4)
             if p == self.passes:
                 break
-            k = tc.K if p == 0 else tc.K_REFINE
+            k = self.first_k if p == 0 else tc.K_REFINE
             tc.search_kernel[grid](
                 *common, search, thr, parts, SPLITS=splits, K=k, FIRST=p == 0, **flags, num_warps=4
             )
