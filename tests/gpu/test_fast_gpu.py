@@ -105,53 +105,45 @@ TEACHER_SET = {"constraint_to_target": True, "target_top_k": 30, "target_top_p":
     ],
 )
 def test_decode_and_sample_equals_decode_then_sample_step(tiny_pair, method, diagnostics, cut, teacher_set):
-    _, a = pair(tiny_pair, "llama", torch.bfloat16)
-    _, b = pair(tiny_pair, "llama", torch.bfloat16)
     mix = MixConfig(alpha_method=method, **teacher_set)
     params = SamplingParams(temperature=0.8, collect_diagnostics=diagnostics, **cut)
-    requests = [SlotRequest(i, p, p) for i, p in enumerate(PROMPTS)]
-    a.add(requests)
-    b.add(requests)
-    slots, tokens = [0, 1, 2], [4, 5, 6]
-    seeds = torch.tensor([11, 12, 13], device="cuda")
-    for step in range(1, 10):
-        fused = a.decode_and_sample(slots, tokens, seeds.tolist(), [step] * 3, mix, params)
-        logits_b, logits_t = b.decode(torch.tensor(slots, device="cuda"), torch.tensor(tokens, device="cuda"))
-        steps = torch.full((3,), step, device="cuda")
-        exact = sample_step(logits_b, logits_t, seeds, steps, mix, params)
-        assert fused.tokens.tolist() == exact.tokens.tolist()
-        torch.testing.assert_close(fused.alpha, exact.alpha, atol=1e-3, rtol=0)
-        torch.testing.assert_close(fused.logprob_q, exact.logprob_q, atol=2e-3, rtol=2e-3)
-        tokens = fused.tokens.tolist()
+    decode_against_torch_step(tiny_pair, mix, [params], steps=9)
 
 
 def test_settings_of_one_key_share_graphs_and_draw_their_own_numbers(tiny_pair):
     """Steps alternating between settings that differ only in their numbers (temperature, top-p,
     top-k, min-p) replay the same graphs, each reading its own numbers: they equal the torch step
     of their own setting, and after the first two steps nothing is captured."""
-    _, a = pair(tiny_pair, "llama", torch.bfloat16)
-    _, b = pair(tiny_pair, "llama", torch.bfloat16)
-    mix = MixConfig(**TEACHER_SET)
     settings = [
         SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, collect_diagnostics=True),
         SamplingParams(temperature=1.4, top_k=9, top_p=0.6, min_p=0.1, collect_diagnostics=True),
     ]
+    engine, captures = decode_against_torch_step(tiny_pair, MixConfig(**TEACHER_SET), settings, steps=8)
+    assert engine.captures == captures
+
+
+def decode_against_torch_step(tiny_pair, mix: MixConfig, settings: list, steps: int) -> tuple:
+    """decode_and_sample on a fast engine with settings[step % len(settings)] at each step, against
+    decode then the torch sample_step on a twin: the same tokens, alpha and log q close. Returns the
+    engine and its capture count after the first two steps."""
+    _, a = pair(tiny_pair, "llama", torch.bfloat16)
+    _, b = pair(tiny_pair, "llama", torch.bfloat16)
     requests = [SlotRequest(i, p, p) for i, p in enumerate(PROMPTS)]
     a.add(requests)
     b.add(requests)
-    slots, tokens = [0, 1, 2], [4, 5, 6]
+    slots, tokens, captures = [0, 1, 2], [4, 5, 6], None
     seeds = torch.tensor([11, 12, 13], device="cuda")
-    for step in range(1, 9):
-        params = settings[step % 2]
-        if step == 3:
-            captures = a.captures
+    for step in range(1, steps + 1):
+        params = settings[step % len(settings)]
+        captures = a.captures if step == 3 else captures
         fused = a.decode_and_sample(slots, tokens, seeds.tolist(), [step] * 3, mix, params)
         logits_b, logits_t = b.decode(torch.tensor(slots, device="cuda"), torch.tensor(tokens, device="cuda"))
         exact = sample_step(logits_b, logits_t, seeds, torch.full((3,), step, device="cuda"), mix, params)
         assert fused.tokens.tolist() == exact.tokens.tolist(), step
+        torch.testing.assert_close(fused.alpha, exact.alpha, atol=1e-3, rtol=0)
         torch.testing.assert_close(fused.logprob_q, exact.logprob_q, atol=2e-3, rtol=2e-3)
         tokens = fused.tokens.tolist()
-    assert a.captures == captures
+    return a, captures
 
 
 def test_sampler_refill_on_cuda_gives_same_tokens_as_alone(tiny_pair):
