@@ -146,7 +146,9 @@ class FusedStepSampler(StepSampler):
         super().__init__(mix, params)
         self.vocab, self.key = vocab, fused_key(mix, params, vocab)
         self.current = step_values(mix, params, vocab)
-        self.values = torch.tensor(self.current, dtype=torch.float64, device=device)
+        values = torch.tensor(self.current, dtype=torch.float64)
+        # pinned and non-blocking: made on first use, maybe in a first draw on the prefill stream
+        self.values = values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values
 
     def use(self, params: SamplingParams) -> FusedStepSampler:
         assert fused_key(self.mix, params, self.vocab) == self.key
