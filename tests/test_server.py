@@ -599,6 +599,30 @@ def test_serve_without_the_extra_says_which_in_one_line(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "optimal-sampling[serve]" in err and "fastapi" in err
 
 
+def test_serve_rejects_bad_warmup_temperatures_in_one_line(capsys):
+    for bad in ("-1", "0.7,warm", "inf"):
+        assert main(["serve", "--device", "cpu", "--warmup-temperatures", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--warmup-temperatures" in err and bad.split(",")[-1] in err, (
+            err
+        )
+
+
+def test_warm_temperatures_warms_each_given_temperature():
+    """The engine process warms the server's extra temperatures (and nothing without any)."""
+    from optimal_sampling.server.engine_process import warm_temperatures
+
+    calls = []
+
+    class Recorder:
+        def warmup(self, settings):
+            calls.append([p.temperature for p in settings])
+
+    warm_temperatures(Recorder(), ())
+    warm_temperatures(Recorder(), (0.0, 0.7))
+    assert calls == [[0.0, 0.7]]
+
+
 def test_serve_with_a_missing_model_fails_in_one_line(capsys, tmp_path):
     missing = str(tmp_path / "no-such-model")
     argv = ["serve", "--base", missing, "--teacher", missing, "--device", "cpu", "--port", str(free_port())]

@@ -143,7 +143,9 @@ PACE_MS = 150.0
 def paced(tiny_pair, tmp_path_factory):
     pair = tiny_pair("llama")
     log = tmp_path_factory.mktemp("paced") / "server.log"
-    url, process = start_server(pair, log, "--stream-interval-ms", str(PACE_MS), "--seed", "0")
+    url, process = start_server(
+        pair, log, "--stream-interval-ms", str(PACE_MS), "--seed", "0", "--warmup-temperatures", "0,0.7"
+    )
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         yield pair, client
     stop_cleanly(process, log)

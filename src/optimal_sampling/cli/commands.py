@@ -97,6 +97,22 @@ def vllm_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def temperatures_of(text: str) -> tuple[float, ...]:
+    """--warmup-temperatures: comma-separated temperatures, each finite and >= 0."""
+    values = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value < float("inf"):
+            raise ValueError(
+                f"--warmup-temperatures takes temperatures >= 0 separated by commas, got {item!r}"
+            )
+        values.append(value)
+    return tuple(values)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Load the pair once (in the engine process), then serve it until Ctrl-C / SIGTERM."""
     from ..server import require_serve_extra
@@ -106,6 +122,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.stream_interval_ms is not None and not args.stream_interval_ms >= 0:
         raise ValueError(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
+    temperatures = temperatures_of(args.warmup_temperatures)
     from ..runtime.sampler import SamplerSpec
     from ..server.app import run_server
     from ..server.state import ServerSettings
@@ -117,6 +134,7 @@ def serve(args: argparse.Namespace) -> int:
         engine_config_of(args),
         ParallelConfig(args.tp_size),
         args.seed,
+        temperatures,
     )
     settings = ServerSettings(
         args.served_model_name, args.api_key, args.base, args.teacher, args.stream_interval_ms

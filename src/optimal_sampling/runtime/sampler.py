@@ -50,6 +50,9 @@ class SamplerSpec:
     engine: EngineConfig
     parallel: ParallelConfig
     seed: int | None = None
+    # temperatures whose graphs a server captures at start besides the default's (each stands for
+    # its kind: 0, 1 or any other, see OptimalSampler.warmup)
+    warmup_temperatures: tuple[float, ...] = ()
 
 
 def eos_ids_of(loaded: LoadedModel) -> set[int]:

@@ -277,6 +277,15 @@ def pair_info(sampler) -> PairInfo:
     )  # fmt: skip
 
 
+def warm_temperatures(sampler, temperatures: tuple[float, ...]) -> None:
+    """Capture now the graphs requests at these temperatures would otherwise capture on first use
+    (construction warmed temperature 1 only); a request meeting a capture stalls every stream."""
+    from ..config import SamplingParams
+
+    if temperatures:
+        sampler.warmup([SamplingParams(temperature=t) for t in temperatures])
+
+
 def engine_main(spec: SamplerSpec, conn) -> None:
     """The child: load, report, serve commands until told to stop or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -292,6 +301,7 @@ def engine_main(spec: SamplerSpec, conn) -> None:
             sampler = OptimalSampler.from_configs(
                 spec.model_base, spec.model_teacher, spec.mix, spec.engine, spec.parallel, spec.seed
             )
+            warm_temperatures(sampler, spec.warmup_temperatures)
     except Exception as err:  # told to the parent, which reports it in one line
         conn.send(("failed", " ".join(f"{type(err).__name__}: {err}".split())))
         return
