@@ -110,8 +110,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: auto, the open streams x 0.25 ms: at most 4,000 chunks a second in all)")  # fmt: skip
     g.add_argument("--warmup-temperatures", default="", metavar="T[,T...]",
                    help="also capture at start the CUDA graphs of these temperatures (0: greedy; any "
-                        "other than 0 and 1 covers all others), so no request stalls the server for "
-                        "a capture (default: 1 only)")  # fmt: skip
+                        "other than 0 and 1 covers all others), so no request without top-k/top-p/min-p "
+                        "stalls the server for a capture (default: 1 only)")  # fmt: skip
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds running requests get to finish before they are aborted (default 10)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
