@@ -54,8 +54,9 @@ from .attention import decode_attention_sdpa
 from .cached_model import CachedModel, new_cached_model
 from .graph_plan import GraphPlan, one_split_rule
 from .graphs import GraphCache, batch_bucket
-from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, sampler_key, step_values
-from .prefill import Prefill, to_device
+from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, sampler_key, values_tensor
+from .prefill import Prefill
+from .transfer import to_device
 
 
 class PendingAdd:
@@ -256,10 +257,8 @@ class FastEngine(Prefill, Engine):
             logits_b, logits_t = logits_b[index], logits_t[index]
         seeds = to_device(list(row_seeds) + [0] * pad, self.device)
         counts = to_device(list(steps) + [0] * pad, self.device)
-        # its own numbers, not the graphs' (steps of another setting may be queued), copied as
-        # to_device does, so the host does not wait for the prefill queued on this stream
-        values = torch.tensor(step_values(mix, params, self.vocab_size), dtype=torch.float64)
-        values = to_device(values, self.device)
+        # its own numbers, not the graphs': steps of another setting of its key may be queued
+        values = values_tensor(mix, params, self.vocab_size, self.device)
         outputs = self.sampler_for(mix, params)(logits_b, logits_t, seeds, counts, values)
         return result_from_tensors(tuple(out[:n] for out in outputs), params)
 

@@ -1,14 +1,14 @@
 """The per-step sampler of the fast engine: the fused Triton kernel where it applies, else `sample_step`.
 
-`make_step_sampler(mix, params, device)` is chosen once per sampling configuration. Both
+`make_step_sampler(mix, params, vocab, device)` is made once per sampler key (`sampler_key`). Both
 samplers are graph-capturable callables `(logits_base, logits_teacher, row_seeds, steps) -> tuple`
 of [B] tensors in the order of `result_fields(params)`, so the engine captures them in the same
 CUDA graph as the two forward passes.
 
 The fused kernels (triton_solve.py: the alpha passes; triton_draw.py: the draw; triton_policy.py:
 entropies, tilted moments and diagnostics, merged per row by triton_merge.py; triton_ess.py: the
-ess_balance passes; triton_cut.py: the teacher constraint and top-k / top-p / min-p as per-row
-thresholds; triton_row_state.py: the buffers' layout) cover every alpha_method, with or without
+ess_balance passes; triton_cut.py, driven by cut_search.py: the teacher constraint and top-k /
+top-p / min-p as per-row thresholds; triton_row_state.py: the buffers' layout) cover every alpha_method, with or without
 diagnostics, any temperature, the teacher constraint and the truncations (all but a top-k above
 triton_cut.CAP together with a top-p). They keep |alpha - alpha_float64| <= 1e-4 (tested against the float64 reference) with a grid pass and up to len(REFINE_POINTS)
 refining passes of a few points, which rows already solved skip, instead of 24 Newton
@@ -28,6 +28,8 @@ import torch
 from ...config import MixConfig, SamplingParams
 from ...mixing.draw import CHUNK_NOISE, DRAW_ALIGN, DRAW_CHUNKS, draw_chunk
 from ...mixing.step import StepResult, sample_step
+from .cut_search import cut_thresholds, truncates
+from .transfer import to_device
 
 BASE_FIELDS = ("tokens", "logprob_base", "logprob_teacher", "logprob_q", "alpha")
 DIAG_FIELDS = ("ess_ratio", "kl_q_base", "kl_q_teacher")
@@ -93,7 +95,9 @@ def step_values(mix: MixConfig, params: SamplingParams, vocab: int) -> list[floa
 
 
 def values_tensor(mix: MixConfig, params: SamplingParams, vocab: int, device) -> torch.Tensor:
-    return torch.tensor(step_values(mix, params, vocab), dtype=torch.float64, device=device)
+    """step_values on the device, copied without making the host wait (a first draw makes its
+    own on the prefill stream, behind a queued prefill)."""
+    return to_device(torch.tensor(step_values(mix, params, vocab), dtype=torch.float64), torch.device(device))
 
 
 FUSED_METHODS = ("kl_symmetry", "fixed", "entropy", "reverse_kl_symmetry", "ess_balance")
@@ -107,10 +111,6 @@ def fused_supported(mix: MixConfig, params: SamplingParams) -> bool:
     both_q = params.top_k > CAP and params.top_p < 1.0
     both_t = mix.constrained and mix.target_top_k > CAP and mix.target_top_p < 1.0
     return mix.alpha_method in FUSED_METHODS and not both_q and not both_t
-
-
-def truncates(params: SamplingParams, vocab: int) -> bool:
-    return 0 < params.top_k < vocab or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def triton_available() -> bool:
@@ -146,9 +146,7 @@ class FusedStepSampler(StepSampler):
         super().__init__(mix, params)
         self.vocab, self.key = vocab, fused_key(mix, params, vocab)
         self.current = step_values(mix, params, vocab)
-        values = torch.tensor(self.current, dtype=torch.float64)
-        # pinned and non-blocking: made on first use, maybe in a first draw on the prefill stream
-        self.values = values.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else values
+        self.values = values_tensor(mix, params, vocab, device)
 
     def use(self, params: SamplingParams) -> FusedStepSampler:
         assert fused_key(self.mix, params, self.vocab) == self.key
@@ -432,82 +430,3 @@ def fused_sample_step(
 ) -> StepResult:
     """Drop-in for `mixing.step.sample_step` where `fused_supported(mix, params)`."""
     return result_from_tensors(fused_outputs(logits_b, logits_t, row_seeds, steps, mix, params), params)
-
-
-def cut_thresholds(
-    rows, values: torch.Tensor, splits: int, state, alpha, mix: MixConfig, params: SamplingParams, trace=None
-) -> torch.Tensor:
-    """[B, 2] float32: each row's cut on u (q's top-k / top-p / min-p, inside the teacher's set)
-    and on lp_t (the teacher's set); -inf where none applies (triton_cut.py). values: the step's
-    numbers (`step_values`): 1 / T, q's targets, the teacher set's targets.
-    trace: a list to append the cuts and each search's row state to (checks, eager only)."""
-    batch, vocab = state.shape[0], rows[4]
-    cuts = torch.full((batch, 2), float("-inf"), dtype=torch.float32, device=state.device)
-    searches = []
-    if mix.constrained:
-        teacher = CutSearch(mix.target_top_k, mix.target_top_p, 0.0, vocab, sequential=False)
-        searches.append(
-            teacher.run(rows, values, values[4:], splits, state, alpha, cuts, which=1, constrained=False)
-        )
-    if truncates(params, vocab):
-        q = CutSearch(params.top_k, params.top_p, params.min_p, vocab, sequential=True)
-        searches.append(
-            q.run(rows, values, values[1:4], splits, state, alpha, cuts, which=0, constrained=mix.constrained)
-        )
-    if trace is not None:
-        trace.append({"cuts": cuts, "searches": searches, "state": state})
-    return cuts
-
-
-class CutSearch:
-    """One row-wise threshold search (triton_cut.py's passes) for a top-k / top-p / min-p: which
-    of them apply and how k compares with CAP set its kernels; their targets are read on the device."""
-
-    def __init__(self, top_k: int, top_p: float, min_p: float, vocab: int, sequential: bool):
-        from .triton_cut import CAP, PASSES, K
-
-        self.use_k, self.use_p, self.use_min = 0 < top_k < vocab, top_p < 1.0, min_p > 0.0
-        self.all_above = self.use_k and top_k <= CAP
-        self.second = self.all_above and self.use_p  # top-p needs every key of the top-k set
-        self.passes = PASSES if self.use_k or self.use_p else 1
-        self.first_k = K if self.use_k or self.use_p else 2  # min-p alone needs only the row's max
-        self.sequential = sequential
-
-    def run(
-        self, rows, inv_temp: torch.Tensor, targets: torch.Tensor, splits: int, state, alpha, cuts,
-        which: int, constrained: bool,
-    ):  # fmt: skip
-        """Write column `which` of cuts; returns the rows' search state (triton_cut's columns).
-        targets: float64 on the device, k (2**31 - 1 for none: min-p alone, pass 1 finds the max),
-        p, log min-p."""
-        from . import triton_cut as tc
-
-        batch, device = state.shape[0], state.device
-        search = torch.empty(batch, tc.SEARCH_STATE, dtype=torch.float64, device=device)
-        thr = torch.empty(batch, tc.K_REFINE, dtype=torch.float32, device=device)
-        parts = torch.empty(batch, splits, 1 + 3 * max(tc.K, tc.K_REFINE), dtype=torch.float32, device=device)
-        cand = torch.empty(batch, tc.CAP, dtype=torch.float32, device=device)
-        count = torch.empty(batch, dtype=torch.int32, device=device)
-        common = (*rows[:6], rows[5] // tc.SEARCH_BLOCK, inv_temp, state, alpha, cuts)
-        flags = {"Q": which == 0, "CONSTRAINED": constrained, "BLOCK": tc.SEARCH_BLOCK}
-        grid = (batch, splits)
-        for p in range(self.passes + 1):
-            if p > 0:  # rows whose bracket the pass before found small copy it out
-                tc.collect_kernel[grid](*common, search, cand, count, CAP=tc.CAP, **flags, num_warps=4)
-            if p == self.passes:
-                break
-            k = self.first_k if p == 0 else tc.K_REFINE
-            tc.search_kernel[grid](
-                *common, search, thr, parts, SPLITS=splits, K=k, FIRST=p == 0, **flags, num_warps=4
-            )
-            tc.search_combine_kernel[(batch,)](
-                parts, thr, search, count, targets, SPLITS=splits, K=k, KN=tc.K_REFINE, FIRST=p == 0,
-                BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
-                CAP=tc.CAP, num_warps=4,
-            )  # fmt: skip
-        tc.finish_kernel[(batch,)](
-            search, cand, count, cuts, targets, which, CAP=tc.CAP,
-            TOP_K=self.use_k, TOP_P=self.use_p, MIN_P=self.use_min, SEQUENTIAL=self.sequential,
-            SECOND=self.second, num_warps=8,
-        )  # fmt: skip
-        return search

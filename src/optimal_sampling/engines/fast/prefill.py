@@ -6,27 +6,13 @@ docstring says why prefill has its own streams and graph pool)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ..base import SlotRequest
 from .attention import prefill_attention
 from .cached_model import CachedModel
 from .graph_plan import width_of
-
-
-def to_device(host: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-    """A host tensor (or int list) on `device` without blocking the host: a plain copy from
-    pageable memory waits for the current stream, i.e. for a prefill already queued on it."""
-    if isinstance(host, torch.Tensor):
-        if host.device.type != "cpu":
-            return host.to(device)
-    else:
-        host = torch.tensor(list(host), dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+from .transfer import to_device
 
 
 class Prefill:
