@@ -3,7 +3,8 @@
 # fused step's time goes (profile_fused.py), then the public-API matrix (bench_api.py) in the time
 # left (DEADLINE seconds from the start; its rows print as they finish). Logs under $OUT.
 #   bash benchmarks/issue15_run.sh            (repo root; BENCH_ARGS for bench_api, e.g. --pair 7b;
-#                                              PROFILE_CONFIGS / PROFILE_ARGS for profile_fused)
+#                                              PROFILE_CONFIGS / PROFILE_ARGS for profile_fused;
+#                                              SKIP_TESTS=1 / SKIP_BENCH=1 leave those out)
 set -o pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-585}
@@ -23,6 +24,7 @@ if [ -n "${PROFILE_CONFIGS:-}" ]; then
     timeout 90 python3 benchmarks/profile_fused.py --batches 256 --configs "$PROFILE_CONFIGS" ${PROFILE_ARGS:-} 2>&1 |
         grep -v -i warn | tee "$OUT/profile.log" | tail -1
 fi
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 echo "bench_api with $(left) s left"
 # a fresh Triton cache, so the first sampler's warmup is the cold one a new machine pays
 export TRITON_CACHE_DIR=${BENCH_TRITON_CACHE:-$(mktemp -d)}

@@ -83,28 +83,39 @@ def fused_keep(base, teacher, alpha, cuts, state, params: SamplingParams, tol: f
 
 
 def check_cuts(
-    device: str, vocab: int, cap: int, configs: list, temperatures: tuple, exact: bool, refine: tuple = ()
+    device: str,
+    vocab: int,
+    cap: int,
+    configs: list,
+    temperatures: tuple,
+    exact: bool,
+    refine: tuple = (),
+    big: int | None = None,
 ) -> None:
     """Each configuration's kept sets against the sorted masks, and its step against the torch
     step, with `cap` keys per row collectable (exact: every search must end exact); refine:
-    (thresholds per refining pass, passes) instead of triton_cut's."""
+    (thresholds per refining pass, passes) instead of triton_cut's; big: keys a row may gather
+    (0: refine over the vocabulary only)."""
     from optimal_sampling.engines.fast import triton_cut
 
-    default = triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES
+    default = triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG
     triton_cut.CAP = cap
+    triton_cut.BIG = triton_cut.BIG if big is None else big
     if refine:
         triton_cut.K_REFINE, triton_cut.PASSES = refine
     try:
-        check_configs(device, vocab, configs, temperatures, exact)
+        gathered = check_configs(device, vocab, configs, temperatures, exact)
+        if big:  # the gathered passes were exercised (a bracket of at most `big` keys, above cap)
+            assert gathered > 0, f"no row gathered its bracket (cap {cap}, big {big})"
     finally:
-        triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES = default
+        triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG = default
 
 
-def check_configs(
-    device: str, vocab: int, configs: list, temperatures: tuple, exact_everywhere: bool
-) -> None:
+def check_configs(device: str, vocab: int, configs: list, temperatures: tuple, exact_everywhere: bool) -> int:
+    """Returns how many searches gathered their row's bracket."""
     from optimal_sampling.engines.fast import mixing_fast, triton_cut
 
+    gathered = 0
     base, teacher = logits_rows(vocab, device)
     seeds, steps = torch.arange(8, device=device) * 7 + 1, torch.arange(8, device=device)
     for top_k, top_p, min_p, tk, tp in configs:
@@ -121,12 +132,14 @@ def check_configs(
             want = reference_keep(base, teacher, alpha, mix, params)
             got = fused_keep(base, teacher, alpha, cuts, state, params)
             exact = torch.stack([s[:, triton_cut.EXACT.value] for s in searches]).amin(0) > 0
+            gathered += sum(int((s[:, triton_cut.GATHERED.value] > 0).sum()) for s in searches)
             label = f"config {(top_k, top_p, min_p, tk, tp)} T={temperature} cap={triton_cut.CAP}"
             assert torch.equal(got[exact], want[exact]), label + f" rows {(got != want).any(-1).tolist()}"
             assert (got | ~want).all(), label + ": an inexact cut keeps a superset"
             if exact_everywhere:
                 assert exact.all(), label
             check_step(base, teacher, seeds, steps, mix, params, label)
+    return gathered
 
 
 def fused_cuts(base, teacher, seeds, steps, mix, params):
@@ -231,18 +244,19 @@ def check_one_sampler_serves_its_key(device: str) -> None:
 
 def run_cut_checks(device: str) -> None:
     """CUDA: every configuration at the default CAP, then a CAP so small that brackets are refined
-    over all passes (some left inexact). The interpreter sorts slowly: a smaller CAP and vocabulary."""
+    over all passes (some left inexact), gathering them on the way or never. The interpreter
+    sorts slowly: a smaller CAP and vocabulary."""
     from optimal_sampling.engines.fast.triton_cut import CAP
 
-    if device == "cuda":
+    if device == "cuda":  # (a bracket of at most the vocabulary is gathered at once)
         check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
-        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False)
-        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(16, 4))
+        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, big=1024)  # refined, then gathered
+        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(16, 4), big=0)  # never gathered
     else:
         check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)
         check_cuts(device, 512, 256, CONFIGS[3:4], (0.0,), exact=True)
-        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False)
-        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(16, 4))  # other pass widths
+        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, big=64)
+        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(16, 4), big=0)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -205,3 +205,18 @@ def quiet_transformers() -> None:
     """transformers' warnings and progress bars off (the CLI shows its own progress)."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def eos_ids_of(loaded: LoadedModel) -> set[int]:
+    """Every end-of-sequence id the tokenizer and the generation config name."""
+    ids: set[int] = set()
+    candidates = [loaded.tokenizer.eos_token_id]
+    gen = getattr(loaded.model, "generation_config", None)
+    if gen is not None:
+        candidates.append(gen.eos_token_id)
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

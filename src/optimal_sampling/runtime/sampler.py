@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -25,8 +24,8 @@ from ..engines.base import Engine, WarmupStats
 from ..engines.weights import check_model_name
 from ..models.chat import chat_prompts
 from ..models.loading import (
-    LoadedModel,
     check_tensor_parallel_pair,
+    eos_ids_of,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -36,38 +35,9 @@ from ..outputs import Sample, SamplingOutput
 from .prompts import as_id_lists, as_prompt_list, check_id_call, decoded_pairs, tokenized_pairs
 from .requests import PromptIds, Request, StopChecker, requests_from_ids
 from .scheduler import Scheduler
+from .spec import SamplerSpec
 from .weight_files import read_update
 from .weights import WeightUpdater, as_named_tensors
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """Everything a sampler is built from; what self-started tensor-parallel helpers receive."""
-
-    model_base: str | None
-    model_teacher: str | None
-    mix: MixConfig
-    engine: EngineConfig
-    parallel: ParallelConfig
-    seed: int | None = None
-    # temperatures whose graphs a server captures at start besides the default's (each stands for
-    # its kind: 0, 1 or any other, see OptimalSampler.warmup)
-    warmup_temperatures: tuple[float, ...] = ()
-
-
-def eos_ids_of(loaded: LoadedModel) -> set[int]:
-    """Every end-of-sequence id the tokenizer and the generation config name."""
-    ids: set[int] = set()
-    candidates = [loaded.tokenizer.eos_token_id]
-    gen = getattr(loaded.model, "generation_config", None)
-    if gen is not None:
-        candidates.append(gen.eos_token_id)
-    for value in candidates:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 class OptimalSampler:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from ..distributed.environment import disable_nvlink_multicast, exit_with_parent, rank_device
 from ..distributed.groups import RANK_DEVICES, init_world, read_helper_payload, serve
-from .sampler import OptimalSampler, SamplerSpec
+from .sampler import OptimalSampler
+from .spec import SamplerSpec
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 
-from ..runtime.sampler import SamplerSpec
+from ..runtime.spec import SamplerSpec
 from . import info_routes, openai_routes, sglang_routes, weights_routes
 from .bridge import EngineBridge
 from .engine_process import EngineProcess

@@ -30,8 +30,8 @@ from functools import partial
 from itertools import count
 
 from ..config import EngineConfig, MixConfig
-from ..runtime.sampler import SamplerSpec
 from ..runtime.service import Ticket, Tokens
+from ..runtime.spec import SamplerSpec
 
 log = logging.getLogger("optimal_sampling.server")
 START_TIMEOUT_S = 3600.0  # the demo pair's first start converts GGUF files (minutes on 2 cores)

@@ -55,6 +55,7 @@ from .cached_model import CachedModel, new_cached_model
 from .graph_plan import GraphPlan, one_split_rule
 from .graphs import GraphCache, batch_bucket
 from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, sampler_key, values_tensor
+from .precompile import compile_only, compile_workers, parallel_compile_available
 from .prefill import Prefill
 from .transfer import to_device
 
@@ -125,6 +126,7 @@ class FastEngine(Prefill, Engine):
         self.plan = GraphPlan(self.max_batch, max_slots, max_len, one_split)
         self.samplers: dict[tuple, StepSampler] = {}
         self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
+        self.compile_workers = compile_workers()  # threads compiling warmup's kernels (1: in turn)
         two_streams = on_cuda and self.concurrent_models
         self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
         self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
@@ -310,6 +312,15 @@ class FastEngine(Prefill, Engine):
             return WarmupStats()
         torch.cuda.synchronize(self.device)
         before, start, captures = device_memory(self.device), time.perf_counter(), self.captures
+        if self.compile_workers > 1 and parallel_compile_available():
+            self.compile_kernels(mix, params)
+        self.warm(mix, params)
+        torch.cuda.synchronize(self.device)
+        grown = [a - b for a, b in zip(device_memory(self.device), before, strict=True)]
+        return WarmupStats(time.perf_counter() - start, self.captures - captures, *grown)
+
+    def warm(self, mix: MixConfig, params: Sequence[SamplingParams], dry: bool = False) -> None:
+        """The warmup's walk (dry: only compiling, see `compile_kernels`)."""
         for rows, width in self.plan.prefill_shapes():
             self.prefill_graphs.prepare(*self.prefill_graph(rows, width))
         settings = {sampler_key(mix, p, self.vocab_size, self.device): p for p in params}
@@ -317,20 +328,42 @@ class FastEngine(Prefill, Engine):
             sampler = self.sampler_for(mix, setting)
             for rows, width in self.plan.decode_shapes():
                 self.graphs.prepare(*self.step_graph(rows, width, sampler))
-            self.warm_prefills(mix, setting, [(rows, 1) for rows in self.plan.first_draw_rows()])
-        self.warm_prefills(mix, next(iter(settings.values())), self.eager_prefill_shapes())
-        torch.cuda.synchronize(self.device)
-        grown = [a - b for a, b in zip(device_memory(self.device), before, strict=True)]
-        return WarmupStats(time.perf_counter() - start, self.captures - captures, *grown)
+            self.warm_prefills(mix, setting, [(rows, 1) for rows in self.plan.first_draw_rows()], dry)
+        self.warm_prefills(mix, next(iter(settings.values())), self.eager_prefill_shapes(), dry)
 
-    def warm_prefills(self, mix: MixConfig, params: SamplingParams, shapes: list[tuple[int, int]]) -> None:
+    def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
+        """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
+        (precompile.py), so the warmup proper compiles nothing. Its garbage outputs stay in the
+        scratch slot, except the last tokens it drew, which are reset."""
+        enabled = self.graphs.enabled, self.prefill_graphs.enabled
+        self.graphs.enabled = self.prefill_graphs.enabled = False
+        try:
+            with compile_only(self.compile_workers):
+                self.warm(mix, params, dry=True)
+        finally:
+            self.graphs.enabled, self.prefill_graphs.enabled = enabled
+            self.synchronize()
+            self.last_tokens.zero_()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warm_prefills(
+        self, mix: MixConfig, params: SamplingParams, shapes: list[tuple[int, int]], dry: bool = False
+    ) -> None:
         """`add_async` of `rows` prompts of `width` tokens into the scratch slot, per shape that
-        fits: the prefills (graphed or eager) and the eager sampler meet each kernel variant."""
+        fits: the prefills (graphed or eager) and the eager sampler meet each kernel variant.
+        dry: the draws are not read (no kernel wrote them)."""
         for rows, width in shapes:
             if rows <= self.max_slots and width < self.max_len:
                 prompts = [tuple((i + j) % self.vocab_size for j in range(width)) for i in range(rows)]
                 requests = [SlotRequest(self.scratch, p, p) for p in prompts]
-                self.add_async(requests, [0] * rows, [0] * rows, mix, params).to_host()
+                pending = self.add_async(requests, [0] * rows, [0] * rows, mix, params)
+                if dry:
+                    self.synchronize()
+                else:
+                    pending.to_host()
         self.release([self.scratch])
 
     def eager_prefill_shapes(self) -> list[tuple[int, int]]:

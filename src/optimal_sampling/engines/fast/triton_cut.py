@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import safe
+from .triton_common import fetch, safe
 from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
 
 CAP = 2048  # keys a row may collect for the exact finish
@@ -38,10 +38,11 @@ K = 16  # thresholds of pass 1 (fixed; each costs a compare, an add and a min pe
 K_REFINE = 8  # thresholds of each later pass (8 x 6: a top-p step 7 % faster than 16 x 4, H100, flat rows)
 PASSES = 6  # search passes (the first at fixed thresholds)
 SEARCH_BLOCK = 128  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators)
+BIG = 65536  # keys a row may gather, so that its later passes read its bracket, not the vocabulary
 # a pass writes per (row, split) 1 + 3 K floats: the max key, then per threshold the count, mass, smallest key
-SEARCH_STATE = 12  # per row, float64: the columns below
+SEARCH_STATE = 15  # per row, float64: the columns below
 SEARCH_STATE_W = tl.constexpr(SEARCH_STATE)
-PHASE = tl.constexpr(0)  # REFINE, COLLECT, COLLECTED, TIED, NO_CUT
+PHASE = tl.constexpr(0)  # REFINE, COLLECT, COLLECTED, TIED, NO_CUT, GATHER
 LO = tl.constexpr(1)  # the bracket [lo, hi) where the target is crossed
 HI = tl.constexpr(2)
 N_HI = tl.constexpr(3)  # count and mass (relative to e^TOP) of the keys >= hi
@@ -53,7 +54,10 @@ BASE_N = tl.constexpr(8)  # count and mass above the collected keys (0 when all 
 BASE_S = tl.constexpr(9)
 COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI)
 EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
-REFINE, COLLECT, COLLECTED, TIED, NO_CUT = (tl.constexpr(float(v)) for v in range(5))
+GATHERED = tl.constexpr(12)  # 1 once the row's bracket is gathered: its passes read those keys
+G_BASE_N = tl.constexpr(13)  # count and mass above the gathered keys (0 when all keys >= lo are)
+G_BASE_S = tl.constexpr(14)
+REFINE, COLLECT, COLLECTED, TIED, NO_CUT, GATHER = (tl.constexpr(float(v)) for v in range(6))
 POS_INF = tl.constexpr(float("inf"))
 RESCALE_SLACK = tl.constexpr(30.0)  # pass 1's mass terms are at most e^30 (sums of V of them fit float32)
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the smallest finite float32
@@ -102,17 +106,6 @@ def search_key(
 
 
 @triton.jit
-def block_keys(
-    zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q: tl.constexpr, CONSTRAINED: tl.constexpr
-):
-    """The searched keys of the tokens at idx (-inf at and past end)."""
-    ok = idx < end
-    raw_b = tl.load(zb_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-    raw_t = tl.load(zt_ptr + idx, mask=ok, other=NEG_INF).to(tl.float32)
-    return search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
-
-
-@triton.jit
 def row_inputs(state_ptr, alpha_ptr, cut_ptr, row):
     st = state_ptr + row * STATE_W
     lse_b, lse_t = tl.load(st + LSE_B).to(tl.float32), tl.load(st + LSE_T).to(tl.float32)
@@ -126,15 +119,25 @@ def first_thresholds(j, K: tl.constexpr):
     return tl.where(j == K - 1, NEG_INF, tl.where(j == K - 2, -1e4, -g))
 
 
+@triton.jit
+def tally(key, above, ref, acc_n, acc_s, acc_min):
+    """Add a block's keys to the per-threshold count, mass (relative to e^ref) and smallest key."""
+    acc_s += tl.where(above, tl.exp(key - safe(ref)), 0.0)
+    acc_n += above.to(tl.float32)
+    acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
+    return acc_n, acc_s, acc_min
+
+
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
-    search_ptr, thr_ptr, part_ptr,
+    search_ptr, thr_ptr, part_ptr, big_ptr, big_count_ptr, big_cap,
     SPLITS, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
-    (relative to that max) and the smallest of the keys at or above it. Rows not refining read nothing.
+    (relative to that max) and the smallest of the keys at or above it. Rows not refining read
+    nothing; a row whose bracket is gathered reads its share of those keys, not the vocabulary.
     The masses are taken relative to e^ref for one ref per program, not a running max per lane, so
     a token costs no rescale per threshold: later passes use the row's max M from pass 1 (every key
     is <= M) and store it as their max; pass 1 raises ref to a block's max only when that block
@@ -148,12 +151,18 @@ def search_kernel(
     m = tl.full([1, BLOCK], NEG_INF, tl.float32)  # pass 1: each lane's largest key
     if FIRST:
         thr = first_thresholds(j, K)
-        blocks = n_blocks
+        blocks, big_blocks, share, n_big = n_blocks, 0, 0, 0
         ref = tl.full([], NEG_INF, tl.float32)
     else:
         srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
-        blocks = tl.where(tl.load(srch + PHASE) == REFINE, n_blocks, 0)
+        phase = tl.load(srch + PHASE)
+        refining = (phase == REFINE) | (phase == GATHER)
+        from_big = (tl.load(srch + GATHERED) > 0) | (phase == GATHER)
+        n_big = tl.load(big_count_ptr + row)
+        share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
+        blocks = tl.where(refining, tl.where(from_big, 0, n_blocks), 0)
+        big_blocks = tl.where(refining, tl.where(from_big, share // BLOCK, 0), 0)
         ref = tl.load(srch + TOP).to(tl.float32)
     thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
@@ -162,9 +171,11 @@ def search_kernel(
     acc_min = tl.full([K, BLOCK], POS_INF, tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, blocks):
-        idx = start + i * BLOCK + lanes
-        key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         above = key >= thr  # [K, BLOCK]
         if FIRST:
             m = tl.maximum(m, key)
@@ -172,9 +183,13 @@ def search_kernel(
             if block_top > ref + RESCALE_SLACK:  # rare: the sums so far were relative to e^safe(ref)
                 acc_s = acc_s * tl.exp(safe(ref) - block_top)
                 ref = block_top
-        acc_s += tl.where(above, tl.exp(key - safe(ref)), 0.0)
-        acc_n += above.to(tl.float32)
-        acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
+        acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min)
+    big_start = split * share
+    big_end = tl.minimum(big_start + share, n_big)
+    for i in range(0, big_blocks):
+        idx = big_start + i * BLOCK + lanes
+        key = tl.load(big_ptr + row * big_cap + idx, mask=idx < big_end, other=NEG_INF)
+        acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min)
     if FIRST:
         top = tl.max(m)
         scale = tl.exp(safe(ref) - safe(top))  # ref <= top: the sums relative to e^top
@@ -188,34 +203,58 @@ def search_kernel(
     tl.store(out + 1 + 2 * K + jj, tl.min(acc_min, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def collect_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
-    search_ptr, cand_ptr, count_ptr,
+    search_ptr, cand_ptr, count_ptr, big_ptr, big_count_ptr, big_cap, SPLITS,
     CAP: tl.constexpr, Q: tl.constexpr, CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out."""
+    """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out,
+    from the vocabulary or from its gathered keys; of a row to GATHER: its keys there into big."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
     zt_ptr += row * stride_t
     lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
     srch = search_ptr + row * SEARCH_STATE_W
-    blocks = tl.where(tl.load(srch + PHASE) == COLLECT, n_blocks, 0)
+    phase = tl.load(srch + PHASE)
+    gather = phase == GATHER
+    gathered = tl.load(srch + GATHERED) > 0
+    n_big = tl.load(big_count_ptr + row)
+    share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
+    blocks = tl.where(gather, n_blocks, tl.where(phase == COLLECT, tl.where(gathered, 0, n_blocks), 0))
+    big_blocks = tl.where((phase == COLLECT) & gathered, share // BLOCK, 0)
     lo = tl.load(srch + LO).to(tl.float32)
     hi = tl.load(srch + COLLECT_HI).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
+    next_b, next_t = fetch(zb_ptr, zt_ptr, start + lanes, end)
     for i in range(0, blocks):
-        idx = start + i * BLOCK + lanes
-        key = block_keys(zb_ptr, zt_ptr, idx, end, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
+        raw_b, raw_t = next_b.to(tl.float32), next_t.to(tl.float32)
+        next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
+        key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
-        n_in = tl.sum(inside.to(tl.int32), axis=0)
-        if n_in > 0:
-            base = tl.atomic_add(count_ptr + row, n_in)
-            pos = base + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-            tl.store(cand_ptr + row * CAP + pos, key, mask=inside & (pos < CAP))
+        if gather:
+            append(key, inside, big_count_ptr + row, big_ptr + row * big_cap, big_cap)
+        else:
+            append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
+    big_start = split * share
+    big_end = tl.minimum(big_start + share, n_big)
+    for i in range(0, big_blocks):
+        idx = big_start + i * BLOCK + lanes
+        key = tl.load(big_ptr + row * big_cap + idx, mask=idx < big_end, other=NEG_INF)
+        append(key, (key >= lo) & (key < hi) & (key > NEG_INF), count_ptr + row, cand_ptr + row * CAP, CAP)
+
+
+@triton.jit
+def append(key, inside, count_ptr, out_ptr, cap):
+    """Append the keys marked inside to a row's list (count_ptr: its length; past cap: dropped)."""
+    n_in = tl.sum(inside.to(tl.int32), axis=0)
+    if n_in > 0:
+        base = tl.atomic_add(count_ptr, n_in)
+        pos = base + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + pos, key, mask=inside & (pos < cap))
 
 
 @triton.jit
@@ -237,14 +276,15 @@ def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_combine_kernel(
-    part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr,
+    part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr, big_count_ptr, gather_cap,
     SPLITS, K: tl.constexpr, KN: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
     ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
     """Per row: the bracket [lo, hi) where the count (BY_COUNT: target k) or the mass (target p of
     the total) crosses, lo the smallest key at or above the crossing threshold, then what the next
-    pass does: collect it, refine it, or nothing (no cut; or the target met by keys tied at lo,
-    which settles the cut unless a SECOND cut, top-p after top-k, needs the keys above lo)."""
+    pass does: collect it, gather it (and refine it there), refine it, or nothing (no cut; or the
+    target met by keys tied at lo, which settles the cut unless a SECOND cut, top-p after top-k,
+    needs the keys above lo). A pass over gathered keys adds the count and mass above them."""
     row = tl.program_id(0).to(tl.int64)
     k, p = tl.load(target_ptr), tl.load(target_ptr + 1).to(tl.float32)
     srch = search_ptr + row * SEARCH_STATE_W
@@ -253,7 +293,7 @@ def search_combine_kernel(
     else:
         phase = tl.load(srch + PHASE)
         tl.store(srch + PHASE, tl.where(phase == COLLECT, COLLECTED, phase))
-    if phase == REFINE:
+    if (phase == REFINE) | (phase == GATHER):
         top, n, s, smallest = merged_pass(part_ptr, row, SPLITS, K)
         jj = tl.arange(0, K)
         if FIRST:
@@ -264,6 +304,8 @@ def search_combine_kernel(
             n_hi, s_hi = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
             total_n, total_s = tl.sum(tl.where(jj == K - 1, n, 0.0)), tl.sum(tl.where(jj == K - 1, s, 0.0))
             tl.store(count_ptr + row, 0)
+            tl.store(big_count_ptr + row, 0)
+            gathered, g_n, g_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64), tl.zeros([], tl.float64)
             tl.store(srch + TOP, m.to(tl.float64))
             tl.store(srch + TOTAL_N, total_n)
             tl.store(srch + TOTAL_S, total_s)
@@ -274,7 +316,12 @@ def search_combine_kernel(
             rel = tl.exp((top - safe(m)).to(tl.float64))  # this pass's masses relative to e^M
             hi, n_hi, s_hi = tl.load(srch + HI).to(tl.float32), tl.load(srch + N_HI), tl.load(srch + S_HI)
             total_n, total_s = tl.load(srch + TOTAL_N), tl.load(srch + TOTAL_S)
+            gathered = tl.where(phase == GATHER, 1.0, tl.load(srch + GATHERED))
+            g_n, g_s = tl.load(srch + G_BASE_N), tl.load(srch + G_BASE_S)
         s = s * rel
+        if not FIRST:  # a pass over the gathered keys: add the keys above them
+            n += tl.where(gathered > 0, g_n, 0.0)
+            s += tl.where(gathered > 0, g_s, 0.0)
         if BY_COUNT:
             target_k = k.to(tl.float64)
             if SECOND:  # top-p still cuts a row with fewer than k keys: all of them are its top-k set
@@ -304,15 +351,19 @@ def search_combine_kernel(
             t_last = tl.sum(tl.where(jj == K - 1, thr, 0.0))
             t_up = tl.sum(tl.where(jj == K - 2, thr, 0.0))
             tied = (crossing == K - 1).to(tl.int32) + (t_up == next_up(t_last)).to(tl.int32) == 2
-        plan_next(srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, KN, ALL_ABOVE, CAP)
+        plan_next(
+            srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s, gather_cap,
+            KN, ALL_ABOVE, CAP,
+        )  # fmt: skip
 
 
 @triton.jit
-def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, K: tl.constexpr,
-              ALL_ABOVE: tl.constexpr, CAP: tl.constexpr):  # fmt: skip
+def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s, gather_cap,
+              K: tl.constexpr, ALL_ABOVE: tl.constexpr, CAP: tl.constexpr):  # fmt: skip
     """Store the bracket and the next phase; a refining row's next K thresholds (the next pass's)
     span [lo, min(hi, M)] evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo
-    settle the target)."""
+    settle the target). A bracket of at most gather_cap keys not gathered yet is gathered next
+    (the keys the collect would take, with the count and mass above them)."""
     if ALL_ABOVE:
         size, collect_hi = n_lo, tl.full([], POS_INF, tl.float32)
         base_n, base_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
@@ -320,9 +371,13 @@ def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, 
         size, collect_hi, base_n, base_s = n_lo - n_hi, hi, n_hi, s_hi
     span_hi = tl.minimum(hi, m)
     settled = (tied.to(tl.int32) + (span_hi <= lo).to(tl.int32)) > 0
-    phase = tl.where(size <= CAP, COLLECT, tl.where(settled, TIED, REFINE))
+    gather = (size <= gather_cap) & (gathered == 0)
+    phase = tl.where(size <= CAP, COLLECT, tl.where(settled, TIED, tl.where(gather, GATHER, REFINE)))
     phase = tl.where(target_ok, phase, NO_CUT)
     tl.store(srch + PHASE, phase)
+    tl.store(srch + GATHERED, gathered)
+    tl.store(srch + G_BASE_N, tl.where(phase == GATHER, base_n, g_n))
+    tl.store(srch + G_BASE_S, tl.where(phase == GATHER, base_s, g_s))
     tl.store(srch + LO, lo.to(tl.float64))
     tl.store(srch + HI, hi.to(tl.float64))
     tl.store(srch + N_HI, n_hi)

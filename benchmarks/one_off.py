@@ -1,0 +1,108 @@
+"""Where a fresh sampler's one-off costs go (issue 15): each Triton compile of its construction
+and warmup (kernel, seconds), then the first batch-256 call with an unseen prompt length against
+its repeat under the torch profiler (the ops whose time the first call adds).
+
+Run with a fresh TRITON_CACHE_DIR for the cold cost a new machine pays:
+
+    TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python3 benchmarks/one_off.py [--top 15] [--workers 1]
+        [--no-calls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton.compiler
+from bench_api import prompts_of, timed, write_pair  # benchmarks/ is the script's directory
+
+from optimal_sampling import OptimalSampler
+
+COMPILES: list[tuple[str, float, bool]] = []  # (kernel, seconds, in the main thread)
+
+
+def record_compiles() -> None:
+    """Time every Triton compile (JITFunction binds triton.compiler.compile on first launch)."""
+    original = triton.compiler.compile
+
+    def timed_compile(src, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(src, *args, **kwargs)
+        finally:
+            name = getattr(getattr(src, "fn", None), "__name__", str(src)[:40])
+            main = threading.current_thread() is threading.main_thread()
+            COMPILES.append((name, time.perf_counter() - start, main))
+
+    triton.compiler.compile = timed_compile
+
+
+def compile_summary(compiles: list[tuple[str, float, bool]], top: int) -> dict:
+    per_kernel: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for name, seconds, _ in compiles:
+        per_kernel[name][0] += 1
+        per_kernel[name][1] += seconds
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "compiles": len(compiles),
+        "compile_s": round(sum(s for _, s, _ in compiles), 2),
+        "in_main_thread": sum(main for _, _, main in compiles),  # not by the parallel precompile
+        "by_kernel": {name: [n, round(s, 2)] for name, (n, s) in ranked},
+    }
+
+
+def op_times(fn, top: int) -> tuple[float, dict]:
+    """Wall seconds of fn under the profiler, and its top ops by self CPU time (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        seconds, _ = timed(fn)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return seconds, {e.key[:50]: [e.count, round(e.self_cpu_time_total / 1e3, 1)] for e in events}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--workers", type=int, default=None, help="compile threads (1: compile in turn)")
+    parser.add_argument("--no-calls", action="store_true", help="construction and warmup only")
+    args = parser.parse_args()
+    record_compiles()
+    out: dict = {"card": torch.cuda.get_device_name()}
+    with tempfile.TemporaryDirectory() as root:
+        base, teacher = write_pair(Path(root), "small")
+        built, sampler = timed(
+            lambda: OptimalSampler(base, teacher, max_batch_size=256, seed=0, warmup=False)
+        )
+        out["construct_s"], out["construct_compiles"] = round(built, 2), compile_summary(COMPILES, args.top)
+        COMPILES.clear()
+        if args.workers is not None:
+            sampler.engine.compile_workers = args.workers
+        warmed, stats = timed(sampler.warmup)
+        out["warmup_s"], out["graphs"] = round(warmed, 2), stats.graphs
+        out["warmup_compiles"] = compile_summary(COMPILES, args.top)
+        print(json.dumps(out), flush=True)
+        for batch, tokens, length in () if args.no_calls else ((256, 1, 201), (256, 1, 150)):
+            COMPILES.clear()
+            prompts = prompts_of(sampler.base.tokenizer, batch, offset=length, length=length)
+            call = partial(sampler.generate, prompts, max_tokens=tokens, temperature=1.0)
+            first, first_ops = op_times(call, args.top)
+            compiles = compile_summary(COMPILES, args.top)
+            again, again_ops = op_times(call, args.top)
+            row = {"batch": batch, "max_tokens": tokens, "prompt_tokens": length, "first_s": round(first, 3),
+                   "repeat_s": round(again, 3), "compiles_in_first": compiles, "first_ops": first_ops,
+                   "repeat_ops": again_ops}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            out.setdefault("calls", []).append(row)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Compile a warmup's Triton kernels in parallel before it runs them (issue 15's one-off cost).
+
+A cold warmup compiles each kernel variant the first time a capture launches it, one after the
+other (~1 s each, most of a cold start). `compile_only()` runs code with every Triton launch
+turned into a compile submitted to a thread pool (Triton's AsyncCompileMode; its passes and ptxas
+release the GIL) and no kernel run: the engine walks its warmup once that way, without graphs,
+so the real warmup finds every kernel built. Nothing a kernel would write is written, so the dry
+walk must not feed its outputs into indexing (the engine resets its last tokens after it).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+
+def parallel_compile_available() -> bool:
+    try:
+        import triton
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return hasattr(triton, "AsyncCompileMode") and hasattr(JITFunction, "run")
+
+
+def compile_workers() -> int:
+    """Threads for compiles: the cores this process may use, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores))
+
+
+@contextmanager
+def compile_only(workers: int | None = None):
+    """Inside: Triton launches compile (in `workers` threads) and do not run; on exit every
+    compile has finished and its kernel is in its function's cache."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def compile_launch(self, *args, grid, warmup, **kwargs):
+        return original(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = compile_launch
+    try:
+        with ThreadPoolExecutor(workers or compile_workers()) as pool, triton.AsyncCompileMode(pool):
+            yield
+    finally:
+        JITFunction.run = original
