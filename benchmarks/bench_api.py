@@ -10,8 +10,8 @@ Measured in one run:
   with a prompt length never seen, against the same call repeated; the graphs captured inside
   those calls (0 once warmup covers everything);
 - per configuration and batch, on a sampler built with its default warmup: construction and
-  warmup time, the first call and a repeated call with the same prompts; tokens/s of the repeated
-  call and its share of kl_symmetry's;
+  warmup time, the first call and REPEATS repeated calls with the same prompts; tokens/s of the
+  median repeat and its share of kl_symmetry's;
 - transformers `generate()` of the teacher alone (sampling) at the same batches.
 Prints a table, then one JSON line last.
 
@@ -38,6 +38,7 @@ from optimal_sampling.config import SamplingParams
 
 VOCAB = 151936
 PROMPT = 110
+REPEATS = 3  # timed repeats of each call after the first; a row reports the median
 SHAPES = {  # Qwen2.5 shapes: (config, tied embeddings, padded vocabulary of the head)
     "0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2), True, VOCAB),
@@ -112,10 +113,14 @@ def timed(fn) -> tuple[float, object]:
 
 def first_calls(base: str, teacher: str, max_tokens: int) -> dict:
     """A fresh sampler's one-off costs: construction, warmup, then first calls of unseen shapes."""
+    from one_off import time_phases  # (benchmarks/: where the warmup's time goes)
+
     built, sampler = timed(lambda: OptimalSampler(base, teacher, max_batch_size=256, seed=0, warmup=False))
+    phases = time_phases(sampler.engine)
     warmed, stats = timed(sampler.warmup)
     mib = 1 << 20
     out = {"construct_s": round(built, 2), "warmup_s": round(warmed, 2), "graphs": stats.graphs,
+           "warmup_phases_s": {name: round(seconds, 2) for name, seconds in phases.items()},
            "allocated_mib": round(stats.allocated_bytes / mib), "reserved_mib": round(stats.reserved_bytes / mib),
            "device_mib": round(stats.device_bytes / mib), "calls": []}  # fmt: skip
     print(json.dumps({k: v for k, v in out.items() if k != "calls"}), flush=True)
@@ -150,7 +155,7 @@ def print_first_calls(first: dict) -> None:
 
 
 def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dict:
-    """Per configuration and batch: a first and a repeated call (tokens/s of the repeat). One
+    """Per configuration and batch: a first call and REPEATS repeats (tokens/s of the median). One
     sampler per mixing configuration (with its default warmup), shared by the sampling ones."""
     rows = {}
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -171,13 +176,15 @@ def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dic
             prompts = prompts_of(tokenizer, batch, offset=batch)
             call = partial(sampler.generate, prompts, max_tokens=max_tokens, **sampling)
             first, _ = timed(call)
-            again, out = timed(call)
+            repeats = [timed(call) for _ in range(REPEATS)]
+            again, out = sorted(repeats, key=lambda r: r[0])[len(repeats) // 2]  # the median repeat
             tokens = sum(out.num_tokens)
             prompt_tokens = len(tokenizer(prompts[0])["input_ids"])
             rows[f"{name}|{batch}"] = {
                 "config": name, "batch": batch, "construct_s": round(built, 2),
                 "warmup_s": round(sampler.warmup_stats.seconds, 2), "first_s": round(first, 3),
-                "repeat_s": round(again, 3), "tok_s": round(tokens / again, 1), "tokens": tokens,
+                "repeat_s": round(again, 3), "repeats_s": [round(r[0], 3) for r in repeats],
+                "tok_s": round(tokens / again, 1), "tokens": tokens,
                 "prompt_tokens": prompt_tokens,
             }  # fmt: skip
             print(json.dumps(rows[f"{name}|{batch}"]), flush=True)

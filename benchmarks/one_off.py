@@ -58,6 +58,34 @@ def compile_summary(compiles: list[tuple[str, float, bool]], top: int) -> dict:
     }
 
 
+def time_phases(engine) -> dict[str, float]:
+    """Seconds the warmup spends per phase: the parallel compile walk, then (outside it) the
+    prefill-graph and decode-graph captures and the warm prefills (first draws, eager prefills)."""
+    phases: dict[str, float] = defaultdict(float)
+    inside = [False]
+
+    def timing(name, fn, mark=False):
+        def wrapper(*args, **kwargs):
+            if inside[0] and not mark:
+                return fn(*args, **kwargs)
+            inside[0] = inside[0] or mark
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                phases[name] += time.perf_counter() - start
+                inside[0] = inside[0] and not mark
+
+        return wrapper
+
+    engine.compile_kernels = timing("compile_walk", engine.compile_kernels, mark=True)
+    engine.prefill_graphs.prepare = timing("prefill_graphs", engine.prefill_graphs.prepare)
+    engine.graphs.prepare = timing("decode_graphs", engine.graphs.prepare)
+    engine.warm_prefills = timing("warm_prefills", engine.warm_prefills)
+    return phases
+
+
 def op_times(fn, top: int) -> tuple[float, dict]:
     """Wall seconds of fn under the profiler, and its top ops by self CPU time (ms)."""
     from torch.profiler import ProfilerActivity, profile
@@ -85,7 +113,9 @@ def main() -> None:
         COMPILES.clear()
         if args.workers is not None:
             sampler.engine.compile_workers = args.workers
+        phases = time_phases(sampler.engine)
         warmed, stats = timed(sampler.warmup)
+        out["warmup_phases_s"] = {name: round(seconds, 2) for name, seconds in phases.items()}
         out["warmup_s"], out["graphs"] = round(warmed, 2), stats.graphs
         out["warmup_compiles"] = compile_summary(COMPILES, args.top)
         print(json.dumps(out), flush=True)

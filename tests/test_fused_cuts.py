@@ -91,31 +91,37 @@ def check_cuts(
     exact: bool,
     refine: tuple = (),
     big: int | None = None,
+    big2: int | None = None,
 ) -> None:
     """Each configuration's kept sets against the sorted masks, and its step against the torch
     step, with `cap` keys per row collectable (exact: every search must end exact); refine:
-    (thresholds per refining pass, passes) instead of triton_cut's; big: keys a row may gather
-    (0: refine over the vocabulary only)."""
+    (thresholds per refining pass, passes) instead of triton_cut's; big, big2: keys a row may
+    gather, then gather again (big 0: refine over the vocabulary only)."""
     from optimal_sampling.engines.fast import triton_cut
 
-    default = triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG
+    default = triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG, triton_cut.BIG2
     triton_cut.CAP = cap
     triton_cut.BIG = triton_cut.BIG if big is None else big
+    triton_cut.BIG2 = triton_cut.BIG2 if big2 is None else big2
     if refine:
         triton_cut.K_REFINE, triton_cut.PASSES = refine
     try:
         gathered = check_configs(device, vocab, configs, temperatures, exact)
-        if big:  # the gathered passes were exercised (a bracket of at most `big` keys, above cap)
-            assert gathered > 0, f"no row gathered its bracket (cap {cap}, big {big})"
+        if big:  # the gathered passes were exercised (brackets of at most big, then big2 keys, above cap)
+            assert gathered[0] > 0, f"no row gathered its bracket (cap {cap}, big {big})"
+        if big2:
+            assert gathered[1] > 0, f"no row gathered its bracket twice (cap {cap}, big {big}, big2 {big2})"
     finally:
-        triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG = default
+        triton_cut.CAP, triton_cut.K_REFINE, triton_cut.PASSES, triton_cut.BIG, triton_cut.BIG2 = default
 
 
-def check_configs(device: str, vocab: int, configs: list, temperatures: tuple, exact_everywhere: bool) -> int:
-    """Returns how many searches gathered their row's bracket."""
+def check_configs(
+    device: str, vocab: int, configs: list, temperatures: tuple, exact_everywhere: bool
+) -> list[int]:
+    """Returns how many rows' searches gathered their bracket, and how many gathered it twice."""
     from optimal_sampling.engines.fast import mixing_fast, triton_cut
 
-    gathered = 0
+    gathered = [0, 0]
     base, teacher = logits_rows(vocab, device)
     seeds, steps = torch.arange(8, device=device) * 7 + 1, torch.arange(8, device=device)
     for top_k, top_p, min_p, tk, tp in configs:
@@ -132,7 +138,10 @@ def check_configs(device: str, vocab: int, configs: list, temperatures: tuple, e
             want = reference_keep(base, teacher, alpha, mix, params)
             got = fused_keep(base, teacher, alpha, cuts, state, params)
             exact = torch.stack([s[:, triton_cut.EXACT.value] for s in searches]).amin(0) > 0
-            gathered += sum(int((s[:, triton_cut.GATHERED.value] > 0).sum()) for s in searches)
+            for level in (1, 2):
+                gathered[level - 1] += sum(
+                    int((s[:, triton_cut.GATHERED.value] >= level).sum()) for s in searches
+                )
             label = f"config {(top_k, top_p, min_p, tk, tp)} T={temperature} cap={triton_cut.CAP}"
             assert torch.equal(got[exact], want[exact]), label + f" rows {(got != want).any(-1).tolist()}"
             assert (got | ~want).all(), label + ": an inexact cut keeps a superset"
@@ -250,12 +259,14 @@ def run_cut_checks(device: str) -> None:
 
     if device == "cuda":  # (a bracket of at most the vocabulary is gathered at once)
         check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
-        check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, big=1024)  # refined, then gathered
+        check_cuts(
+            device, 4096, 32, CONFIGS, (0.7,), exact=False, big=1024, big2=128
+        )  # refined, gathered (twice)
         check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(16, 4), big=0)  # never gathered
     else:
         check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)
         check_cuts(device, 512, 256, CONFIGS[3:4], (0.0,), exact=True)
-        check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, big=64)
+        check_cuts(device, 512, 4, CONFIGS[1:4], (1.0,), exact=False, big=128, big2=32)
         check_cuts(device, 512, 16, CONFIGS[1:4], (1.0,), exact=False, refine=(16, 4), big=0)
 
 

@@ -68,47 +68,30 @@ class CutSearch:
         parts = torch.empty(batch, splits, 1 + 3 * max(tc.K, tc.K_REFINE), dtype=torch.float32, device=device)
         cand = torch.empty(batch, tc.CAP, dtype=torch.float32, device=device)
         count = torch.empty(batch, dtype=torch.int32, device=device)
-        big_cap = min(tc.BIG, rows[4])  # keys a row may gather (0: none)
-        big = torch.empty(batch, max(big_cap, 1), dtype=torch.float32, device=device)
-        big_count = torch.empty(batch, dtype=torch.int32, device=device)
+        cap1 = min(tc.BIG, rows[4])  # keys a row may gather (0: none), then gather again from those
+        cap2 = min(tc.BIG2, cap1)
+        big = torch.empty(batch, max(cap1 + cap2, 1), dtype=torch.float32, device=device)
+        big_count = torch.empty(batch, 2, dtype=torch.int32, device=device)
         common = (*rows[:6], rows[5] // tc.SEARCH_BLOCK, inv_temp, state, alpha, cuts)
         flags = {"Q": which == 0, "CONSTRAINED": constrained, "BLOCK": tc.SEARCH_BLOCK}
         grid = (batch, splits)
         for p in range(self.passes + 1):
             if p > 0:  # rows whose bracket the pass before found small copy it out
                 tc.collect_kernel[grid](
-                    *common,
-                    search,
-                    cand,
-                    count,
-                    big,
-                    big_count,
-                    big_cap,
-                    splits,
-                    CAP=tc.CAP,
-                    **flags,
-                    num_warps=4,
-                )
+                    *common, search, cand, count, big, big_count, cap1, cap2, splits,
+                    CAP=tc.CAP, **{**flags, "BLOCK": tc.COLLECT_BLOCK}, num_warps=4,
+                )  # fmt: skip
             if p == self.passes:
                 break
             k = self.first_k if p == 0 else tc.K_REFINE
-            gather_cap = big_cap if p < self.passes - 1 else 0  # (a gather after the last pass: unread)
+            last = p == self.passes - 1  # (a gather after the last pass would be read by nothing)
             tc.search_kernel[grid](
-                *common,
-                search,
-                thr,
-                parts,
-                big,
-                big_count,
-                big_cap,
-                SPLITS=splits,
-                K=k,
-                FIRST=p == 0,
-                **flags,
-                num_warps=4,
-            )
+                *common, search, thr, parts, big, big_count, cap1, cap2,
+                SPLITS=splits, K=k, FIRST=p == 0, **flags, num_warps=4,
+            )  # fmt: skip
             tc.search_combine_kernel[(batch,)](
-                parts, thr, search, count, targets, big_count, gather_cap, SPLITS=splits, K=k, KN=tc.K_REFINE, FIRST=p == 0,
+                parts, thr, search, count, targets, big_count, 0 if last else cap1, 0 if last else cap2,
+                SPLITS=splits, K=k, KN=tc.K_REFINE, FIRST=p == 0,
                 BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
                 CAP=tc.CAP, num_warps=4,
             )  # fmt: skip

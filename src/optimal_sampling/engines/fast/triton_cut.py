@@ -8,11 +8,15 @@ cut are kept, as mixing.support does). A search finds the threshold of one key p
 
 1. `search_kernel` (pass 1, FIRST): per (row, split), the count and the mass (sum of e^key) of the
    keys at or above K fixed thresholds 0 > -G_1 > ... > -inf (keys are log-probabilities, <= 0),
-   and the largest key M; `search_combine_kernel` merges them per row (float64), finds the bracket
+   and the largest key M (the bracket's lo is a threshold here, a key after a refining pass);
+   `search_combine_kernel` merges them per row (float64), finds the bracket
    [lo, hi) where the count (top-k) or the mass (top-p) crosses its target, and plans the next pass:
 2. passes 2..PASSES: a row whose bracket holds at most CAP keys has them copied out by
    `collect_kernel` (one atomic per block that holds any); the others are refined by
-   `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)];
+   `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)]. A row whose bracket holds at most BIG keys has them gathered (the collect kernel again) into
+   its stretch of a [B, BIG + BIG2] buffer; its later passes read those keys, adding the count
+   and mass above them, instead of the whole vocabulary; and once more into the BIG2 part when
+   its bracket holds at most BIG2 (a bracket of a near-uniform row holds most of the vocabulary);
 3. `finish_kernel`: per row, sorts the collected keys (at most CAP) and reads the exact k-th key,
    the exact top-p cut (the last key whose mass before it is below the target), and min-p's
    M + log(min_p); the cut is the largest of those that apply.
@@ -38,7 +42,9 @@ K = 16  # thresholds of pass 1 (fixed; each costs a compare, an add and a min pe
 K_REFINE = 8  # thresholds of each later pass (8 x 6: a top-p step 7 % faster than 16 x 4, H100, flat rows)
 PASSES = 6  # search passes (the first at fixed thresholds)
 SEARCH_BLOCK = 128  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators)
+COLLECT_BLOCK = 1024  # entries per step of a collect program (one prefix sum and atomic per step)
 BIG = 65536  # keys a row may gather, so that its later passes read its bracket, not the vocabulary
+BIG2 = 16384  # keys a gathered row may gather again from those, for its passes after that
 # a pass writes per (row, split) 1 + 3 K floats: the max key, then per threshold the count, mass, smallest key
 SEARCH_STATE = 15  # per row, float64: the columns below
 SEARCH_STATE_W = tl.constexpr(SEARCH_STATE)
@@ -54,8 +60,10 @@ BASE_N = tl.constexpr(8)  # count and mass above the collected keys (0 when all 
 BASE_S = tl.constexpr(9)
 COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI)
 EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
-GATHERED = tl.constexpr(12)  # 1 once the row's bracket is gathered: its passes read those keys
-G_BASE_N = tl.constexpr(13)  # count and mass above the gathered keys (0 when all keys >= lo are)
+GATHERED = tl.constexpr(
+    12
+)  # 0, then 1 or 2 once the row's bracket is gathered (twice): its passes read those
+G_BASE_N = tl.constexpr(13)  # count and mass above the last gathered keys (0 when all keys >= lo are)
 G_BASE_S = tl.constexpr(14)
 REFINE, COLLECT, COLLECTED, TIED, NO_CUT, GATHER = (tl.constexpr(float(v)) for v in range(6))
 POS_INF = tl.constexpr(float("inf"))
@@ -120,18 +128,28 @@ def first_thresholds(j, K: tl.constexpr):
 
 
 @triton.jit
-def tally(key, above, ref, acc_n, acc_s, acc_min):
-    """Add a block's keys to the per-threshold count, mass (relative to e^ref) and smallest key."""
+def tally(key, above, ref, acc_n, acc_s, acc_min, SMALLEST: tl.constexpr):
+    """Add a block's keys to the per-threshold count, mass (relative to e^ref) and (SMALLEST)
+    smallest key."""
     acc_s += tl.where(above, tl.exp(key - safe(ref)), 0.0)
     acc_n += above.to(tl.float32)
-    acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
+    if SMALLEST:
+        acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
     return acc_n, acc_s, acc_min
+
+
+@triton.jit
+def gathered_keys(big_count_ptr, row, level, cap1):
+    """How many keys a row gathered at `level` (1 or 2; 0: none) and where they start in its
+    stretch of the big buffer (level 1's cap1 keys, then level 2's)."""
+    n = tl.load(big_count_ptr + row * 2 + tl.maximum(level - 1, 0))
+    return tl.where(level > 0, n, 0), tl.where(level == 2, cap1, 0)
 
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
-    search_ptr, thr_ptr, part_ptr, big_ptr, big_count_ptr, big_cap,
+    search_ptr, thr_ptr, part_ptr, big_ptr, big_count_ptr, cap1, cap2,
     SPLITS, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -151,18 +169,18 @@ def search_kernel(
     m = tl.full([1, BLOCK], NEG_INF, tl.float32)  # pass 1: each lane's largest key
     if FIRST:
         thr = first_thresholds(j, K)
-        blocks, big_blocks, share, n_big = n_blocks, 0, 0, 0
+        blocks, big_blocks, share, n_big, offset = n_blocks, 0, 0, 0, 0
         ref = tl.full([], NEG_INF, tl.float32)
     else:
         srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
         phase = tl.load(srch + PHASE)
         refining = (phase == REFINE) | (phase == GATHER)
-        from_big = (tl.load(srch + GATHERED) > 0) | (phase == GATHER)
-        n_big = tl.load(big_count_ptr + row)
+        level = tl.load(srch + GATHERED).to(tl.int32) + (phase == GATHER).to(tl.int32)  # what it reads
+        n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
         share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
-        blocks = tl.where(refining, tl.where(from_big, 0, n_blocks), 0)
-        big_blocks = tl.where(refining, tl.where(from_big, share // BLOCK, 0), 0)
+        blocks = tl.where(refining, tl.where(level > 0, 0, n_blocks), 0)
+        big_blocks = tl.where(refining, tl.where(level > 0, share // BLOCK, 0), 0)
         ref = tl.load(srch + TOP).to(tl.float32)
     thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
@@ -183,13 +201,13 @@ def search_kernel(
             if block_top > ref + RESCALE_SLACK:  # rare: the sums so far were relative to e^safe(ref)
                 acc_s = acc_s * tl.exp(safe(ref) - block_top)
                 ref = block_top
-        acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min)
+        acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, not FIRST)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
     for i in range(0, big_blocks):
         idx = big_start + i * BLOCK + lanes
-        key = tl.load(big_ptr + row * big_cap + idx, mask=idx < big_end, other=NEG_INF)
-        acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min)
+        key = tl.load(big_ptr + row * (cap1 + cap2) + offset + idx, mask=idx < big_end, other=NEG_INF)
+        acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min, True)
     if FIRST:
         top = tl.max(m)
         scale = tl.exp(safe(ref) - safe(top))  # ref <= top: the sums relative to e^top
@@ -200,17 +218,21 @@ def search_kernel(
     jj = tl.arange(0, K)
     tl.store(out + 1 + jj, tl.sum(acc_n, axis=1))
     tl.store(out + 1 + K + jj, tl.sum(acc_s * scale, axis=1))
-    tl.store(out + 1 + 2 * K + jj, tl.min(acc_min, axis=1))
+    if FIRST:  # the thresholds stand for the smallest keys (bracket ends; the refining passes find keys)
+        tl.store(out + 1 + 2 * K + jj, tl.max(tl.maximum(first_thresholds(j, K), LOWEST), axis=1))
+    else:
+        tl.store(out + 1 + 2 * K + jj, tl.min(acc_min, axis=1))
 
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def collect_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
-    search_ptr, cand_ptr, count_ptr, big_ptr, big_count_ptr, big_cap, SPLITS,
+    search_ptr, cand_ptr, count_ptr, big_ptr, big_count_ptr, cap1, cap2, SPLITS,
     CAP: tl.constexpr, Q: tl.constexpr, CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out,
-    from the vocabulary or from its gathered keys; of a row to GATHER: its keys there into big."""
+    from the vocabulary or from its gathered keys; of a row to GATHER: those keys into the next
+    level of its stretch of the big buffer."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -219,11 +241,15 @@ def collect_kernel(
     srch = search_ptr + row * SEARCH_STATE_W
     phase = tl.load(srch + PHASE)
     gather = phase == GATHER
-    gathered = tl.load(srch + GATHERED) > 0
-    n_big = tl.load(big_count_ptr + row)
+    copying = (phase == COLLECT) | gather
+    level = tl.load(srch + GATHERED).to(tl.int32)  # the keys it reads (0: the vocabulary's)
+    n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
+    row_big = big_ptr + row * (cap1 + cap2)
+    into, into_cap = row_big + tl.where(level == 0, 0, cap1), tl.where(level == 0, cap1, cap2)  # a gather's
     share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
-    blocks = tl.where(gather, n_blocks, tl.where(phase == COLLECT, tl.where(gathered, 0, n_blocks), 0))
-    big_blocks = tl.where((phase == COLLECT) & gathered, share // BLOCK, 0)
+    all_blocks = tl.cdiv(chunk, BLOCK)  # (its own block: no per-threshold accumulators)
+    blocks = tl.where(copying, tl.where(level > 0, 0, all_blocks), 0)
+    big_blocks = tl.where(copying, tl.where(level > 0, share // BLOCK, 0), 0)
     lo = tl.load(srch + LO).to(tl.float32)
     hi = tl.load(srch + COLLECT_HI).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
@@ -236,15 +262,19 @@ def collect_kernel(
         key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
         if gather:
-            append(key, inside, big_count_ptr + row, big_ptr + row * big_cap, big_cap)
+            append(key, inside, big_count_ptr + row * 2, into, into_cap)
         else:
             append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
     for i in range(0, big_blocks):
         idx = big_start + i * BLOCK + lanes
-        key = tl.load(big_ptr + row * big_cap + idx, mask=idx < big_end, other=NEG_INF)
-        append(key, (key >= lo) & (key < hi) & (key > NEG_INF), count_ptr + row, cand_ptr + row * CAP, CAP)
+        key = tl.load(row_big + offset + idx, mask=idx < big_end, other=NEG_INF)
+        inside = (key >= lo) & (key < hi) & (key > NEG_INF)
+        if gather:
+            append(key, inside, big_count_ptr + row * 2 + 1, into, into_cap)
+        else:
+            append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
 
 
 @triton.jit
@@ -276,7 +306,7 @@ def merged_pass(part_ptr, row, SPLITS, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
 def search_combine_kernel(
-    part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr, big_count_ptr, gather_cap,
+    part_ptr, thr_ptr, search_ptr, count_ptr, target_ptr, big_count_ptr, gather_cap1, gather_cap2,
     SPLITS, K: tl.constexpr, KN: tl.constexpr, FIRST: tl.constexpr, BY_COUNT: tl.constexpr,
     ALL_ABOVE: tl.constexpr, SECOND: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
@@ -304,7 +334,8 @@ def search_combine_kernel(
             n_hi, s_hi = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
             total_n, total_s = tl.sum(tl.where(jj == K - 1, n, 0.0)), tl.sum(tl.where(jj == K - 1, s, 0.0))
             tl.store(count_ptr + row, 0)
-            tl.store(big_count_ptr + row, 0)
+            tl.store(big_count_ptr + row * 2, 0)
+            tl.store(big_count_ptr + row * 2 + 1, 0)
             gathered, g_n, g_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64), tl.zeros([], tl.float64)
             tl.store(srch + TOP, m.to(tl.float64))
             tl.store(srch + TOTAL_N, total_n)
@@ -316,7 +347,7 @@ def search_combine_kernel(
             rel = tl.exp((top - safe(m)).to(tl.float64))  # this pass's masses relative to e^M
             hi, n_hi, s_hi = tl.load(srch + HI).to(tl.float32), tl.load(srch + N_HI), tl.load(srch + S_HI)
             total_n, total_s = tl.load(srch + TOTAL_N), tl.load(srch + TOTAL_S)
-            gathered = tl.where(phase == GATHER, 1.0, tl.load(srch + GATHERED))
+            gathered = tl.load(srch + GATHERED) + tl.where(phase == GATHER, 1.0, 0.0)
             g_n, g_s = tl.load(srch + G_BASE_N), tl.load(srch + G_BASE_S)
         s = s * rel
         if not FIRST:  # a pass over the gathered keys: add the keys above them
@@ -352,18 +383,21 @@ def search_combine_kernel(
             t_up = tl.sum(tl.where(jj == K - 2, thr, 0.0))
             tied = (crossing == K - 1).to(tl.int32) + (t_up == next_up(t_last)).to(tl.int32) == 2
         plan_next(
-            srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s, gather_cap,
+            srch, thr_ptr, row, lo, new_hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s,
+            gather_cap1, gather_cap2,
             KN, ALL_ABOVE, CAP,
         )  # fmt: skip
 
 
 @triton.jit
-def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s, gather_cap,
+def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, gathered, g_n, g_s,
+              gather_cap1, gather_cap2,
               K: tl.constexpr, ALL_ABOVE: tl.constexpr, CAP: tl.constexpr):  # fmt: skip
     """Store the bracket and the next phase; a refining row's next K thresholds (the next pass's)
     span [lo, min(hi, M)] evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo
-    settle the target). A bracket of at most gather_cap keys not gathered yet is gathered next
-    (the keys the collect would take, with the count and mass above them)."""
+    settle the target). A bracket of at most gather_cap1 keys not gathered yet, or of at most
+    gather_cap2 gathered once, is gathered next (the keys the collect would take, with the count
+    and mass above them)."""
     if ALL_ABOVE:
         size, collect_hi = n_lo, tl.full([], POS_INF, tl.float32)
         base_n, base_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
@@ -371,7 +405,7 @@ def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, 
         size, collect_hi, base_n, base_s = n_lo - n_hi, hi, n_hi, s_hi
     span_hi = tl.minimum(hi, m)
     settled = (tied.to(tl.int32) + (span_hi <= lo).to(tl.int32)) > 0
-    gather = (size <= gather_cap) & (gathered == 0)
+    gather = ((gathered == 0) & (size <= gather_cap1)) | ((gathered == 1) & (size <= gather_cap2))
     phase = tl.where(size <= CAP, COLLECT, tl.where(settled, TIED, tl.where(gather, GATHER, REFINE)))
     phase = tl.where(target_ok, phase, NO_CUT)
     tl.store(srch + PHASE, phase)
