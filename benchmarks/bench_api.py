@@ -15,7 +15,7 @@ Measured in one run:
 - transformers `generate()` of the teacher alone (sampling) at the same batches.
 Prints a table, then one JSON line last.
 
-    PYTHONPATH=src python3 benchmarks/bench_api.py [--quick] [--max-tokens 64] [--first-call-only]
+    PYTHONPATH=src python3 benchmarks/bench_api.py [--quick | --batches 256] [--max-tokens 64] [--first-call-only]
         [--pair 7b] [--api-vs-engine] [--configs a,b]
 """
 
@@ -248,6 +248,7 @@ def teacher_alone(teacher: str, batches: list[int], max_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64 only")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,64,256)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     parser.add_argument(
@@ -268,6 +269,8 @@ def main() -> None:
             if name not in args.configs.split(","):
                 del CONFIGS[name]
     batches = [1, 64] if args.quick else [1, 64, 256]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as root:
         base, teacher = write_pair(Path(root), args.pair)
         if args.api_vs_engine:

@@ -4,7 +4,8 @@
 # left (DEADLINE seconds from the start; its rows print as they finish). Logs under $OUT.
 #   bash benchmarks/issue15_run.sh            (repo root; BENCH_ARGS for bench_api, e.g. --pair 7b;
 #                                              PROFILE_CONFIGS / PROFILE_ARGS for profile_fused;
-#                                              SKIP_TESTS=1 / SKIP_BENCH=1 leave those out)
+#                                              SKIP_TESTS=1 / SKIP_BENCH=1 leave those out;
+#                                              TEST_FILTER: a pytest -k expression for the GPU tests)
 set -o pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-585}
@@ -14,9 +15,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 left() { echo $((DEADLINE - ($(date +%s) - START))); }
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" = 0 ]; then
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py 2>&1 |
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 |
         tee "$OUT/tests_gpu.log" | tail -8
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py -k triton_kernels 2>&1 |
+    [ -z "${TEST_FILTER:-}" ] && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fast_engine.py -k triton_kernels 2>&1 |
         tee "$OUT/tests_kernels.log" | tail -4
     echo "tests done at $(($(date +%s) - START)) s"
 fi
