@@ -62,16 +62,20 @@ def test_compile_walk_is_the_warmup_walk_dry_with_graphs_off(tiny_pair, monkeypa
     real_warm = engine.warm
 
     def recording_warm(mix, params, dry=False):
-        walks.append((dry, engine.graphs.enabled, engine.prefill_graphs.enabled))
+        walks.append((dry, engine.graphs.enabled, engine.prefill_graphs.enabled, len(params)))
         real_warm(mix, params, dry)  # on the CPU: the walk itself, eagerly, reading no draw
 
     monkeypatch.setattr(engine_module, "compile_only", recording_compile_only)
     monkeypatch.setattr(engine, "warm", recording_warm)
-    engine.graphs.enabled = engine.prefill_graphs.enabled = True  # as on CUDA
+    # as on CUDA, where a setting the torch step takes (here: any top-p) is left out of the walk
+    monkeypatch.setattr(engine_module, "uses_fused", lambda mix, params, device: params.top_p == 1.0)
+    engine.graphs.enabled = engine.prefill_graphs.enabled = True
+    engine.compile_kernels(MixConfig(), [SamplingParams(top_p=0.9)])
+    assert modes == [] and walks == []  # nothing fused: no dry walk
     engine.last_tokens.fill_(7)
     engine.compile_kernels(MixConfig(), [SamplingParams(), SamplingParams(top_p=0.9)])
     assert modes == [engine.compile_workers]
-    assert walks == [(True, False, False)]
+    assert walks == [(True, False, False, 1)]
     assert engine.graphs.enabled and engine.prefill_graphs.enabled  # restored
     assert not engine.last_tokens.any()  # the dry draws' tokens are not kept
     assert engine.base.lengths[engine.scratch] == engine.teacher.lengths[engine.scratch] == 0

@@ -54,7 +54,14 @@ from .attention import decode_attention_sdpa
 from .cached_model import CachedModel, new_cached_model
 from .graph_plan import GraphPlan, one_split_rule
 from .graphs import GraphCache, batch_bucket
-from .mixing_fast import StepSampler, make_step_sampler, result_from_tensors, sampler_key, values_tensor
+from .mixing_fast import (
+    StepSampler,
+    make_step_sampler,
+    result_from_tensors,
+    sampler_key,
+    uses_fused,
+    values_tensor,
+)
 from .precompile import compile_only, compile_workers, parallel_compile_available
 from .prefill import Prefill
 from .transfer import to_device
@@ -334,7 +341,12 @@ class FastEngine(Prefill, Engine):
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
         (precompile.py), so the warmup proper compiles nothing. Its garbage outputs stay in the
-        scratch slot, except the last tokens it drew, which are reset."""
+        scratch slot, except the last tokens it drew, which are reset. Only settings the fused
+        sampler takes: the torch step indexes with what it computed from the (unwritten) logits,
+        and has no kernel to compile."""
+        params = [p for p in params if uses_fused(mix, p, self.device)]
+        if not params:
+            return
         enabled = self.graphs.enabled, self.prefill_graphs.enabled
         self.graphs.enabled = self.prefill_graphs.enabled = False
         try:
