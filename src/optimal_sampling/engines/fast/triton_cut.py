@@ -13,10 +13,11 @@ cut are kept, as mixing.support does). A search finds the threshold of one key p
    [lo, hi) where the count (top-k) or the mass (top-p) crosses its target, and plans the next pass:
 2. passes 2..PASSES: a row whose bracket holds at most CAP keys has them copied out by
    `collect_kernel` (one atomic per block that holds any); the others are refined by
-   `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)]. A row whose bracket holds at most BIG keys has them gathered (the collect kernel again) into
-   its stretch of a [B, BIG + BIG2] buffer; its later passes read those keys, adding the count
-   and mass above them, instead of the whole vocabulary; and once more into the BIG2 part when
-   its bracket holds at most BIG2 (a bracket of a near-uniform row holds most of the vocabulary);
+   `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)]. A row whose
+   bracket holds at most BIG keys has them gathered (the collect kernel again) into its stretch
+   of a [B, BIG + BIG2] buffer; its later passes read those keys, adding the count and mass above
+   them, instead of the whole vocabulary; and once more into the BIG2 part when its bracket holds
+   at most BIG2 (a bracket of a near-uniform row holds most of the vocabulary);
 3. `finish_kernel`: per row, sorts the collected keys (at most CAP) and reads the exact k-th key,
    the exact top-p cut (the last key whose mass before it is below the target), and min-p's
    M + log(min_p); the cut is the largest of those that apply.
@@ -60,9 +61,7 @@ BASE_N = tl.constexpr(8)  # count and mass above the collected keys (0 when all 
 BASE_S = tl.constexpr(9)
 COLLECT_HI = tl.constexpr(10)  # the collected keys are those in [lo, COLLECT_HI)
 EXACT = tl.constexpr(11)  # 1 where the cut is exact (collected, tied, or none)
-GATHERED = tl.constexpr(
-    12
-)  # 0, then 1 or 2 once the row's bracket is gathered (twice): its passes read those
+GATHERED = tl.constexpr(12)  # 1 or 2 once the bracket is gathered (twice): the passes read those
 G_BASE_N = tl.constexpr(13)  # count and mass above the last gathered keys (0 when all keys >= lo are)
 G_BASE_S = tl.constexpr(14)
 REFINE, COLLECT, COLLECTED, TIED, NO_CUT, GATHER = (tl.constexpr(float(v)) for v in range(6))
