@@ -123,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.stream_interval_ms is not None and not args.stream_interval_ms >= 0:
         raise ValueError(f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}")
     temperatures = temperatures_of(args.warmup_temperatures)
-    from ..runtime.sampler import SamplerSpec
+    from ..runtime.spec import SamplerSpec
     from ..server.app import run_server
     from ..server.state import ServerSettings
 

@@ -12,6 +12,8 @@ obviously-correct path) through `scaled_dot_product_attention` with a length mas
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -28,10 +30,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     prompt's last token, so causality alone keeps it out of every real query's keys.
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
-        with sdpa_kernel(PREFILL_BACKENDS):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-    else:  # enable_gqa: each group of query heads reads its KV head in place (no repeated copy)
+    with sdpa_kernel(PREFILL_BACKENDS) if q.is_cuda else nullcontext():
+        # enable_gqa: each group of query heads reads its KV head in place (no repeated copy)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)  # [n, heads, T, D]
     return out.transpose(1, 2).flatten(2)
 
