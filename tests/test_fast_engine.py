@@ -550,13 +550,15 @@ def test_batch_limit_is_checked(tiny_pair):
 
 
 def test_batch_buckets_pad_little():
-    """Powers of two up to 64 rows, then multiples of 32: never fewer rows than asked, and a
-    batch above 64 pads fewer than 32 rows (a draining batch of 129 does not run 256)."""
+    """1, 4, 16, 32 and 64 rows, then multiples of 32: never fewer rows than asked, and a batch
+    above 64 pads fewer than 32 rows (a draining batch of 129 does not run 256)."""
     from optimal_sampling.engines.fast.graphs import batch_bucket
 
     got = [batch_bucket(n, 256) for n in range(1, 257)]
     assert all(b >= n for n, b in enumerate(got, 1))
-    assert sorted(set(got)) == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+    assert sorted(set(got)) == [1, 4, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+    assert batch_bucket(2, 256) == 4 and batch_bucket(5, 256) == 16 and batch_bucket(17, 256) == 32
+    assert batch_bucket(3, 2) == 2 and batch_bucket(10, 12) == 12  # capped at the slots
     assert all(b - n < 32 for n, b in enumerate(got, 1) if n > 64)
     assert batch_bucket(129, 256) == 160 and batch_bucket(200, 200) == 200
 

@@ -113,8 +113,9 @@ def test_one_split_rows_attend_alike_at_every_width():
 
 def test_graph_counts_for_the_benchmark_pair():
     """Warmup's graphs for Qwen2.5-0.5B/1.5B shapes (2 KV heads each) stay few: with today's
-    attention split plan, (decode per setting, prefill, first draws) = (10, 7, 2) at batch 1,
-    (61, 10, 8) at batch 64 and (55, 10, 14) at batch 256 (caches as long as an H100 allows)."""
+    attention split plan, (decode per setting, prefill, first draws) = (9, 7, 2) at batch 1,
+    (37, 10, 6) at batch 64 and (35, 10, 12) at batch 256 (caches as long as an H100 allows;
+    65 graphs in all at batch 256 before decode buckets were coarsened, measured 2026-12-06)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     from optimal_sampling.engines.fast.graph_plan import one_split_rule
@@ -124,9 +125,9 @@ def test_graph_counts_for_the_benchmark_pair():
         rows = len(plan.decode_rows())
         assert (
             len(plan.decode_shapes()) <= rows * len(width_buckets(max_len))
-            and len(plan.decode_shapes()) <= 64
+            and len(plan.decode_shapes()) <= 40
         )
-        assert len(plan.prefill_shapes()) <= 10 and len(plan.first_draw_rows()) <= 14
+        assert len(plan.prefill_shapes()) <= 10 and len(plan.first_draw_rows()) <= 12
 
 
 # ---------------------------------------------------------------------- the engine uses the plan

@@ -5,7 +5,7 @@ enumerates, so "after warmup a run captures nothing" is a property of this modul
 CPU by brute force over batch sizes and lengths) rather than of the engine's control flow.
 
 - Decode steps: one graph per (batch bucket, attention width[, sampler]). The width is the power
-  of two (at least MIN_WIDTH, at most max_len) above the longest sequence of either model, one
+  of two (at least DECODE_MIN_WIDTH, at most max_len) above the longest sequence of either model, one
   width for both, so the set is buckets x widths rather than buckets x widths^2. Where the
   attention kernel runs one split per row even at max_len (`one_split(rows)`: enough rows to fill
   the GPU), the width changes nothing it computes (keys are read up to each row's length, on
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from .graphs import batch_bucket, bucket_of
 
 MIN_WIDTH = 64  # smallest attention-width bucket
+DECODE_MIN_WIDTH = 128  # a decode step's smallest: a graph fewer per row bucket, one empty split more
 PREFILL_GRAPH_TOKENS = 512  # padded prefill tokens up to which a chunk replays a graph
 
 
@@ -68,7 +69,7 @@ class GraphPlan:
         """Attention width of a decode step of `rows` (padded) rows, longest sequence `longest`."""
         if self.one_split is not None and self.one_split(rows):
             return self.max_len
-        return width_of(longest, self.max_len)
+        return min(max(DECODE_MIN_WIDTH, width_of(longest, self.max_len)), self.max_len)
 
     def decode_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, width) a decode step of 1..max_batch rows can select."""
@@ -80,7 +81,7 @@ class GraphPlan:
     def widths(self, rows: int) -> list[int]:
         if self.one_split is not None and self.one_split(rows):
             return [self.max_len]
-        return width_buckets(self.max_len)
+        return sorted({min(max(DECODE_MIN_WIDTH, w), self.max_len) for w in width_buckets(self.max_len)})
 
     def draw_rows(self, n: int) -> int:
         """Rows a first draw of n requests runs at (padded, as a decode step's)."""

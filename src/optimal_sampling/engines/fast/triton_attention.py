@@ -34,16 +34,17 @@ WARPS = 4
 STAGES = 2  # software-pipelining depth of the key loop
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, count_ptr,
     cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
-    stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, stride_ob, chunk, scale,
+    stride_qb, stride_qh, stride_ks, stride_kt, stride_kh, stride_ob, chunk, scale, splits,
     GROUPS: tl.constexpr, GPAD: tl.constexpr, MPAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, ROPE: tl.constexpr,
-    HEADS: tl.constexpr, QK_NORM: tl.constexpr,
+    MERGE: tl.constexpr, MAX_PARTS: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    ROPE: tl.constexpr, HEADS: tl.constexpr, QK_NORM: tl.constexpr,
 ):  # fmt: skip
-    """ROPE: q_ptr is the projection's qkv rows and lengths_ptr each row's position: the program
+    """splits: the grid's third size, a run-time value (one compiled variant for every split count
+    above 1, MERGE, and one for a single split), at most MAX_PARTS. ROPE: q_ptr is the projection's qkv rows and lengths_ptr each row's position: the program
     rotates its q heads and the step's key itself, reads the cached keys before the position, adds
     the step's key and value from registers, and the split holding the position writes them to the
     cache (one kernel instead of RoPE + cache write, then attention). Else q is rotated already and
@@ -107,38 +108,40 @@ def _split_kernel(
             p_v = p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)  # p rounded as for the dot
             acc = acc * corr[:, None] + p_v
             m_i = m_new
-    if SPLITS == 1:  # the whole row in one program: write the output, no merge
+    if not MERGE:  # the whole row in one program: write the output, no merge
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         at = out_ptr + b * stride_ob + head[:, None] * D + d[None, :]
         tl.store(at, out.to(out_ptr.dtype.element_ty), mask=g[:, None] < GROUPS)
     else:
-        first = (b * tl.num_programs(1) + h) * SPLITS  # this (row, KV head)'s partials
+        first = (b * tl.num_programs(1) + h) * splits  # this (row, KV head)'s partials
         part = first + s
         tl.store(m_ptr + part * GPAD + g, m_i)
         tl.store(l_ptr + part * GPAD + g, l_i)
         tl.store(acc_ptr + (part * GPAD + g[:, None]) * D + d[None, :], acc, mask=g[:, None] < MPAD)
         tl.debug_barrier()  # every thread's partial is stored before the count releases it
         counter = count_ptr + b * tl.num_programs(1) + h
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the last split to finish
-            _merge(m_ptr, l_ptr, acc_ptr, out_ptr + b * stride_ob, first, h, GROUPS, GPAD, MPAD, D, SPLITS)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:  # the last split to finish
+            row_out = out_ptr + b * stride_ob
+            _merge(m_ptr, l_ptr, acc_ptr, row_out, first, h, splits, GROUPS, GPAD, MPAD, D, MAX_PARTS)
             tl.atomic_xchg(counter, 0)  # ready for the next launch (the next layer or step)
 
 
 @triton.jit
 def _merge(
-    m_ptr, l_ptr, acc_ptr, out_ptr, first, h,
-    GROUPS: tl.constexpr, GPAD: tl.constexpr, MPAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, out_ptr, first, h, splits,
+    GROUPS: tl.constexpr, GPAD: tl.constexpr, MPAD: tl.constexpr, D: tl.constexpr, MAX_PARTS: tl.constexpr,
 ):  # fmt: skip
     """The GROUPS heads of KV head h: the splits' partials merged (log-sum-exp weights), over MPAD
     (GROUPS rounded up to a power of two) rows, not the GPAD of the tensor-core tiles; reads bypass
     L1 (.cg), as other programs wrote them."""
     g = tl.arange(0, MPAD)
     d = tl.arange(0, D)
-    sp = tl.arange(0, SPLITS)
-    m_max = tl.max(tl.load(m_ptr + (first + sp[:, None]) * GPAD + g[None, :], cache_modifier=".cg"), axis=0)
+    sp = tl.arange(0, MAX_PARTS)[:, None]
+    at = m_ptr + (first + sp) * GPAD + g[None, :]
+    m_max = tl.max(tl.load(at, mask=sp < splits, other=float("-inf"), cache_modifier=".cg"), axis=0)
     total = tl.zeros([MPAD], tl.float32)
     out = tl.zeros([MPAD, D], tl.float32)
-    for i in range(0, SPLITS):  # a loop over [MPAD, D] tiles, not one [SPLITS, MPAD, D] tensor
+    for i in range(0, splits):  # a loop over [MPAD, D] tiles, not one [splits, MPAD, D] tensor
         m = tl.load(m_ptr + (first + i) * GPAD + g, cache_modifier=".cg")
         w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
         total += tl.load(l_ptr + (first + i) * GPAD + g, cache_modifier=".cg") * w
@@ -219,9 +222,9 @@ def _launch(q, stride_qb, stride_qh, heads, cache_k, cache_v, slots, lengths, wi
         q, cache_k, cache_v, slots, lengths, m, l, acc, out, counters,
         cos, tables.get("sin", m), m if q_norm is None else q_norm, m if k_norm is None else k_norm,
         tables.get("eps", 0.0), stride_qb, stride_qh, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        out.stride(0), chunk, 1.0 / math.sqrt(dim), GROUPS=groups, GPAD=GROUP_PAD,
-        MPAD=triton.next_power_of_2(groups), D=dim,
-        BN=BLOCK_N, SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        out.stride(0), chunk, 1.0 / math.sqrt(dim), splits, GROUPS=groups, GPAD=GROUP_PAD,
+        MPAD=triton.next_power_of_2(groups), D=dim, BN=BLOCK_N, MERGE=splits > 1,
+        MAX_PARTS=triton.next_power_of_2(MAX_SPLITS), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STAGES=STAGES, ROPE=rope is not None, HEADS=heads, QK_NORM=q_norm is not None, num_warps=WARPS,
     )  # fmt: skip
     return out
