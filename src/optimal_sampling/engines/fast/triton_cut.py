@@ -14,11 +14,10 @@ cut are kept, as mixing.support does). A search finds the threshold of one key p
 2. passes 2..PASSES: a row whose bracket holds at most CAP keys has them copied out by
    `collect_kernel` (one atomic per block that holds any); the others are refined by
    `search_kernel` at K_REFINE thresholds evenly spaced over [lo, min(hi, M)]. A row whose
-   bracket holds at most BIG keys has them gathered by its next search pass (which appends them
-   while it refines, instead of a pass of their own) into its stretch of a [B, BIG + BIG2]
-   buffer; its later passes read those keys, adding the count and mass above them, instead of
-   the whole vocabulary; and once more into the BIG2 part when its bracket holds at most BIG2 (a
-   bracket of a near-uniform row holds most of the vocabulary);
+   bracket holds at most BIG keys has them gathered (the collect kernel again) into its stretch
+   of a [B, BIG + BIG2] buffer; its later passes read those keys, adding the count and mass above
+   them, instead of the whole vocabulary; and once more into the BIG2 part when its bracket holds
+   at most BIG2 (a bracket of a near-uniform row holds most of the vocabulary);
 3. `finish_kernel`: per row, sorts the collected keys (at most CAP) and reads the exact k-th key,
    the exact top-p cut (the last key whose mass before it is below the target), and min-p's
    M + log(min_p); the cut is the largest of those that apply.
@@ -155,9 +154,7 @@ def search_kernel(
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
     (relative to that max) and the smallest of the keys at or above it. Rows not refining read
-    nothing; a row whose bracket is gathered reads its share of those keys, not the vocabulary;
-    a row to GATHER reads what it read before and appends its bracket's keys to the next level
-    of the big buffer meanwhile (no pass of its own for the gather).
+    nothing; a row whose bracket is gathered reads its share of those keys, not the vocabulary.
     The masses are taken relative to e^ref for one ref per program, not a running max per lane, so
     a token costs no rescale per threshold: later passes use the row's max M from pass 1 (every key
     is <= M) and store it as their max; pass 1 raises ref to a block's max only when that block
@@ -178,14 +175,8 @@ def search_kernel(
         thr = tl.load(thr_ptr + row * K + j)
         phase = tl.load(srch + PHASE)
         refining = (phase == REFINE) | (phase == GATHER)
-        gather = phase == GATHER
-        level = tl.load(srch + GATHERED).to(tl.int32)  # the keys it reads (0: the vocabulary's)
+        level = tl.load(srch + GATHERED).to(tl.int32) + (phase == GATHER).to(tl.int32)  # what it reads
         n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
-        row_big = big_ptr + row * (cap1 + cap2)
-        into, into_cap = row_big + tl.where(level == 0, 0, cap1), tl.where(level == 0, cap1, cap2)
-        into_count = big_count_ptr + row * 2 + tl.minimum(level, 1)
-        lo = tl.load(srch + LO).to(tl.float32)
-        hi = tl.load(srch + COLLECT_HI).to(tl.float32)
         share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
         blocks = tl.where(refining, tl.where(level > 0, 0, n_blocks), 0)
         big_blocks = tl.where(refining, tl.where(level > 0, share // BLOCK, 0), 0)
@@ -209,18 +200,12 @@ def search_kernel(
             if block_top > ref + RESCALE_SLACK:  # rare: the sums so far were relative to e^safe(ref)
                 acc_s = acc_s * tl.exp(safe(ref) - block_top)
                 ref = block_top
-        else:
-            if gather:
-                gather_keys(key, lo, hi, into_count, into, into_cap, BLOCK)
         acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, not FIRST)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
     for i in range(0, big_blocks):
         idx = big_start + i * BLOCK + lanes
         key = tl.load(big_ptr + row * (cap1 + cap2) + offset + idx, mask=idx < big_end, other=NEG_INF)
-        if not FIRST:  # (pass 1 reads the vocabulary only)
-            if gather:
-                gather_keys(key, lo, hi, into_count, into, into_cap, BLOCK)
         acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min, True)
     if FIRST:
         top = tl.max(m)
@@ -245,7 +230,8 @@ def collect_kernel(
     CAP: tl.constexpr, Q: tl.constexpr, CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out,
-    from the vocabulary or from its gathered keys (a GATHER row's search pass gathers its keys)."""
+    from the vocabulary or from its gathered keys; of a row to GATHER: those keys into the next
+    level of its stretch of the big buffer."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -253,10 +239,12 @@ def collect_kernel(
     lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
     srch = search_ptr + row * SEARCH_STATE_W
     phase = tl.load(srch + PHASE)
-    copying = phase == COLLECT
+    gather = phase == GATHER
+    copying = (phase == COLLECT) | gather
     level = tl.load(srch + GATHERED).to(tl.int32)  # the keys it reads (0: the vocabulary's)
     n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
     row_big = big_ptr + row * (cap1 + cap2)
+    into, into_cap = row_big + tl.where(level == 0, 0, cap1), tl.where(level == 0, cap1, cap2)  # a gather's
     share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
     all_blocks = tl.cdiv(chunk, BLOCK)  # (its own block: no per-threshold accumulators)
     blocks = tl.where(copying, tl.where(level > 0, 0, all_blocks), 0)
@@ -272,21 +260,20 @@ def collect_kernel(
         next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
-        append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
+        if gather:
+            append(key, inside, big_count_ptr + row * 2, into, into_cap)
+        else:
+            append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
     for i in range(0, big_blocks):
         idx = big_start + i * BLOCK + lanes
         key = tl.load(row_big + offset + idx, mask=idx < big_end, other=NEG_INF)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
-        append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
-
-
-@triton.jit
-def gather_keys(key, lo, hi, count_ptr, out_ptr, cap, BLOCK: tl.constexpr):
-    """Append a search block's keys ([1, BLOCK]) in the bracket [lo, hi) to a gather level."""
-    key = tl.reshape(key, (BLOCK,))
-    append(key, (key >= lo) & (key < hi) & (key > NEG_INF), count_ptr, out_ptr, cap)
+        if gather:
+            append(key, inside, big_count_ptr + row * 2 + 1, into, into_cap)
+        else:
+            append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
 
 
 @triton.jit
@@ -359,18 +346,12 @@ def search_combine_kernel(
             rel = tl.exp((top - safe(m)).to(tl.float64))  # this pass's masses relative to e^M
             hi, n_hi, s_hi = tl.load(srch + HI).to(tl.float32), tl.load(srch + N_HI), tl.load(srch + S_HI)
             total_n, total_s = tl.load(srch + TOTAL_N), tl.load(srch + TOTAL_S)
-            read = tl.load(srch + GATHERED)  # the level this pass read (0: the vocabulary)
+            gathered = tl.load(srch + GATHERED) + tl.where(phase == GATHER, 1.0, 0.0)
             g_n, g_s = tl.load(srch + G_BASE_N), tl.load(srch + G_BASE_S)
         s = s * rel
-        if not FIRST:  # a pass over gathered keys: add the keys above them
-            n += tl.where(read > 0, g_n, 0.0)
-            s += tl.where(read > 0, g_s, 0.0)
-            # A GATHER row's pass gathered its bracket [lo, COLLECT_HI): the next level, whose keys
-            # above are the bracket's base (what the plan that chose the gather stored)
-            was_gather = phase == GATHER
-            gathered = read + tl.where(was_gather, 1.0, 0.0)
-            g_n = tl.where(was_gather, tl.load(srch + BASE_N), g_n)
-            g_s = tl.where(was_gather, tl.load(srch + BASE_S), g_s)
+        if not FIRST:  # a pass over the gathered keys: add the keys above them
+            n += tl.where(gathered > 0, g_n, 0.0)
+            s += tl.where(gathered > 0, g_s, 0.0)
         if BY_COUNT:
             target_k = k.to(tl.float64)
             if SECOND:  # top-p still cuts a row with fewer than k keys: all of them are its top-k set
@@ -414,8 +395,8 @@ def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, 
     """Store the bracket and the next phase; a refining row's next K thresholds (the next pass's)
     span [lo, min(hi, M)] evenly, the last two lo + 1 ulp and lo (whether the keys tied at lo
     settle the target). A bracket of at most gather_cap1 keys not gathered yet, or of at most
-    gather_cap2 gathered once, is gathered by the next search pass (the keys a collect would take;
-    BASE_N / BASE_S, the count and mass above them, become G_BASE in that pass's combine)."""
+    gather_cap2 gathered once, is gathered next (the keys the collect would take, with the count
+    and mass above them)."""
     if ALL_ABOVE:
         size, collect_hi = n_lo, tl.full([], POS_INF, tl.float32)
         base_n, base_s = tl.zeros([], tl.float64), tl.zeros([], tl.float64)
@@ -427,9 +408,9 @@ def plan_next(srch, thr_ptr, row, lo, hi, n_lo, n_hi, s_hi, m, target_ok, tied, 
     phase = tl.where(size <= CAP, COLLECT, tl.where(settled, TIED, tl.where(gather, GATHER, REFINE)))
     phase = tl.where(target_ok, phase, NO_CUT)
     tl.store(srch + PHASE, phase)
-    tl.store(srch + GATHERED, gathered)  # (a GATHER row's next pass gathers: its combine counts it)
-    tl.store(srch + G_BASE_N, g_n)
-    tl.store(srch + G_BASE_S, g_s)
+    tl.store(srch + GATHERED, gathered)
+    tl.store(srch + G_BASE_N, tl.where(phase == GATHER, base_n, g_n))
+    tl.store(srch + G_BASE_S, tl.where(phase == GATHER, base_s, g_s))
     tl.store(srch + LO, lo.to(tl.float64))
     tl.store(srch + HI, hi.to(tl.float64))
     tl.store(srch + N_HI, n_hi)
