@@ -1,5 +1,5 @@
 """Where a fresh sampler's one-off costs go (issue 15): each Triton compile of its construction
-and warmup (kernel, seconds), then the first batch-256 call with an unseen prompt length against
+and warmup (kernel, seconds; the warmup's last compiles to finish, with their start and end), then the first batch-256 call with an unseen prompt length against
 its repeat under the torch profiler (the ops whose time the first call adds).
 
 Run with a fresh TRITON_CACHE_DIR for the cold cost a new machine pays:
@@ -25,7 +25,7 @@ from bench_api import prompts_of, timed, write_pair  # benchmarks/ is the script
 
 from optimal_sampling import OptimalSampler
 
-COMPILES: list[tuple[str, float, bool]] = []  # (kernel, seconds, in the main thread)
+COMPILES: list[tuple[str, float, bool, float]] = []  # (kernel, seconds, in the main thread, end time)
 
 
 def record_compiles() -> None:
@@ -39,23 +39,32 @@ def record_compiles() -> None:
         finally:
             name = getattr(getattr(src, "fn", None), "__name__", str(src)[:40])
             main = threading.current_thread() is threading.main_thread()
-            COMPILES.append((name, time.perf_counter() - start, main))
+            end = time.perf_counter()
+            COMPILES.append((name, end - start, main, end))
 
     triton.compiler.compile = timed_compile
 
 
-def compile_summary(compiles: list[tuple[str, float, bool]], top: int) -> dict:
+def compile_summary(
+    compiles: list[tuple[str, float, bool, float]], top: int, since: float | None = None
+) -> dict:
+    """Compiles per kernel (count, seconds), and with `since` (a perf_counter time) the last ones
+    to finish as [kernel, start, end] seconds after it: the long pole of a parallel walk."""
     per_kernel: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for name, seconds, _ in compiles:
+    for name, seconds, _, _ in compiles:
         per_kernel[name][0] += 1
         per_kernel[name][1] += seconds
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]
-    return {
+    out = {
         "compiles": len(compiles),
-        "compile_s": round(sum(s for _, s, _ in compiles), 2),
-        "in_main_thread": sum(main for _, _, main in compiles),  # not by the parallel precompile
+        "compile_s": round(sum(c[1] for c in compiles), 2),
+        "in_main_thread": sum(c[2] for c in compiles),  # not by the parallel precompile
         "by_kernel": {name: [n, round(s, 2)] for name, (n, s) in ranked},
     }
+    if since is not None:
+        last = sorted(compiles, key=lambda c: -c[3])[:8]
+        out["last_to_finish"] = [[c[0], round(c[3] - c[1] - since, 2), round(c[3] - since, 2)] for c in last]
+    return out
 
 
 def time_phases(engine) -> dict[str, float]:
@@ -114,10 +123,11 @@ def main() -> None:
         if args.workers is not None:
             sampler.engine.compile_workers = args.workers
         phases = time_phases(sampler.engine)
+        warmup_start = time.perf_counter()
         warmed, stats = timed(sampler.warmup)
         out["warmup_phases_s"] = {name: round(seconds, 2) for name, seconds in phases.items()}
         out["warmup_s"], out["graphs"] = round(warmed, 2), stats.graphs
-        out["warmup_compiles"] = compile_summary(COMPILES, args.top)
+        out["warmup_compiles"] = compile_summary(COMPILES, args.top, since=warmup_start)
         print(json.dumps(out), flush=True)
         for batch, tokens, length in () if args.no_calls else ((256, 1, 201), (256, 1, 150)):
             COMPILES.clear()
