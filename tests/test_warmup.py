@@ -20,6 +20,7 @@ from optimal_sampling import EngineConfig, OptimalSampler, SamplingParams
 from optimal_sampling.config import MixConfig
 from optimal_sampling.engines.base import WarmupStats
 from optimal_sampling.engines.fast.graph_plan import (
+    DECODE_MIN_WIDTH,
     PREFILL_GRAPH_TOKENS,
     GraphPlan,
     width_buckets,
@@ -61,7 +62,7 @@ def test_decode_shapes_are_every_shape_a_step_can_select(max_batch, max_slots, m
         rows = batch_bucket(n, max_slots)
         for longest in range(1, max_len + 1):
             width = plan.decode_width(rows, longest)
-            assert rows >= n and width >= longest
+            assert rows >= n and width >= longest and width >= min(DECODE_MIN_WIDTH, max_len)
             selected.add((rows, width))
     assert selected == set(plan.decode_shapes())
 

@@ -5,8 +5,8 @@ enumerates, so "after warmup a run captures nothing" is a property of this modul
 CPU by brute force over batch sizes and lengths) rather than of the engine's control flow.
 
 - Decode steps: one graph per (batch bucket, attention width[, sampler]). The width is the power
-  of two (at least DECODE_MIN_WIDTH, at most max_len) above the longest sequence of either model, one
-  width for both, so the set is buckets x widths rather than buckets x widths^2. Where the
+  of two (at least DECODE_MIN_WIDTH, at most max_len) above the longest sequence of either model,
+  one width for both, so the set is buckets x widths rather than buckets x widths^2. Where the
   attention kernel runs one split per row even at max_len (`one_split(rows)`: enough rows to fill
   the GPU), the width changes nothing it computes (keys are read up to each row's length, on
   the device), so those buckets run at max_len and need one graph.

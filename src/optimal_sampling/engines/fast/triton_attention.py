@@ -44,7 +44,8 @@ def _split_kernel(
     ROPE: tl.constexpr, HEADS: tl.constexpr, QK_NORM: tl.constexpr,
 ):  # fmt: skip
     """splits: the grid's third size, a run-time value (one compiled variant for every split count
-    above 1, MERGE, and one for a single split), at most MAX_PARTS. ROPE: q_ptr is the projection's qkv rows and lengths_ptr each row's position: the program
+    above 1, MERGE, and one for a single split), at most MAX_PARTS.
+    ROPE: q_ptr is the projection's qkv rows and lengths_ptr each row's position: the program
     rotates its q heads and the step's key itself, reads the cached keys before the position, adds
     the step's key and value from registers, and the split holding the position writes them to the
     cache (one kernel instead of RoPE + cache write, then attention). Else q is rotated already and
