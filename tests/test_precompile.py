@@ -82,3 +82,91 @@ def test_compile_walk_is_the_warmup_walk_dry_with_graphs_off(tiny_pair, monkeypa
     engine.graphs.enabled = engine.prefill_graphs.enabled = False
     out = sampler.generate(["hello"], max_tokens=3, temperature=0.0)  # the engine still works
     assert out.num_tokens == [3] or out.samples[0].finish_reason == "stop"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_record_compiles_records_each_variant_instead_of_building_it(monkeypatch):
+    import types
+
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    from optimal_sampling.engines.fast.precompile import CompileJob, record_compiles
+
+    launches = []
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **k: launches.append(warmup))
+    original = JITFunction._do_compile
+
+    @triton.jit
+    def kernel(x_ptr):
+        pass
+
+    kernel.device_caches[0] = ({}, {}, "the target", None, None)
+    options = types.SimpleNamespace(num_warps=4)
+    with record_compiles() as jobs:
+        kernel[(1,)](torch.zeros(1))
+        for key in ("a", "a", "b"):  # what run() calls for a variant not built yet
+            assert JITFunction._do_compile(kernel, key, {"x_ptr": "*fp32"}, 0, {}, options, {}, True) is None
+    assert launches == [True]  # a launch inside only compiles (here: records)
+    job = CompileJob(
+        kernel.fn.__module__, "kernel", {"x_ptr": "*fp32"}, {}, {}, "the target", {"num_warps": 4}
+    )
+    assert list(jobs.values()) == [job, job]  # one job per variant key
+    assert JITFunction._do_compile is original
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path, monkeypatch):
+    """Fresh interpreters compile a real kernel for an H100 (sm_90: Triton compiles it without a
+    GPU) into TRITON_CACHE_DIR; compiling it here is then a cache hit. A job whose kernel does not
+    import is skipped, not fatal."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from optimal_sampling.engines.fast import triton_attention
+    from optimal_sampling.engines.fast.precompile import CompileJob, compile_in_processes
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = triton_attention._split_kernel
+    signature = {name: "i32" for name in kernel.arg_names}  # strides, chunk, splits
+    signature.update(
+        {name: "*fp32" for name in kernel.arg_names if name.endswith("_ptr")}
+    )  # partials, tables
+    signature.update(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", slots_ptr="*i64")
+    signature.update(lengths_ptr="*i64", count_ptr="*i32", eps="fp32", scale="fp32")
+    constexprs = dict(GROUPS=7, GPAD=16, MPAD=8, D=64, BN=64, MERGE=False, MAX_PARTS=16, PRECISION="tf32",
+                      STAGES=2, ROPE=False, HEADS=14, QK_NORM=False)  # fmt: skip
+    signature.update({name: "constexpr" for name in constexprs})
+    target, options = GPUTarget("cuda", 90, 32), {"num_warps": 4}
+    job = CompileJob(kernel.fn.__module__, "_split_kernel", signature, constexprs, {}, target, options)
+    missing = CompileJob("no_such_module", "kernel", signature, constexprs, {}, target, options)
+    assert compile_in_processes([missing, job], workers=2) == 1
+    hits = []
+    monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: hits.append(kw.get("cache_hit")))
+    triton.compile(ASTSource(kernel, signature, constexprs, {}), target=target, options=options)
+    assert hits == [True]
+    assert compile_in_processes([], workers=4) == 0
+
+
+def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):
+    base, teacher = tiny_pair("qwen2")
+    sampler = OptimalSampler(base, teacher, engine="fast", device="cpu", warmup=False, max_batch_size=4)
+    engine = sampler.engine
+    calls = []
+
+    @contextmanager
+    def recording_record_compiles():
+        calls.append("record")
+        yield {"key": "job"}
+
+    monkeypatch.setattr(engine_module, "record_compiles", recording_record_compiles)
+    monkeypatch.setattr(
+        engine_module, "compile_in_processes", lambda jobs, workers: calls.append((jobs, workers))
+    )
+    monkeypatch.setattr(engine_module, "compile_only", lambda workers: pytest.fail("threads used"))
+    monkeypatch.setattr(engine_module, "uses_fused", lambda mix, params, device: True)
+    engine.compile_processes = True
+    engine.compile_kernels(MixConfig(), [SamplingParams()])
+    assert calls == ["record", (["job"], engine.compile_workers)]

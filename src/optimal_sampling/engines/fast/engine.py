@@ -62,7 +62,13 @@ from .mixing_fast import (
     uses_fused,
     values_tensor,
 )
-from .precompile import compile_only, compile_workers, parallel_compile_available
+from .precompile import (
+    compile_in_processes,
+    compile_only,
+    compile_workers,
+    parallel_compile_available,
+    record_compiles,
+)
 from .prefill import Prefill
 from .transfer import to_device
 
@@ -134,6 +140,7 @@ class FastEngine(Prefill, Engine):
         self.samplers: dict[tuple, StepSampler] = {}
         self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
         self.compile_workers = compile_workers()  # threads compiling warmup's kernels (1: in turn)
+        self.compile_processes = False  # compile them in that many fresh interpreters instead (opt-in)
         two_streams = on_cuda and self.concurrent_models
         self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
         self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
@@ -340,7 +347,9 @@ class FastEngine(Prefill, Engine):
 
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
-        (precompile.py), so the warmup proper compiles nothing. Its garbage outputs stay in the
+        (precompile.py: threads, or with compile_processes the variants it records compiled in
+        fresh interpreters into Triton's disk cache), so the warmup proper compiles nothing
+        (with processes: only loads). Its garbage outputs stay in the
         scratch slot, except the last tokens it drew, which are reset. Only settings the fused
         sampler takes: the torch step indexes with what it computed from the (unwritten) logits,
         and has no kernel to compile."""
@@ -349,13 +358,16 @@ class FastEngine(Prefill, Engine):
             return
         enabled = self.graphs.enabled, self.prefill_graphs.enabled
         self.graphs.enabled = self.prefill_graphs.enabled = False
+        jobs: dict = {}
         try:
-            with compile_only(self.compile_workers):
+            with record_compiles() if self.compile_processes else compile_only(self.compile_workers) as jobs:
                 self.warm(mix, params, dry=True)
         finally:
             self.graphs.enabled, self.prefill_graphs.enabled = enabled
             self.synchronize()
             self.last_tokens.zero_()
+        if self.compile_processes:  # into Triton's disk cache, which the warmup's launches then read
+            compile_in_processes(list(jobs.values()), self.compile_workers)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

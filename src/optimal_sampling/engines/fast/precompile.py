@@ -2,22 +2,34 @@
 
 A cold warmup compiles each kernel variant the first time a capture launches it, one after the
 other (~1 s each, most of a cold start). `compile_only()` runs code with every Triton launch
-turned into a compile submitted to a thread pool (Triton's AsyncCompileMode; its passes and ptxas
-release the GIL) and no kernel run: the engine walks its warmup once that way, without graphs,
+turned into a compile submitted to a thread pool (Triton's AsyncCompileMode; ptxas runs as a
+subprocess) and no kernel run: the engine walks its warmup once that way, without graphs,
 so the real warmup finds every kernel built. Nothing a kernel would write is written, so the dry
 walk must not feed its outputs into indexing (the engine resets its last tokens after it). The
 switch is process-wide while it lasts: nothing else may launch Triton kernels meanwhile (warmup
 runs between calls, as the engine's contract says).
 
 Measured (H100, cold Triton cache, the benchmark pair): warmup 22.0 s against 24.7 s compiling in
-turn; each compile takes about twice as long with 16 at once (code generation holds the GIL).
+turn; each compile takes about twice as long with 16 at once (code generation holds the GIL). So
+`record_compiles()` + `compile_in_processes()` do the same walk recording each variant a launch
+would build, then compile them in fresh interpreters (`python -m` this module) into Triton's disk
+cache, which the warmup proper then loads: no GIL shared. Opt-in (`FastEngine.compile_processes`)
+until a device run has measured it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def parallel_compile_available() -> bool:
@@ -56,3 +68,98 @@ def compile_only(workers: int | None = None):
             yield
     finally:
         JITFunction.run = original
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel variant as Triton's JITFunction._do_compile would build it (picklable: the kernel
+    by module and name, a compile worker imports it)."""
+
+    module: str
+    name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    target: object
+    options: dict
+
+
+@contextmanager
+def record_compiles():
+    """Inside: Triton launches build nothing and run nothing; each kernel variant they would build
+    (and whose module a fresh interpreter can import) is added to the yielded dict."""
+    from triton.runtime.jit import JITFunction
+
+    original_run, original_compile = JITFunction.run, JITFunction._do_compile
+    jobs: dict = {}
+
+    def record(self, key, signature, device, constexprs, options, attrs, warmup):
+        target = self.device_caches[device][2]
+        job = CompileJob(
+            self.fn.__module__, self.fn.__name__, signature, constexprs, attrs, target, dict(vars(options))
+        )
+        jobs.setdefault((job.module, job.name, key), job)
+        return None  # (JITFunction.run returns at once, caching nothing)
+
+    def record_launch(self, *args, grid, warmup, **kwargs):
+        return original_run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run, JITFunction._do_compile = record_launch, record
+    try:
+        yield jobs
+    finally:
+        JITFunction.run, JITFunction._do_compile = original_run, original_compile
+
+
+def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 600.0) -> int:
+    """Compile the jobs into Triton's disk cache in `workers` fresh interpreters (round-robin);
+    returns how many jobs they compiled. A worker past `timeout` seconds is killed: its kernels
+    then compile where they are first launched, as without this."""
+    if not jobs:
+        return 0
+    workers = max(1, min(workers, len(jobs)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "jobs.pkl"
+        path.write_bytes(pickle.dumps(jobs))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", __name__, str(path), str(i), str(workers)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )  # fmt: skip
+            for i in range(workers)
+        ]
+        deadline, done = time.monotonic() + timeout, 0
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                done += int(out.strip() or 0) if proc.returncode == 0 else 0
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    return done
+
+
+def compile_worker(path: str, index: int, count: int) -> int:
+    """Compile jobs index, index + count, ... of the pickled list; prints how many it built (a
+    job whose kernel does not import or compile here is left to its first launch)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    jobs = pickle.loads(Path(path).read_bytes())[index::count]
+    built = 0
+    for job in jobs:
+        try:
+            kernel = getattr(importlib.import_module(job.module), job.name)
+            source = ASTSource(kernel, job.signature, job.constexprs, job.attrs)
+            triton.compile(source, target=job.target, options=job.options)
+            built += 1
+        except Exception:  # (its first launch compiles it instead, and reports what fails)
+            continue
+    print(built)
+    return built
+
+
+if __name__ == "__main__":
+    compile_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
