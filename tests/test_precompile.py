@@ -47,9 +47,14 @@ def test_compile_only_turns_launches_into_compiles_and_restores_launches(monkeyp
     assert 1 <= compile_workers() <= 16
 
 
-def test_compile_walk_is_the_warmup_walk_dry_with_graphs_off(tiny_pair, monkeypatch):
+def cpu_sampler(tiny_pair) -> OptimalSampler:
+    """A fast-engine sampler on the CPU (no warmup): its engine's compile walk runs eagerly there."""
     base, teacher = tiny_pair("qwen2")
-    sampler = OptimalSampler(base, teacher, engine="fast", device="cpu", warmup=False, max_batch_size=4)
+    return OptimalSampler(base, teacher, engine="fast", device="cpu", warmup=False, max_batch_size=4)
+
+
+def test_compile_walk_is_the_warmup_walk_dry_with_graphs_off(tiny_pair, monkeypatch):
+    sampler = cpu_sampler(tiny_pair)
     engine = sampler.engine
     modes = []
 
@@ -151,9 +156,7 @@ def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path,
 
 
 def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):
-    base, teacher = tiny_pair("qwen2")
-    sampler = OptimalSampler(base, teacher, engine="fast", device="cpu", warmup=False, max_batch_size=4)
-    engine = sampler.engine
+    engine = cpu_sampler(tiny_pair).engine
     calls = []
 
     @contextmanager
