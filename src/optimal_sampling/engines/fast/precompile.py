@@ -111,10 +111,11 @@ def record_compiles():
         JITFunction.run, JITFunction._do_compile = original_run, original_compile
 
 
-def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 600.0) -> int:
+def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 120.0) -> int:
     """Compile the jobs into Triton's disk cache in `workers` fresh interpreters (round-robin);
-    returns how many jobs they compiled. A worker past `timeout` seconds is killed: its kernels
-    then compile where they are first launched, as without this."""
+    returns how many jobs they compiled. A worker past `timeout` seconds (a whole cold warmup
+    compiles in about 15 s on an H100 host) is killed: its kernels then compile where they are
+    first launched, as without this."""
     if not jobs:
         return 0
     workers = max(1, min(workers, len(jobs)))
