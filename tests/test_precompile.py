@@ -153,6 +153,8 @@ def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path,
     triton.compile(ASTSource(kernel, signature, constexprs, {}), target=target, options=options)
     assert hits == [True]
     assert compile_in_processes([], workers=4) == 0
+    unpicklable = CompileJob("m", "k", {}, {}, {}, target, {"hook": lambda: 0})
+    assert compile_in_processes([unpicklable], workers=2) == 0  # left to its first launch, no error
 
 
 def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):

@@ -121,24 +121,29 @@ def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 
     workers = max(1, min(workers, len(jobs)))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "jobs.pkl"
-        path.write_bytes(pickle.dumps(jobs))
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", __name__, str(path), str(i), str(workers)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )  # fmt: skip
-            for i in range(workers)
-        ]
+        try:
+            path.write_bytes(pickle.dumps(jobs))
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(path), str(i), str(workers)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+                for i in range(workers)
+            ]
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            return 0  # (nothing built here: each kernel compiles at its first launch)
         deadline, done = time.monotonic() + timeout, 0
         for proc in procs:
             try:
                 out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
-                done += int(out.strip() or 0) if proc.returncode == 0 else 0
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
+                continue
+            last = out.strip().rsplit("\n", 1)[-1] if out.strip() else ""
+            done += int(last) if proc.returncode == 0 and last.isdigit() else 0
     return done
 
 
