@@ -157,6 +157,14 @@ def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path,
     assert compile_in_processes([unpicklable], workers=2) == 0  # left to its first launch, no error
 
 
+def test_a_worker_reports_its_count_on_its_last_line():
+    from optimal_sampling.engines.fast.precompile import built_count
+
+    assert built_count("3\n", 0) == 3
+    assert built_count("a library's notice\n12\n", 0) == 12
+    assert built_count("12\n", 1) == 0 and built_count("", 0) == 0 and built_count("oops\n", 0) == 0
+
+
 def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):
     engine = cpu_sampler(tiny_pair).engine
     calls = []

@@ -142,9 +142,15 @@ def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 
                 proc.kill()
                 proc.communicate()
                 continue
-            last = out.strip().rsplit("\n", 1)[-1] if out.strip() else ""
-            done += int(last) if proc.returncode == 0 and last.isdigit() else 0
+            done += built_count(out, proc.returncode)
     return done
+
+
+def built_count(out: str, returncode: int) -> int:
+    """What a compile worker reports: its last line of output, if it exited cleanly (a library
+    may print before it); 0 otherwise."""
+    last = out.strip().rsplit("\n", 1)[-1] if out.strip() else ""
+    return int(last) if returncode == 0 and last.isdigit() else 0
 
 
 def compile_worker(path: str, index: int, count: int) -> int:
