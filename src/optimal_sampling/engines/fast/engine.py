@@ -347,20 +347,20 @@ class FastEngine(Prefill, Engine):
 
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
-        (precompile.py: threads, or with compile_processes the variants it records compiled in
-        fresh interpreters into Triton's disk cache), so the warmup proper compiles nothing
-        (with processes: only loads). Its garbage outputs stay in the
-        scratch slot, except the last tokens it drew, which are reset. Only settings the fused
-        sampler takes: the torch step indexes with what it computed from the (unwritten) logits,
-        and has no kernel to compile."""
+        (precompile.py: on threads, or with compile_processes the variants it records compiled
+        in fresh interpreters into Triton's disk cache), so the warmup proper compiles nothing
+        (with processes: only loads). Its garbage outputs stay in the scratch slot, except the
+        last tokens it drew, which are reset. Only settings the fused sampler takes: the torch
+        step indexes with what it computed from the (unwritten) logits, and has no kernel to
+        compile."""
         params = [p for p in params if uses_fused(mix, p, self.device)]
         if not params:
             return
         enabled = self.graphs.enabled, self.prefill_graphs.enabled
         self.graphs.enabled = self.prefill_graphs.enabled = False
-        jobs: dict = {}
+        walk = record_compiles() if self.compile_processes else compile_only(self.compile_workers)
         try:
-            with record_compiles() if self.compile_processes else compile_only(self.compile_workers) as jobs:
+            with walk as jobs:  # (the recorded variants; None on threads)
                 self.warm(mix, params, dry=True)
         finally:
             self.graphs.enabled, self.prefill_graphs.enabled = enabled
