@@ -1,6 +1,7 @@
 """Where a fresh sampler's one-off costs go (issue 15): each Triton compile of its construction
-and warmup (kernel, seconds; the warmup's last compiles to finish, with their start and end), then the first batch-256 call with an unseen prompt length against
-its repeat under the torch profiler (the ops whose time the first call adds).
+and warmup (kernel, seconds; the warmup's last compiles to finish, with their start and end),
+then the first batch-256 call with an unseen prompt length against its repeat under the torch
+profiler (the ops whose time the first call adds).
 
 Run with a fresh TRITON_CACHE_DIR for the cold cost a new machine pays:
 

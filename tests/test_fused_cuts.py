@@ -259,9 +259,8 @@ def run_cut_checks(device: str) -> None:
 
     if device == "cuda":  # (a bracket of at most the vocabulary is gathered at once)
         check_cuts(device, 4096, CAP, CONFIGS, (1.0, 0.7, 0.0), exact=True)
-        check_cuts(
-            device, 4096, 32, CONFIGS, (0.7,), exact=False, big=1024, big2=128
-        )  # refined, gathered (twice)
+        # refined, then gathered, then gathered again
+        check_cuts(device, 4096, 32, CONFIGS, (0.7,), exact=False, big=1024, big2=128)
         check_cuts(device, 4096, 64, CONFIGS, (0.7,), exact=False, refine=(16, 4), big=0)  # never gathered
     else:
         check_cuts(device, 512, 256, CONFIGS, (0.7,), exact=True)

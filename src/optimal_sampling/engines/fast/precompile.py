@@ -51,10 +51,9 @@ def compile_workers() -> int:
 
 
 @contextmanager
-def compile_only(workers: int | None = None):
-    """Inside: Triton launches compile (in `workers` threads) and do not run; on exit every
-    compile has finished and its kernel is in its function's cache."""
-    import triton
+def launches_only_compile():
+    """Inside: a Triton launch does what its first launch would before running (Triton's warmup:
+    build the variant, or whatever builds it now) and runs nothing."""
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.run
@@ -64,10 +63,20 @@ def compile_only(workers: int | None = None):
 
     JITFunction.run = compile_launch
     try:
-        with ThreadPoolExecutor(workers or compile_workers()) as pool, triton.AsyncCompileMode(pool):
-            yield
+        yield
     finally:
         JITFunction.run = original
+
+
+@contextmanager
+def compile_only(workers: int | None = None):
+    """Inside: Triton launches compile (in `workers` threads) and do not run; on exit every
+    compile has finished and its kernel is in its function's cache."""
+    import triton
+
+    with launches_only_compile(), ThreadPoolExecutor(workers or compile_workers()) as pool:
+        with triton.AsyncCompileMode(pool):
+            yield
 
 
 @dataclass(frozen=True)
@@ -90,25 +99,22 @@ def record_compiles():
     (and whose module a fresh interpreter can import) is added to the yielded dict."""
     from triton.runtime.jit import JITFunction
 
-    original_run, original_compile = JITFunction.run, JITFunction._do_compile
+    original = JITFunction._do_compile
     jobs: dict = {}
 
     def record(self, key, signature, device, constexprs, options, attrs, warmup):
-        target = self.device_caches[device][2]
-        job = CompileJob(
-            self.fn.__module__, self.fn.__name__, signature, constexprs, attrs, target, dict(vars(options))
-        )
-        jobs.setdefault((job.module, job.name, key), job)
+        at = (self.fn.__module__, self.fn.__name__, key)
+        if at not in jobs:  # (the walk launches each variant many times)
+            target = self.device_caches[device][2]
+            jobs[at] = CompileJob(*at[:2], signature, constexprs, attrs, target, dict(vars(options)))
         return None  # (JITFunction.run returns at once, caching nothing)
 
-    def record_launch(self, *args, grid, warmup, **kwargs):
-        return original_run(self, *args, grid=grid, warmup=True, **kwargs)
-
-    JITFunction.run, JITFunction._do_compile = record_launch, record
+    JITFunction._do_compile = record
     try:
-        yield jobs
+        with launches_only_compile():
+            yield jobs
     finally:
-        JITFunction.run, JITFunction._do_compile = original_run, original_compile
+        JITFunction._do_compile = original
 
 
 def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 120.0) -> int:
