@@ -165,6 +165,15 @@ def test_a_worker_reports_its_count_on_its_last_line():
     assert built_count("12\n", 1) == 0 and built_count("", 0) == 0 and built_count("oops\n", 0) == 0
 
 
+def test_each_job_is_claimed_by_one_worker(tmp_path):
+    """Workers take jobs as they free up; a job's claim is exclusive, so none compiles twice."""
+    from optimal_sampling.engines.fast.precompile import claim
+
+    path = tmp_path / "jobs.pkl"
+    assert claim(path, 0) and claim(path, 1)
+    assert not claim(path, 0) and not claim(path, 1)
+
+
 def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):
     engine = cpu_sampler(tiny_pair).engine
     calls = []

@@ -118,8 +118,8 @@ def record_compiles():
 
 
 def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 120.0) -> int:
-    """Compile the jobs into Triton's disk cache in `workers` fresh interpreters (round-robin);
-    returns how many jobs they compiled. A worker past `timeout` seconds (a whole cold warmup
+    """Compile the jobs into Triton's disk cache in `workers` fresh interpreters, each claiming the
+    next job no worker has taken (compiles differ tenfold in length); returns how many they compiled. A worker past `timeout` seconds (a whole cold warmup
     compiles in about 15 s on an H100 host) is killed: its kernels then compile where they are
     first launched, as without this."""
     if not jobs:
@@ -131,12 +131,12 @@ def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 
             path.write_bytes(pickle.dumps(jobs))
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(path), str(i), str(workers)],
+                    [sys.executable, "-m", __name__, str(path)],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                     text=True,
                 )
-                for i in range(workers)
+                for _ in range(workers)
             ]
         except (OSError, pickle.PicklingError, TypeError, AttributeError):
             return 0  # (nothing built here: each kernel compiles at its first launch)
@@ -159,15 +159,26 @@ def built_count(out: str, returncode: int) -> int:
     return int(last) if returncode == 0 and last.isdigit() else 0
 
 
-def compile_worker(path: str, index: int, count: int) -> int:
-    """Compile jobs index, index + count, ... of the pickled list; prints how many it built (a
-    job whose kernel does not import or compile here is left to its first launch)."""
+def claim(path: Path, index: int) -> bool:
+    """Whether this worker is the first to take job `index` (creating its claim file is atomic)."""
+    try:
+        os.close(os.open(f"{path}.{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def compile_worker(path: str) -> int:
+    """Compile each job of the pickled list that no other worker has claimed; prints how many it
+    built (a job whose kernel does not import or compile here is left to its first launch)."""
     import triton
     from triton.compiler import ASTSource
 
-    jobs = pickle.loads(Path(path).read_bytes())[index::count]
+    jobs = pickle.loads(Path(path).read_bytes())
     built = 0
-    for job in jobs:
+    for index, job in enumerate(jobs):
+        if not claim(Path(path), index):
+            continue
         try:
             kernel = getattr(importlib.import_module(job.module), job.name)
             source = ASTSource(kernel, job.signature, job.constexprs, job.attrs)
@@ -180,4 +191,4 @@ def compile_worker(path: str, index: int, count: int) -> int:
 
 
 if __name__ == "__main__":
-    compile_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    compile_worker(sys.argv[1])
