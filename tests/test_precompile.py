@@ -5,6 +5,7 @@ On CUDA the warmup test (tests/gpu) runs it for real; benchmarks/one_off.py time
 from __future__ import annotations
 
 import importlib.util
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -131,7 +132,7 @@ def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path,
     from triton.compiler import ASTSource
 
     from optimal_sampling.engines.fast import triton_attention
-    from optimal_sampling.engines.fast.precompile import CompileJob, compile_in_processes
+    from optimal_sampling.engines.fast.precompile import CompileJob, ProcessCompiler
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = triton_attention._split_kernel
@@ -147,14 +148,29 @@ def test_compile_in_processes_fills_the_disk_cache_a_launch_then_reads(tmp_path,
     target, options = GPUTarget("cuda", 90, 32), {"num_warps": 4}
     job = CompileJob(kernel.fn.__module__, "_split_kernel", signature, constexprs, {}, target, options)
     missing = CompileJob("no_such_module", "kernel", signature, constexprs, {}, target, options)
-    assert compile_in_processes([missing, job], workers=2) == 1
+    unpicklable = CompileJob("m", "k", {}, {}, {}, target, {"hook": lambda: 0})
+    with ProcessCompiler(2) as workers:
+        time.sleep(0.5)  # jobs may come after the workers have started waiting for them
+        assert workers.submit(missing) and workers.submit(job)
+        assert not workers.submit(unpicklable)  # left to its first launch, no error
+    assert workers.built == 1 and workers.submitted == 2
+    assert not workers.folder.exists()
     hits = []
     monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: hits.append(kw.get("cache_hit")))
     triton.compile(ASTSource(kernel, signature, constexprs, {}), target=target, options=options)
     assert hits == [True]
-    assert compile_in_processes([], workers=4) == 0
-    unpicklable = CompileJob("m", "k", {}, {}, {}, target, {"hook": lambda: 0})
-    assert compile_in_processes([unpicklable], workers=2) == 0  # left to its first launch, no error
+    with ProcessCompiler(4) as idle:
+        pass
+    assert idle.built == 0  # no job: the workers stop at `done`
+
+
+def test_process_workers_are_killed_after_an_error_in_the_walk():
+    from optimal_sampling.engines.fast.precompile import ProcessCompiler
+
+    with pytest.raises(RuntimeError, match="walk"), ProcessCompiler(2) as workers:
+        raise RuntimeError("walk failed")
+    assert all(proc.returncode is not None for proc in workers.procs)
+    assert workers.built == 0 and not workers.folder.exists()
 
 
 def test_a_worker_reports_its_count_on_its_last_line():
@@ -169,26 +185,39 @@ def test_each_job_is_claimed_by_one_worker(tmp_path):
     """Workers take jobs as they free up; a job's claim is exclusive, so none compiles twice."""
     from optimal_sampling.engines.fast.precompile import claim
 
-    path = tmp_path / "jobs.pkl"
-    assert claim(path, 0) and claim(path, 1)
-    assert not claim(path, 0) and not claim(path, 1)
+    assert claim(tmp_path, 0) and claim(tmp_path, 1)
+    assert not claim(tmp_path, 0) and not claim(tmp_path, 1)
 
 
-def test_compile_processes_mode_walks_recording_then_compiles_in_processes(tiny_pair, monkeypatch):
+def test_compile_processes_mode_walks_recording_into_process_workers(tiny_pair, monkeypatch):
     engine = cpu_sampler(tiny_pair).engine
     calls = []
 
-    @contextmanager
-    def recording_record_compiles():
-        calls.append("record")
-        yield {"key": "job"}
+    class RecordingCompiler:
+        def __init__(self, workers):
+            calls.append(("workers", workers))
 
+        def __enter__(self):
+            return self
+
+        def submit(self, job):
+            calls.append(("job", job))
+
+        def __exit__(self, *exc):
+            calls.append("exit")
+
+    @contextmanager
+    def recording_record_compiles(on_job):
+        calls.append("record")
+        on_job("a variant")
+        yield {}
+        calls.append("recorded")
+
+    monkeypatch.setattr(engine_module, "ProcessCompiler", RecordingCompiler)
     monkeypatch.setattr(engine_module, "record_compiles", recording_record_compiles)
-    monkeypatch.setattr(
-        engine_module, "compile_in_processes", lambda jobs, workers: calls.append((jobs, workers))
-    )
     monkeypatch.setattr(engine_module, "compile_only", lambda workers: pytest.fail("threads used"))
     monkeypatch.setattr(engine_module, "uses_fused", lambda mix, params, device: True)
     engine.compile_processes = True
     engine.compile_kernels(MixConfig(), [SamplingParams()])
-    assert calls == ["record", (["job"], engine.compile_workers)]
+    # workers first, each variant to them as recorded, the recording ends before they are waited for
+    assert calls == [("workers", engine.compile_workers), "record", ("job", "a variant"), "recorded", "exit"]

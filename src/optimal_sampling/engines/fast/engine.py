@@ -63,7 +63,7 @@ from .mixing_fast import (
     values_tensor,
 )
 from .precompile import (
-    compile_in_processes,
+    ProcessCompiler,
     compile_only,
     compile_workers,
     parallel_compile_available,
@@ -347,9 +347,9 @@ class FastEngine(Prefill, Engine):
 
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
-        (precompile.py: on threads, or with compile_processes the variants it records compiled
-        in fresh interpreters into Triton's disk cache), so the warmup proper compiles nothing
-        (with processes: only loads). Its garbage outputs stay in the scratch slot, except the
+        (precompile.py: on threads, or with compile_processes in fresh interpreters that compile
+        each variant the walk records into Triton's disk cache), so the warmup proper compiles
+        nothing (with processes: only loads). Its garbage outputs stay in the scratch slot, except the
         last tokens it drew, which are reset. Only settings the fused sampler takes: the torch
         step indexes with what it computed from the (unwritten) logits, and has no kernel to
         compile."""
@@ -358,16 +358,17 @@ class FastEngine(Prefill, Engine):
             return
         enabled = self.graphs.enabled, self.prefill_graphs.enabled
         self.graphs.enabled = self.prefill_graphs.enabled = False
-        walk = record_compiles() if self.compile_processes else compile_only(self.compile_workers)
         try:
-            with walk as jobs:  # (the recorded variants; None on threads)
-                self.warm(mix, params, dry=True)
+            if self.compile_processes:  # workers compile each variant as the walk records it
+                with ProcessCompiler(self.compile_workers) as workers, record_compiles(workers.submit):
+                    self.warm(mix, params, dry=True)
+            else:
+                with compile_only(self.compile_workers):
+                    self.warm(mix, params, dry=True)
         finally:
             self.graphs.enabled, self.prefill_graphs.enabled = enabled
             self.synchronize()
             self.last_tokens.zero_()
-        if self.compile_processes:  # into Triton's disk cache, which the warmup's launches then read
-            compile_in_processes(list(jobs.values()), self.compile_workers)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -11,9 +11,9 @@ runs between calls, as the engine's contract says).
 
 Measured (H100, cold Triton cache, the benchmark pair): warmup 22.0 s against 24.7 s compiling in
 turn; each compile takes about twice as long with 16 at once (code generation holds the GIL). So
-`record_compiles()` + `compile_in_processes()` do the same walk recording each variant a launch
-would build, then compile them in fresh interpreters (`python -m` this module) into Triton's disk
-cache, which the warmup proper then loads: no GIL shared. Opt-in (`FastEngine.compile_processes`)
+`record_compiles()` + `ProcessCompiler` do the same walk recording each variant a launch would
+build, which fresh interpreters (`python -m` this module, started before the walk) compile into
+Triton's disk cache as it is recorded; the warmup proper then loads them: no GIL shared. Opt-in (`FastEngine.compile_processes`)
 until a device run has measured it.
 """
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import pkgutil
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,9 +96,9 @@ class CompileJob:
 
 
 @contextmanager
-def record_compiles():
+def record_compiles(on_job=None):
     """Inside: Triton launches build nothing and run nothing; each kernel variant they would build
-    (and whose module a fresh interpreter can import) is added to the yielded dict."""
+    is added to the yielded dict and passed to on_job (e.g. `ProcessCompiler.submit`) once."""
     from triton.runtime.jit import JITFunction
 
     original = JITFunction._do_compile
@@ -107,6 +109,8 @@ def record_compiles():
         if at not in jobs:  # (the walk launches each variant many times)
             target = self.device_caches[device][2]
             jobs[at] = CompileJob(*at[:2], signature, constexprs, attrs, target, dict(vars(options)))
+            if on_job is not None:
+                on_job(jobs[at])
         return None  # (JITFunction.run returns at once, caching nothing)
 
     JITFunction._do_compile = record
@@ -117,39 +121,66 @@ def record_compiles():
         JITFunction._do_compile = original
 
 
-def compile_in_processes(jobs: list[CompileJob], workers: int, timeout: float = 120.0) -> int:
-    """Compile the jobs into Triton's disk cache in `workers` fresh interpreters, each claiming the
-    next job no worker has taken (compiles differ tenfold in length); returns how many they compiled. A worker past `timeout` seconds (a whole cold warmup
-    compiles in about 15 s on an H100 host) is killed: its kernels then compile where they are
-    first launched, as without this."""
-    if not jobs:
-        return 0
-    workers = max(1, min(workers, len(jobs)))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "jobs.pkl"
+class ProcessCompiler:
+    """`workers` fresh interpreters (`python -m` this module) compiling kernel variants into
+    Triton's disk cache as they are submitted. They start on entry, so their imports overlap the
+    walk that records the jobs; each takes the next job no worker has claimed (compiles differ
+    tenfold in length). On exit they finish the jobs and `built` counts what they compiled; a
+    worker still busy `timeout` seconds later (a whole cold warmup compiles in about 15 s on an
+    H100 host), or any worker after an error inside, is killed, and what it did not build
+    compiles where it is first launched, as without this. Jobs travel as files of one folder:
+    N.job (written whole, then renamed into place), then `done`."""
+
+    def __init__(self, workers: int, timeout: float = 120.0):
+        self.workers, self.timeout = max(1, workers), timeout
+        self.submitted = self.built = 0
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> ProcessCompiler:
+        self.folder = Path(tempfile.mkdtemp(prefix="optimal-sampling-compile-"))
         try:
-            path.write_bytes(pickle.dumps(jobs))
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(path)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
+            for _ in range(self.workers):
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", __name__, str(self.folder)],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                    )
                 )
-                for _ in range(workers)
-            ]
-        except (OSError, pickle.PicklingError, TypeError, AttributeError):
-            return 0  # (nothing built here: each kernel compiles at its first launch)
-        deadline, done = time.monotonic() + timeout, 0
-        for proc in procs:
+        except OSError:  # (nothing built here: each kernel compiles at its first launch)
+            pass
+        return self
+
+    def submit(self, job: CompileJob) -> bool:
+        """Queue a job for the workers; False where none runs or the job does not pickle."""
+        if not self.procs:
+            return False
+        try:
+            data = pickle.dumps(job)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return False
+        partial = self.folder / f"{self.submitted}.part"
+        partial.write_bytes(data)
+        os.replace(partial, self.folder / f"{self.submitted}.job")
+        self.submitted += 1
+        return True
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        (self.folder / "done").touch()
+        deadline = time.monotonic() + self.timeout
+        for proc in self.procs:
             try:
+                if kind is not None:
+                    raise subprocess.TimeoutExpired(proc.args, 0)
                 out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
                 continue
-            done += built_count(out, proc.returncode)
-    return done
+            self.built += built_count(out, proc.returncode)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return False
 
 
 def built_count(out: str, returncode: int) -> int:
@@ -159,27 +190,39 @@ def built_count(out: str, returncode: int) -> int:
     return int(last) if returncode == 0 and last.isdigit() else 0
 
 
-def claim(path: Path, index: int) -> bool:
+def claim(folder: Path, index: int) -> bool:
     """Whether this worker is the first to take job `index` (creating its claim file is atomic)."""
     try:
-        os.close(os.open(f"{path}.{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(folder / f"{index}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
     return True
 
 
-def compile_worker(path: str) -> int:
-    """Compile each job of the pickled list that no other worker has claimed; prints how many it
-    built (a job whose kernel does not import or compile here is left to its first launch)."""
+def compile_worker(folder: str, poll: float = 0.005) -> int:
+    """Compile each job of `folder` (ProcessCompiler's) that no other worker has claimed, until
+    `done` is there and every job is taken; prints how many it built (a job whose kernel does not
+    import or compile here is left to its first launch)."""
     import triton
     from triton.compiler import ASTSource
 
-    jobs = pickle.loads(Path(path).read_bytes())
-    built = 0
-    for index, job in enumerate(jobs):
-        if not claim(Path(path), index):
+    for module in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        if module.name.startswith("triton_"):  # the kernels' modules, imported while the walk runs
+            importlib.import_module(f"{__package__}.{module.name}")
+    path, index, built = Path(folder), 0, 0
+    while True:
+        finished = (path / "done").exists()  # (every job file is in place before `done`)
+        job_file = path / f"{index}.job"
+        if not job_file.exists():
+            if finished:
+                break
+            time.sleep(poll)
+            continue
+        index += 1
+        if not claim(path, index - 1):
             continue
         try:
+            job = pickle.loads(job_file.read_bytes())
             kernel = getattr(importlib.import_module(job.module), job.name)
             source = ASTSource(kernel, job.signature, job.constexprs, job.attrs)
             triton.compile(source, target=job.target, options=job.options)
