@@ -189,6 +189,17 @@ def test_each_job_is_claimed_by_one_worker(tmp_path):
     assert not claim(tmp_path, 0) and not claim(tmp_path, 1)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_a_worker_whose_parent_is_gone_stops_waiting(tmp_path, capsys):
+    """A parent that died writes no `done`: its workers must not wait for it forever."""
+    import os
+
+    from optimal_sampling.engines.fast.precompile import compile_worker
+
+    assert compile_worker(str(tmp_path), parent=os.getppid() + 1) == 0
+    assert capsys.readouterr().out == "0\n"
+
+
 def test_compile_processes_mode_walks_recording_into_process_workers(tiny_pair, monkeypatch):
     engine = cpu_sampler(tiny_pair).engine
     calls = []

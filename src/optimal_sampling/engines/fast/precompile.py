@@ -12,7 +12,7 @@ runs between calls, as the engine's contract says).
 Measured (H100, cold Triton cache, the benchmark pair): warmup 22.0 s against 24.7 s compiling in
 turn; each compile takes about twice as long with 16 at once (code generation holds the GIL). So
 `record_compiles()` + `ProcessCompiler` do the same walk recording each variant a launch would
-build, which fresh interpreters (`python -m` this module, started before the walk) compile into
+build, which fresh interpreters (`compile_worker`, started before the walk) compile into
 Triton's disk cache as it is recorded; the warmup proper then loads them: no GIL shared. Opt-in (`FastEngine.compile_processes`)
 until a device run has measured it.
 """
@@ -122,7 +122,7 @@ def record_compiles(on_job=None):
 
 
 class ProcessCompiler:
-    """`workers` fresh interpreters (`python -m` this module) compiling kernel variants into
+    """`workers` fresh interpreters (running `compile_worker`) compiling kernel variants into
     Triton's disk cache as they are submitted. They start on entry, so their imports overlap the
     walk that records the jobs; each takes the next job no worker has claimed (compiles differ
     tenfold in length). On exit they finish the jobs and `built` counts what they compiled; a
@@ -138,11 +138,13 @@ class ProcessCompiler:
 
     def __enter__(self) -> ProcessCompiler:
         self.folder = Path(tempfile.mkdtemp(prefix="optimal-sampling-compile-"))
+        home = str(Path(__file__).resolve().parents[3])  # appended: importable as here, shadowing nothing
+        code = f"import sys; sys.path.append({home!r}); from {__name__} import compile_worker; compile_worker(sys.argv[1], int(sys.argv[2]))"
         try:
             for _ in range(self.workers):
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", __name__, str(self.folder)],
+                        [sys.executable, "-c", code, str(self.folder), str(os.getpid())],
                         stdout=subprocess.PIPE,
                         stderr=subprocess.DEVNULL,
                         text=True,
@@ -199,10 +201,10 @@ def claim(folder: Path, index: int) -> bool:
     return True
 
 
-def compile_worker(folder: str, poll: float = 0.005) -> int:
+def compile_worker(folder: str, parent: int, poll: float = 0.005) -> int:
     """Compile each job of `folder` (ProcessCompiler's) that no other worker has claimed, until
-    `done` is there and every job is taken; prints how many it built (a job whose kernel does not
-    import or compile here is left to its first launch)."""
+    `done` is there and every job is taken, or its parent (that pid) is gone; prints how many it
+    built (a job whose kernel does not import or compile here is left to its first launch)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -210,7 +212,7 @@ def compile_worker(folder: str, poll: float = 0.005) -> int:
         if module.name.startswith("triton_"):  # the kernels' modules, imported while the walk runs
             importlib.import_module(f"{__package__}.{module.name}")
     path, index, built = Path(folder), 0, 0
-    while True:
+    while os.getppid() == parent:  # (a parent that died writes no `done`)
         finished = (path / "done").exists()  # (every job file is in place before `done`)
         job_file = path / f"{index}.job"
         if not job_file.exists():
@@ -231,7 +233,3 @@ def compile_worker(folder: str, poll: float = 0.005) -> int:
             continue
     print(built)
     return built
-
-
-if __name__ == "__main__":
-    compile_worker(sys.argv[1])
