@@ -173,6 +173,20 @@ def test_process_workers_are_killed_after_an_error_in_the_walk():
     assert workers.built == 0 and not workers.folder.exists()
 
 
+def test_a_job_that_cannot_be_queued_is_left_to_its_first_launch():
+    """The job folder gone (a cleaned temp directory): submit says no, exit kills the workers,
+    and neither raises into the warmup."""
+    import shutil
+
+    from optimal_sampling.engines.fast.precompile import CompileJob, ProcessCompiler
+
+    with ProcessCompiler(1) as workers:
+        shutil.rmtree(workers.folder)
+        assert not workers.submit(CompileJob("m", "k", {}, {}, {}, None, {}))
+    assert workers.submitted == 0 and workers.built == 0
+    assert all(proc.returncode is not None for proc in workers.procs)
+
+
 def test_a_worker_reports_its_count_on_its_last_line():
     from optimal_sampling.engines.fast.precompile import built_count
 

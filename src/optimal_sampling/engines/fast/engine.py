@@ -349,10 +349,10 @@ class FastEngine(Prefill, Engine):
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
         (precompile.py: on threads, or with compile_processes in fresh interpreters that compile
         each variant the walk records into Triton's disk cache), so the warmup proper compiles
-        nothing (with processes: only loads). Its garbage outputs stay in the scratch slot, except the
-        last tokens it drew, which are reset. Only settings the fused sampler takes: the torch
-        step indexes with what it computed from the (unwritten) logits, and has no kernel to
-        compile."""
+        nothing (with processes: only loads). Its garbage outputs stay in the scratch slot,
+        except the last tokens it drew, which are reset. Only settings the fused sampler takes:
+        the torch step indexes with what it computed from the (unwritten) logits, and has no
+        kernel to compile."""
         params = [p for p in params if uses_fused(mix, p, self.device)]
         if not params:
             return

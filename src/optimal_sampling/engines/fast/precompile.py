@@ -12,9 +12,9 @@ runs between calls, as the engine's contract says).
 Measured (H100, cold Triton cache, the benchmark pair): warmup 22.0 s against 24.7 s compiling in
 turn; each compile takes about twice as long with 16 at once (code generation holds the GIL). So
 `record_compiles()` + `ProcessCompiler` do the same walk recording each variant a launch would
-build, which fresh interpreters (`compile_worker`, started before the walk) compile into
-Triton's disk cache as it is recorded; the warmup proper then loads them: no GIL shared. Opt-in (`FastEngine.compile_processes`)
-until a device run has measured it.
+build, which fresh interpreters (`compile_worker`, started before the walk) compile into Triton's
+disk cache as it is recorded; the warmup proper then loads them: no GIL shared. Opt-in
+(`FastEngine.compile_processes`) until a device run has measured it.
 """
 
 from __future__ import annotations
@@ -139,7 +139,10 @@ class ProcessCompiler:
     def __enter__(self) -> ProcessCompiler:
         self.folder = Path(tempfile.mkdtemp(prefix="optimal-sampling-compile-"))
         home = str(Path(__file__).resolve().parents[3])  # appended: importable as here, shadowing nothing
-        code = f"import sys; sys.path.append({home!r}); from {__name__} import compile_worker; compile_worker(sys.argv[1], int(sys.argv[2]))"
+        code = (
+            f"import sys; sys.path.append({home!r}); from {__name__} import compile_worker; "
+            "compile_worker(sys.argv[1], int(sys.argv[2]))"
+        )
         try:
             for _ in range(self.workers):
                 self.procs.append(
@@ -155,25 +158,29 @@ class ProcessCompiler:
         return self
 
     def submit(self, job: CompileJob) -> bool:
-        """Queue a job for the workers; False where none runs or the job does not pickle."""
+        """Queue a job for the workers; False where none runs, or the job does not pickle or
+        cannot be written (it then compiles at its first launch)."""
         if not self.procs:
             return False
-        try:
-            data = pickle.dumps(job)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            return False
         partial = self.folder / f"{self.submitted}.part"
-        partial.write_bytes(data)
-        os.replace(partial, self.folder / f"{self.submitted}.job")
+        try:
+            partial.write_bytes(pickle.dumps(job))
+            os.replace(partial, self.folder / f"{self.submitted}.job")
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            return False
         self.submitted += 1
         return True
 
     def __exit__(self, kind, value, traceback) -> bool:
-        (self.folder / "done").touch()
+        kill = kind is not None  # (an error inside: the walk did not finish)
+        try:
+            (self.folder / "done").touch()
+        except OSError:  # (the folder gone: nothing can tell the workers to stop)
+            kill = True
         deadline = time.monotonic() + self.timeout
         for proc in self.procs:
             try:
-                if kind is not None:
+                if kill:
                     raise subprocess.TimeoutExpired(proc.args, 0)
                 out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
