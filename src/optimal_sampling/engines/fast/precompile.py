@@ -124,8 +124,8 @@ def record_compiles(on_job=None):
 class ProcessCompiler:
     """`workers` fresh interpreters (running `compile_worker`) compiling kernel variants into
     Triton's disk cache as they are submitted. They start on entry, so their imports overlap the
-    walk that records the jobs; each takes the next job no worker has claimed (compiles differ
-    tenfold in length). On exit they finish the jobs and `built` counts what they compiled; a
+    walk that records the jobs; each takes the next job no worker has claimed (compiles differ in
+    length: fixed shares would leave workers idle). On exit they finish the jobs and `built` counts what they compiled; a
     worker still busy `timeout` seconds later (a whole cold warmup compiles in about 15 s on an
     H100 host), or any worker after an error inside, is killed, and what it did not build
     compiles where it is first launched, as without this. Jobs travel as files of one folder:
