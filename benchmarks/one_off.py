@@ -102,8 +102,13 @@ def op_times(fn, top: int) -> tuple[float, dict]:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         seconds, _ = timed(fn)
+    return seconds, host_ops(prof, top)
+
+
+def host_ops(prof, top: int) -> dict:
+    """A finished profile's top ops by self CPU time: name -> [calls, ms]."""
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return seconds, {e.key[:50]: [e.count, round(e.self_cpu_time_total / 1e3, 1)] for e in events}
+    return {e.key[:50]: [e.count, round(e.self_cpu_time_total / 1e3, 1)] for e in events}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from bench_api import CONFIGS, prompts_of, timed, write_pair  # benchmarks/ is the script's directory
+from one_off import host_ops
 
 from optimal_sampling import OptimalSampler
 
@@ -61,9 +62,6 @@ def profile_call(call, steps: int, top: int) -> dict:
         per_name[e.name[:48]][0] += 1
         per_name[e.name[:48]][1] += e.time_range.elapsed_us()
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
-    host = sorted(
-        (e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total
-    )[:top]
     return {
         "profiled_s": round(seconds, 3),
         "gpu_span_ms": round(span / 1e3, 2),
@@ -72,7 +70,7 @@ def profile_call(call, steps: int, top: int) -> dict:
         "idle_gaps_per_step": round(gaps / steps, 2),
         "kernel_ms_per_step": round(sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps, 4),
         "kernels": {name: [round(n / steps, 2), round(us / 1e3 / steps, 4)] for name, (n, us) in ranked},
-        "host_ms": {e.key[:40]: [e.count, round(e.self_cpu_time_total / 1e3, 1)] for e in host},
+        "host_ms": host_ops(prof, top),
     }
 
 

@@ -125,11 +125,11 @@ class ProcessCompiler:
     """`workers` fresh interpreters (running `compile_worker`) compiling kernel variants into
     Triton's disk cache as they are submitted. They start on entry, so their imports overlap the
     walk that records the jobs; each takes the next job no worker has claimed (compiles differ in
-    length: fixed shares would leave workers idle). On exit they finish the jobs and `built` counts what they compiled; a
-    worker still busy `timeout` seconds later (a whole cold warmup compiles in about 15 s on an
-    H100 host), or any worker after an error inside, is killed, and what it did not build
-    compiles where it is first launched, as without this. Jobs travel as files of one folder:
-    N.job (written whole, then renamed into place), then `done`."""
+    length: fixed shares would leave workers idle). On exit they finish the jobs and `built`
+    counts what they compiled; a worker still busy `timeout` seconds later (a whole cold warmup
+    compiles in about 15 s on an H100 host), or any worker after an error inside, is killed, and
+    what it did not build compiles where it is first launched, as without this. Jobs travel as
+    files of one folder: N.job (written whole, then renamed into place), then `done`."""
 
     def __init__(self, workers: int, timeout: float = 120.0):
         self.workers, self.timeout = max(1, workers), timeout
@@ -179,15 +179,15 @@ class ProcessCompiler:
             kill = True
         deadline = time.monotonic() + self.timeout
         for proc in self.procs:
-            try:
-                if kill:
-                    raise subprocess.TimeoutExpired(proc.args, 0)
-                out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                continue
-            self.built += built_count(out, proc.returncode)
+            if not kill:
+                try:
+                    out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                    self.built += built_count(out, proc.returncode)
+                    continue
+                except subprocess.TimeoutExpired:
+                    pass
+            proc.kill()
+            proc.communicate()
         shutil.rmtree(self.folder, ignore_errors=True)
         return False
 
