@@ -66,7 +66,6 @@ G_BASE_N = tl.constexpr(13)  # count and mass above the last gathered keys (0 wh
 G_BASE_S = tl.constexpr(14)
 REFINE, COLLECT, COLLECTED, TIED, NO_CUT, GATHER = (tl.constexpr(float(v)) for v in range(6))
 POS_INF = tl.constexpr(float("inf"))
-RESCALE_SLACK = tl.constexpr(30.0)  # pass 1's mass terms are at most e^30 (sums of V of them fit float32)
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # the smallest finite float32
 MAX_SPLITS = tl.constexpr(64)  # mixing_fast.split_count's largest
 
@@ -155,10 +154,10 @@ def search_kernel(
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
     (relative to that max) and the smallest of the keys at or above it. Rows not refining read
     nothing; a row whose bracket is gathered reads its share of those keys, not the vocabulary.
-    The masses are taken relative to e^ref for one ref per program, not a running max per lane, so
-    a token costs no rescale per threshold: later passes use the row's max M from pass 1 (every key
-    is <= M) and store it as their max; pass 1 raises ref to a block's max only when that block
-    holds a key more than RESCALE_SLACK above it (terms stay <= e^RESCALE_SLACK: no overflow)."""
+    Later passes take the masses relative to e^M, the row's max from pass 1 (every key is <= M),
+    and store M as their max. Pass 1 takes them relative to each lane's running max, rescaling a
+    lane's sums as its max rises (one multiply-add per threshold, as the plain add costs): a max
+    over the block would need a cross-warp reduction and barrier for every 128 keys."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -169,7 +168,7 @@ def search_kernel(
     if FIRST:
         thr = first_thresholds(j, K)
         blocks, big_blocks, share, n_big, offset = n_blocks, 0, 0, 0, 0
-        ref = tl.full([], NEG_INF, tl.float32)
+        ref = tl.full([], 0.0, tl.float32)  # unused: pass 1 reads no gathered keys
     else:
         srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
@@ -194,13 +193,13 @@ def search_kernel(
         next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         above = key >= thr  # [K, BLOCK]
-        if FIRST:
-            m = tl.maximum(m, key)
-            block_top = tl.max(key)
-            if block_top > ref + RESCALE_SLACK:  # rare: the sums so far were relative to e^safe(ref)
-                acc_s = acc_s * tl.exp(safe(ref) - block_top)
-                ref = block_top
-        acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, not FIRST)
+        if FIRST:  # a lane's sums so far were relative to e^m: rescale them to its new max
+            lane_top = tl.maximum(m, key)
+            acc_s = acc_s * tl.where(m == NEG_INF, 1.0, tl.exp(m - safe(lane_top)))
+            m = lane_top
+            acc_n, acc_s, acc_min = tally(key, above, m, acc_n, acc_s, acc_min, False)
+        else:
+            acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, True)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
     for i in range(0, big_blocks):
@@ -209,7 +208,7 @@ def search_kernel(
         acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min, True)
     if FIRST:
         top = tl.max(m)
-        scale = tl.exp(safe(ref) - safe(top))  # ref <= top: the sums relative to e^top
+        scale = tl.where(m == NEG_INF, 0.0, tl.exp(m - safe(top)))  # each lane's sums relative to e^top
     else:
         top, scale = ref, 1.0
     out = part_ptr + (row * SPLITS + split) * (1 + 3 * K)
