@@ -6,7 +6,7 @@ profiler (the ops whose time the first call adds).
 Run with a fresh TRITON_CACHE_DIR for the cold cost a new machine pays:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python3 benchmarks/one_off.py [--top 15] [--workers 1]
-        [--no-calls] [--processes]
+        [--no-calls]
 """
 
 from __future__ import annotations
@@ -116,11 +116,6 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--workers", type=int, default=None, help="compile threads (1: compile in turn)")
     parser.add_argument("--no-calls", action="store_true", help="construction and warmup only")
-    parser.add_argument(
-        "--processes",
-        action="store_true",
-        help="compile in fresh interpreters (FastEngine.compile_processes)",
-    )
     args = parser.parse_args()
     record_compiles()
     out: dict = {"card": torch.cuda.get_device_name()}
@@ -133,7 +128,6 @@ def main() -> None:
         COMPILES.clear()
         if args.workers is not None:
             sampler.engine.compile_workers = args.workers
-        sampler.engine.compile_processes = args.processes
         phases = time_phases(sampler.engine)
         warmup_start = time.perf_counter()
         warmed, stats = timed(sampler.warmup)

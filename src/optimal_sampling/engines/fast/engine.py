@@ -62,13 +62,7 @@ from .mixing_fast import (
     uses_fused,
     values_tensor,
 )
-from .precompile import (
-    ProcessCompiler,
-    compile_only,
-    compile_workers,
-    parallel_compile_available,
-    record_compiles,
-)
+from .precompile import compile_only, compile_workers, parallel_compile_available
 from .prefill import Prefill
 from .transfer import to_device
 
@@ -140,7 +134,6 @@ class FastEngine(Prefill, Engine):
         self.samplers: dict[tuple, StepSampler] = {}
         self.last_tokens = torch.zeros(max_slots + 1, dtype=torch.long, device=self.device)
         self.compile_workers = compile_workers()  # threads compiling warmup's kernels (1: in turn)
-        self.compile_processes = False  # compile them in that many fresh interpreters instead (opt-in)
         two_streams = on_cuda and self.concurrent_models
         self.teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
         self.prefill_teacher_stream = torch.cuda.Stream(self.device) if two_streams else None
@@ -347,10 +340,8 @@ class FastEngine(Prefill, Engine):
 
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
-        (precompile.py: on threads, or with compile_processes in fresh interpreters that compile
-        each variant the walk records into Triton's disk cache), so the warmup proper compiles
-        nothing (with processes: only loads). Its garbage outputs stay in the scratch slot,
-        except the last tokens it drew, which are reset. Only settings the fused sampler takes:
+        on threads (precompile.py), so the warmup proper compiles nothing. Its garbage outputs
+        stay in the scratch slot, except the last tokens it drew, which are reset. Only settings the fused sampler takes:
         the torch step indexes with what it computed from the (unwritten) logits, and has no
         kernel to compile."""
         params = [p for p in params if uses_fused(mix, p, self.device)]
@@ -359,12 +350,8 @@ class FastEngine(Prefill, Engine):
         enabled = self.graphs.enabled, self.prefill_graphs.enabled
         self.graphs.enabled = self.prefill_graphs.enabled = False
         try:
-            if self.compile_processes:  # workers compile each variant as the walk records it
-                with ProcessCompiler(self.compile_workers) as workers, record_compiles(workers.submit):
-                    self.warm(mix, params, dry=True)
-            else:
-                with compile_only(self.compile_workers):
-                    self.warm(mix, params, dry=True)
+            with compile_only(self.compile_workers):
+                self.warm(mix, params, dry=True)
         finally:
             self.graphs.enabled, self.prefill_graphs.enabled = enabled
             self.synchronize()
