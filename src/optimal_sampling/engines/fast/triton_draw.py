@@ -129,7 +129,7 @@ def write_outputs(
     tl.store(host + 4, alpha.to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # B only offsets the outputs: one build for every batch size
 def draw_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, inv_temp_ptr, seeds_ptr, steps_ptr, state_ptr, alpha_ptr,
     cut_ptr, part_ptr, tok_ptr, lp_ptr, host_ptr, B,
@@ -223,7 +223,7 @@ def argmax_kernel(
         tl.store(at + 3, s)
 
 
-@triton.jit(do_not_specialize=["SPLITS"])  # one build for every batch size
+@triton.jit(do_not_specialize=["SPLITS", "B"])  # one build for every batch size
 def argmax_finish_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, inv_temp_ptr, state_ptr, alpha_ptr, part_ptr,
     tok_ptr, lp_ptr, host_ptr, B,
