@@ -341,9 +341,9 @@ class FastEngine(Prefill, Engine):
     def compile_kernels(self, mix: MixConfig, params: Sequence[SamplingParams]) -> None:
         """Walk the warmup once with graphs off and Triton launches only compiling, in parallel
         on threads (precompile.py), so the warmup proper compiles nothing. Its garbage outputs
-        stay in the scratch slot, except the last tokens it drew, which are reset. Only settings the fused sampler takes:
-        the torch step indexes with what it computed from the (unwritten) logits, and has no
-        kernel to compile."""
+        stay in the scratch slot, except the last tokens it drew, which are reset. Only settings
+        the fused sampler takes: the torch step indexes with what it computed from the
+        (unwritten) logits, and has no kernel to compile."""
         params = [p for p in params if uses_fused(mix, p, self.device)]
         if not params:
             return
