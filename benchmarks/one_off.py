@@ -96,6 +96,55 @@ def time_phases(engine) -> dict[str, float]:
     return phases
 
 
+def time_capture_parts(caches) -> dict[str, float]:
+    """Where the graph captures' seconds go (`GraphCache.capture` of each cache): the step's eager
+    run and its run under capture (host time), torch.cuda.graph's synchronize (which waits for the
+    eager run's GPU work) and empty_cache, capture_end (the graph's instantiation), and in all."""
+    parts: dict[str, float] = defaultdict(float)
+    capturing = [False]
+
+    def timed_part(name, fn):
+        def wrapper(*args, **kwargs):
+            if not capturing[0]:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                parts[name] += time.perf_counter() - start
+
+        return wrapper
+
+    torch.cuda.synchronize = timed_part("synchronize", torch.cuda.synchronize)
+    torch.cuda.empty_cache = timed_part("empty_cache", torch.cuda.empty_cache)
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache = timed_part("empty_cache", torch._C._host_emptyCache)
+    torch.cuda.CUDAGraph.capture_end = timed_part("capture_end", torch.cuda.CUDAGraph.capture_end)
+
+    def timed_capture(original):
+        def capture(fn, static_inputs):
+            calls = [0]
+
+            def step(*args):  # its first run is the eager one, then the one under capture
+                calls[0] += 1
+                return timed_part("eager_run" if calls[0] == 1 else "captured_run", fn)(*args)
+
+            capturing[0] = True
+            start = time.perf_counter()
+            try:
+                return original(step, static_inputs)
+            finally:
+                capturing[0] = False
+                parts["total"] += time.perf_counter() - start
+                parts["captures"] += 1
+
+        return capture
+
+    for cache in caches:
+        cache.capture = timed_capture(cache.capture)
+    return parts
+
+
 def op_times(fn, top: int) -> tuple[float, dict]:
     """Wall seconds of fn under the profiler, and its top ops by self CPU time (ms)."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,9 +178,11 @@ def main() -> None:
         if args.workers is not None:
             sampler.engine.compile_workers = args.workers
         phases = time_phases(sampler.engine)
+        capture_parts = time_capture_parts((sampler.engine.graphs, sampler.engine.prefill_graphs))
         warmup_start = time.perf_counter()
         warmed, stats = timed(sampler.warmup)
         out["warmup_phases_s"] = {name: round(seconds, 2) for name, seconds in phases.items()}
+        out["capture_parts_s"] = {name: round(seconds, 2) for name, seconds in capture_parts.items()}
         out["warmup_s"], out["graphs"] = round(warmed, 2), stats.graphs
         out["warmup_compiles"] = compile_summary(COMPILES, args.top, since=warmup_start)
         print(json.dumps(out), flush=True)
