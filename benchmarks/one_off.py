@@ -6,7 +6,7 @@ profiler (the ops whose time the first call adds).
 Run with a fresh TRITON_CACHE_DIR for the cold cost a new machine pays:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python3 benchmarks/one_off.py [--top 15] [--workers 1]
-        [--no-calls]
+        [--no-calls] [--torch-graph]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import triton.compiler
 from bench_api import prompts_of, timed, write_pair  # benchmarks/ is the script's directory
 
 from optimal_sampling import OptimalSampler
+from optimal_sampling.engines.fast.graphs import GraphCache
 
 COMPILES: list[tuple[str, float, bool, float]] = []  # (kernel, seconds, in the main thread, end time)
 
@@ -96,6 +97,20 @@ def time_phases(engine) -> dict[str, float]:
     return phases
 
 
+def torch_graph_capture(self, fn, static_inputs):
+    """GraphCache.capture as before 2026-12-07 (the baseline of --torch-graph): through
+    torch.cuda.graph, which synchronizes and empties the allocator's cache before each capture."""
+    self.captures += 1
+    self.stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(self.stream):
+        fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(self.stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        outputs = fn(*static_inputs)
+    return static_inputs, graph, tuple(outputs)
+
+
 def time_capture_parts(caches) -> dict[str, float]:
     """Where the graph captures' seconds go (`GraphCache.capture` of each cache): the step's eager
     run and its run under capture (host time), torch.cuda.graph's synchronize (which waits for the
@@ -165,9 +180,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--workers", type=int, default=None, help="compile threads (1: compile in turn)")
     parser.add_argument("--no-calls", action="store_true", help="construction and warmup only")
+    parser.add_argument("--torch-graph", action="store_true", help="capture as before (torch.cuda.graph)")
     args = parser.parse_args()
+    if args.torch_graph:
+        GraphCache.capture = torch_graph_capture
     record_compiles()
-    out: dict = {"card": torch.cuda.get_device_name()}
+    out: dict = {
+        "card": torch.cuda.get_device_name(),
+        "capture": "torch.cuda.graph" if args.torch_graph else "own",
+    }
     with tempfile.TemporaryDirectory() as root:
         base, teacher = write_pair(Path(root), "small")
         built, sampler = timed(

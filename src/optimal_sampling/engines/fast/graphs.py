@@ -83,12 +83,18 @@ class GraphCache:
         return True
 
     def capture(self, fn: Callable[..., Outputs], static_inputs: list[torch.Tensor]):
+        """One eager run (lazy set-up: cuBLAS, module loads), then the capture. Not through
+        torch.cuda.graph, whose synchronize and empty_cache before every capture made each eager
+        run allocate its blocks afresh: 3.97 of the 4.97 s that 45 captures took (H100)."""
         self.captures += 1
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):  # one eager run: lazy set-up (cuBLAS, modules) happens outside
-            fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            outputs = fn(*static_inputs)
+        with torch.cuda.stream(self.stream):
+            fn(*static_inputs)
+            graph.capture_begin(pool=self.pool)
+            try:
+                outputs = fn(*static_inputs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
         return static_inputs, graph, tuple(outputs)
