@@ -175,6 +175,8 @@ def search_kernel(
         thr = tl.load(thr_ptr + row * K + j)
         phase = tl.load(srch + PHASE)
         refining = (phase == REFINE) | (phase == GATHER)
+        if not refining:  # settled: the combine reads nothing of this row's pass
+            return
         level = tl.load(srch + GATHERED).to(tl.int32) + (phase == GATHER).to(tl.int32)  # what it reads
         n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
         share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
@@ -232,15 +234,17 @@ def collect_kernel(
     """Per (row, split) of a row whose bracket is small: copy its keys in [lo, COLLECT_HI) out,
     from the vocabulary or from its gathered keys; of a row to GATHER: those keys into the next
     level of its stretch of the big buffer."""
-    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    zb_ptr += row * stride_b
-    zt_ptr += row * stride_t
-    lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
     srch = search_ptr + row * SEARCH_STATE_W
     phase = tl.load(srch + PHASE)
     gather = phase == GATHER
     copying = (phase == COLLECT) | gather
+    if not copying:  # nothing to copy: most rows after the first passes
+        return
+    inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
+    zb_ptr += row * stride_b
+    zt_ptr += row * stride_t
+    lse_b, lse_t, alpha, cut_t = row_inputs(state_ptr, alpha_ptr, cut_ptr, row)
     level = tl.load(srch + GATHERED).to(tl.int32)  # the keys it reads (0: the vocabulary's)
     n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
     row_big = big_ptr + row * (cap1 + cap2)
