@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 15's second device call of session nine, rows printed as they finish, logs under $OUT:
-# 0. the fused top-p step at batch 256 with the cut kernels' early return for settled rows against
-#    a copy of src/ without it;
 # 1. the cold one-off cost with GraphCache's own capture (no allocator flush per graph) against
 #    torch.cuda.graph's (one_off.py --torch-graph), a fresh Triton cache each;
 # 2. tests/gpu's graph and cut tests (CUDA graphs against eager, the fused cuts on CUDA);
-# 3. the truncating configurations through generate at batch 256 (SEARCH_BLOCK 256), in the time
+# 3. the fused top-p step at batch 256 with the cut kernels' early return for settled rows against
+#    a copy of src/ without it;
+# 4. the truncating configurations through generate at batch 256 (SEARCH_BLOCK 256), in the time
 #    left.
 #   OUT=/tmp/out DEADLINE=560 bash benchmarks/issue15_capture.sh      (repo root)
 set -o pipefail
@@ -18,6 +18,16 @@ left() { echo $((DEADLINE - ($(date +%s) - START))); }
 cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }
 
 nvidia-smi --query-gpu=name --format=csv,noheader
+for flag in "" "--torch-graph --no-calls"; do
+    name=$([ -z "$flag" ] && echo own || echo torch_graph)
+    env TRITON_CACHE_DIR="$(mktemp -d)" timeout "$(cap 100)" python3 benchmarks/one_off.py $flag \
+        >"$OUT/one_off_$name.log" 2>&1
+    echo "one_off $name rc=$? $(grep '^{' "$OUT/one_off_$name.log" | tail -1 | cut -c1-700)"
+done
+timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py \
+    -k "graphs or pipelined or async or warmup or cuts or refill" \
+    >"$OUT/tests_gpu.log" 2>&1
+echo "tests_gpu rc=$? $(tail -1 "$OUT/tests_gpu.log")"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cp -r src benchmarks "$WORK/" && cp "$WORK/src/optimal_sampling/engines/fast/triton_cut.py" "$WORK/orig.py"
@@ -31,16 +41,6 @@ for tree in "$PWD" "$WORK"; do
         --configs "kl_symmetry,kl_symmetry+top_p 0.95" --sequence --label $label) >"$OUT/fused_$label.log" 2>&1
     echo "$label rc=$? $(tail -1 "$OUT/fused_$label.log" | cut -c1-200)"
 done
-for flag in "" "--torch-graph --no-calls"; do
-    name=$([ -z "$flag" ] && echo own || echo torch_graph)
-    env TRITON_CACHE_DIR="$(mktemp -d)" timeout "$(cap 100)" python3 benchmarks/one_off.py $flag \
-        >"$OUT/one_off_$name.log" 2>&1
-    echo "one_off $name rc=$? $(grep '^{' "$OUT/one_off_$name.log" | tail -1 | cut -c1-700)"
-done
-timeout "$(cap 130)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py \
-    -k "graphs or pipelined or async or warmup or cuts or refill" \
-    >"$OUT/tests_gpu.log" 2>&1
-echo "tests_gpu rc=$? $(tail -1 "$OUT/tests_gpu.log")"
 [ "$(left)" -lt 60 ] && exit 0
 timeout "$(left)" python3 benchmarks/bench_api.py --no-first-call --batches 256 --max-tokens 128 --configs \
     "kl_symmetry,kl_symmetry+top_p 0.95,kl_symmetry+top_k 50+top_p 0.9,kl_symmetry+min_p 0.05,kl_symmetry+constraint top_p 0.9" 2>&1 |

@@ -231,3 +231,25 @@ def test_reference_engine_and_option(tiny_pair):
     assert EngineConfig().warmup is True
     with pytest.raises(TypeError, match="warmup"):
         EngineConfig(warmup="yes")
+
+
+def test_a_job_warms_its_own_sampling_setting(tiny_pair, monkeypatch):
+    """The CLI's sampler (jobs.generate.build_sampler) warms the job's setting at construction,
+    instead of the default one, so a --top-p job captures nothing in its first batches."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from optimal_sampling.jobs.generate import build_sampler
+
+    warmed = []
+    monkeypatch.setattr(OptimalSampler, "warmup", lambda self, params=None: warmed.append(params))
+    base, teacher = tiny_pair("qwen2")
+    pair = SimpleNamespace(base_path=base, teacher_path=teacher)
+    engine = EngineConfig(engine="fast", device="cpu", dtype="float32")
+    job = SamplingParams(temperature=0.7, top_p=0.9)
+    sampler = build_sampler(pair, MixConfig(), engine, seed=0, params=job)
+    assert warmed == [job] and sampler.engine_config.warmup is False
+    build_sampler(pair, MixConfig(), engine, seed=0)  # no setting given: the default warmup
+    assert warmed == [job, None]
+    build_sampler(pair, MixConfig(), replace(engine, warmup=False), seed=0, params=job)
+    assert warmed == [job, None]  # warmup off: none

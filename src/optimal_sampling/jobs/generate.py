@@ -20,7 +20,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -141,10 +141,19 @@ def build_sampler(
     engine: EngineConfig,
     seed: int | None,
     parallel: ParallelConfig | None = None,
+    params: SamplingParams | None = None,
 ):
+    """params: the sampling setting the job runs. The construction's warmup is then done for it
+    instead of the default setting, so that a job with e.g. --top-p captures no graph and
+    compiles no kernel in its first batches (and warms no setting it never uses)."""
     from ..runtime.sampler import OptimalSampler
 
-    return OptimalSampler.from_configs(pair.base_path, pair.teacher_path, mix, engine, parallel, seed)
+    if params is None or not engine.warmup:
+        return OptimalSampler.from_configs(pair.base_path, pair.teacher_path, mix, engine, parallel, seed)
+    cold = replace(engine, warmup=False)
+    sampler = OptimalSampler.from_configs(pair.base_path, pair.teacher_path, mix, cold, parallel, seed)
+    sampler.warmup(params)
+    return sampler
 
 
 @dataclass
@@ -257,7 +266,9 @@ def load_sampler(setup: GenerateSetup, checked: CheckedModels | None = None):
     """(sampler, base prompts, teacher prompts): the models, and the prompts as they see them."""
     checked = checked or check_models(setup)
     options = setup.options
-    sampler = build_sampler(checked.pair, options.mix, options.engine, options.params.seed, options.parallel)
+    sampler = build_sampler(
+        checked.pair, options.mix, options.engine, options.params.seed, options.parallel, options.params
+    )
     return sampler, checked.base_prompts, checked.teacher_prompts
 
 
