@@ -9,13 +9,8 @@
 #    left.
 #   OUT=/tmp/out DEADLINE=560 bash benchmarks/issue15_capture.sh      (repo root)
 set -o pipefail
-START=$(date +%s)
 DEADLINE=${DEADLINE:-560}
-OUT=${OUT:-/tmp/issue15}
-mkdir -p "$OUT"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-left() { echo $((DEADLINE - ($(date +%s) - START))); }
-cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }
+source "$(dirname "$0")/device_run.sh"
 
 nvidia-smi --query-gpu=name --format=csv,noheader
 for flag in "" "--torch-graph --no-calls"; do
@@ -28,18 +23,13 @@ timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/t
     -k "graphs or pipelined or async or warmup or cuts or refill" \
     >"$OUT/tests_gpu.log" 2>&1
 echo "tests_gpu rc=$? $(tail -1 "$OUT/tests_gpu.log")"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-cp -r src benchmarks "$WORK/" && cp "$WORK/src/optimal_sampling/engines/fast/triton_cut.py" "$WORK/orig.py"
-sed -i '/# settled: the combine reads nothing/,+1d; /# nothing to copy: most rows/,+1d' \
-    "$WORK/src/optimal_sampling/engines/fast/triton_cut.py"
-[ "$(diff "$WORK/orig.py" "$WORK/src/optimal_sampling/engines/fast/triton_cut.py" | grep -c '^<')" = 4 ] ||
-    { echo "the early returns were not found" >&2; exit 2; }
-for tree in "$PWD" "$WORK"; do
-    label=$([ "$tree" = "$PWD" ] && echo early_return || echo without)
-    (cd "$tree" && timeout "$(cap 70)" python3 benchmarks/profile_fused.py --batches 256 --scale 0.6 \
-        --configs "kl_symmetry,kl_symmetry+top_p 0.95" --sequence --label $label) >"$OUT/fused_$label.log" 2>&1
-    echo "$label rc=$? $(tail -1 "$OUT/fused_$label.log" | cut -c1-200)"
+variant early_return
+variant without triton_cut.py '/# settled: the combine reads nothing/,+1d' \
+    triton_cut.py '/# nothing to copy: most rows/,+1d'
+for v in early_return without; do
+    in_variant $v timeout "$(cap 70)" python3 benchmarks/profile_fused.py --batches 256 --scale 0.6 \
+        --configs "kl_symmetry,kl_symmetry+top_p 0.95" --sequence --label $v >"$OUT/fused_$v.log" 2>&1
+    echo "$v rc=$? $(tail -1 "$OUT/fused_$v.log" | cut -c1-200)"
 done
 [ "$(left)" -lt 60 ] && exit 0
 timeout "$(left)" python3 benchmarks/bench_api.py --no-first-call --batches 256 --max-tokens 128 --configs \

@@ -7,12 +7,8 @@
 #                                              SKIP_TESTS=1 / SKIP_BENCH=1 leave those out;
 #                                              TEST_FILTER: a pytest -k expression for the GPU tests)
 set -o pipefail
-START=$(date +%s)
 DEADLINE=${DEADLINE:-585}
-OUT=${OUT:-/tmp/issue15}
-mkdir -p "$OUT"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-left() { echo $((DEADLINE - ($(date +%s) - START))); }
+source "$(dirname "$0")/device_run.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" = 0 ]; then
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fast_gpu.py ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 |
