@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's second device call of session nine, rows printed as they finish, logs under $OUT:
+# Issue 15: run 1 of session ten (BENCHMARKS.md), rows printed as they finish, logs under $OUT:
 # 1. the cold one-off cost with GraphCache's own capture (no allocator flush per graph) against
 #    torch.cuda.graph's (one_off.py --torch-graph), a fresh Triton cache each;
 # 2. tests/gpu's graph and cut tests (CUDA graphs against eager, the fused cuts on CUDA);

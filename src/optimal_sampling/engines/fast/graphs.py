@@ -85,8 +85,8 @@ class GraphCache:
     def capture(self, fn: Callable[..., Outputs], static_inputs: list[torch.Tensor]):
         """One eager run (lazy set-up: cuBLAS, module loads), then the capture. Not through
         torch.cuda.graph, which synchronizes and empties the allocator's cache before every
-        capture, so each eager run allocated its blocks afresh: the eager runs took 3.97 of the
-        4.97 s that 45 captures took on an H100 (BENCHMARKS.md, 2026-12-07; not yet re-timed)."""
+        capture: 45 captures took 4.07 s this way against 4.62 s through it on an H100
+        (BENCHMARKS.md, 2026-12-07, tenth session). Their eager runs are still 3.28 s of that."""
         self.captures += 1
         self.stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
