@@ -180,8 +180,8 @@ def search_kernel(
         level = tl.load(srch + GATHERED).to(tl.int32) + (phase == GATHER).to(tl.int32)  # what it reads
         n_big, offset = gathered_keys(big_count_ptr, row, level, cap1)
         share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
-        blocks = tl.where(refining, tl.where(level > 0, 0, n_blocks), 0)
-        big_blocks = tl.where(refining, tl.where(level > 0, share // BLOCK, 0), 0)
+        blocks = tl.where(level > 0, 0, n_blocks)
+        big_blocks = tl.where(level > 0, share // BLOCK, 0)
         ref = tl.load(srch + TOP).to(tl.float32)
     thr = tl.maximum(thr, LOWEST)  # a -inf threshold: every finite key, and a -inf key is never above
     lanes = tl.arange(0, BLOCK)[None, :]
@@ -251,8 +251,8 @@ def collect_kernel(
     into, into_cap = row_big + tl.where(level == 0, 0, cap1), tl.where(level == 0, cap1, cap2)  # a gather's
     share = tl.cdiv(tl.cdiv(n_big, SPLITS), BLOCK) * BLOCK
     all_blocks = tl.cdiv(chunk, BLOCK)  # (its own block: no per-threshold accumulators)
-    blocks = tl.where(copying, tl.where(level > 0, 0, all_blocks), 0)
-    big_blocks = tl.where(copying, tl.where(level > 0, share // BLOCK, 0), 0)
+    blocks = tl.where(level > 0, 0, all_blocks)
+    big_blocks = tl.where(level > 0, share // BLOCK, 0)
     lo = tl.load(srch + LO).to(tl.float32)
     hi = tl.load(srch + COLLECT_HI).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
