@@ -11,7 +11,8 @@ Measured in one run:
   those calls (0 once warmup covers everything);
 - per configuration and batch, on a sampler built with its default warmup: construction and
   warmup time, the first call and REPEATS repeated calls with the same prompts; tokens/s of the
-  median repeat and its share of kl_symmetry's;
+  median repeat and its share of kl_symmetry's (measured first and again last, on a fresh
+  sampler: the faster of the two);
 - transformers `generate()` of the teacher alone (sampling) at the same batches.
 Prints a table, then one JSON line last.
 
@@ -39,6 +40,7 @@ from optimal_sampling.config import SamplingParams
 VOCAB = 151936
 PROMPT = 110
 REPEATS = 3  # timed repeats of each call after the first; a row reports the median
+AGAIN = " (again)"  # kl_symmetry's second measurement, last
 SHAPES = {  # Qwen2.5 shapes: (config, tied embeddings, padded vocabulary of the head)
     "0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2), True, VOCAB),
@@ -154,14 +156,30 @@ def print_first_calls(first: dict) -> None:
         print(f"{name:36} {r['first_s']:>10} {r['repeat_s']:>10} {r['ratio']:>8} {r['captures_in_first']:>9}")
 
 
+def configs_to_run() -> list[tuple[str, tuple]]:
+    """CONFIGS in order, then kl_symmetry again on a fresh sampler where others ran between: the
+    first sampler of a run has measured up to 8 % slower at batch 256 (H100, 2026-12-07) than the
+    same one built last, which would flatter every share of it."""
+    runs = list(CONFIGS.items())
+    if "kl_symmetry" in CONFIGS and len(CONFIGS) > 1:
+        runs.append(("kl_symmetry" + AGAIN, CONFIGS["kl_symmetry"]))
+    return runs
+
+
+def baseline(rows: dict, batch: int) -> dict | None:
+    """The faster of the kl_symmetry rows at a batch: the shares' (stricter) reference."""
+    found = [r for r in (rows.get(f"kl_symmetry|{batch}"), rows.get(f"kl_symmetry{AGAIN}|{batch}")) if r]
+    return max(found, key=lambda r: r["tok_s"]) if found else None
+
+
 def measure(base: str, teacher: str, batches: list[int], max_tokens: int) -> dict:
     """Per configuration and batch: a first call and REPEATS repeats (tokens/s of the median). One
     sampler per mixing configuration (with its default warmup), shared by the sampling ones."""
     rows = {}
     tokenizer = AutoTokenizer.from_pretrained(base)
     samplers: dict[str, tuple] = {}
-    for name, (mix, sampling) in CONFIGS.items():
-        key = json.dumps(mix, sort_keys=True)
+    for name, (mix, sampling) in configs_to_run():
+        key = json.dumps(mix, sort_keys=True) + (AGAIN if name.endswith(AGAIN) else "")
         if key not in samplers:
             sampler = call = None  # (call holds sampler.generate, hence the sampler)
             samplers.clear()  # free the engine's caches and graphs before the next one
@@ -288,10 +306,10 @@ def main() -> None:
     if first:
         print_first_calls(first)
     print(f"\n{'configuration':36} " + " ".join(f"{'b' + str(b):>18}" for b in batches))
-    for name in CONFIGS:
+    for name, _ in configs_to_run():
         cells = []
         for b in batches:
-            r, kl = rows[f"{name}|{b}"], rows.get(f"kl_symmetry|{b}")
+            r, kl = rows[f"{name}|{b}"], baseline(rows, b)
             share = f"{100 * r['tok_s'] / kl['tok_s']:.0f}%" if kl else "-"
             cells.append(f"{r['tok_s']:>10.0f} ({share:>4})")
         print(f"{name:36} " + " ".join(f"{c:>18}" for c in cells))

@@ -7,6 +7,7 @@ triton is imported); on CUDA the same checks run in-process (tests/gpu)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -122,19 +123,28 @@ def check_configs(
     from optimal_sampling.engines.fast import mixing_fast, triton_cut
 
     gathered = [0, 0]
-    base, teacher = logits_rows(vocab, device)
-    seeds, steps = torch.arange(8, device=device) * 7 + 1, torch.arange(8, device=device)
+    rows = {"fixed": logits_rows(vocab, device)}
+    # kl_symmetry puts row 2 (teacher = -base) at alpha 0.5, where u is one value up to float32
+    # rounding: no float64 reference can order its keys as the kernel's do
+    solvable = [r for r in range(8) if r != 2]
+    rows["kl_symmetry"] = tuple(x[solvable] for x in rows["fixed"])
     for top_k, top_p, min_p, tk, tp in configs:
         top_k = triton_cut.CAP + 100 if top_k == "above CAP" else top_k
         constrained = tk > 0 or tp < 1.0
-        mix = MixConfig(alpha_method="fixed", fixed_alpha=0.6, constraint_to_target=constrained,
-                        target_top_k=tk, target_top_p=tp)  # fmt: skip
-        for temperature in temperatures:
+        # a solved alpha (q's search then sums pass 1 relative to log Z_q) where q's search is unconstrained
+        methods = ("fixed",) if constrained else ("fixed", "kl_symmetry")
+        for method, temperature in itertools.product(methods, temperatures):
+            mix = MixConfig(alpha_method=method, fixed_alpha=0.6, constraint_to_target=constrained,
+                            target_top_k=tk, target_top_p=tp)  # fmt: skip
             params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
             if not mixing_fast.fused_supported(mix, params):
                 continue
-            cuts, searches, state = fused_cuts(base, teacher, seeds, steps, mix, params)
-            alpha = torch.full((8,), 0.6, device=device)
+            base, teacher = rows[method]
+            n = base.shape[0]
+            seeds, steps = torch.arange(n, device=device) * 7 + 1, torch.arange(n, device=device)
+            cuts, searches, state, alpha = fused_cuts(base, teacher, seeds, steps, mix, params)
+            if method == "fixed":
+                assert torch.equal(alpha, torch.full((n,), 0.6, device=device))
             want = reference_keep(base, teacher, alpha, mix, params)
             got = fused_keep(base, teacher, alpha, cuts, state, params)
             exact = torch.stack([s[:, triton_cut.EXACT.value] for s in searches]).amin(0) > 0
@@ -142,7 +152,7 @@ def check_configs(
                 gathered[level - 1] += sum(
                     int((s[:, triton_cut.GATHERED.value] >= level).sum()) for s in searches
                 )
-            label = f"config {(top_k, top_p, min_p, tk, tp)} T={temperature} cap={triton_cut.CAP}"
+            label = f"{method} config {(top_k, top_p, min_p, tk, tp)} T={temperature} cap={triton_cut.CAP}"
             assert torch.equal(got[exact], want[exact]), label + f" rows {(got != want).any(-1).tolist()}"
             assert (got | ~want).all(), label + ": an inexact cut keeps a superset"
             if exact_everywhere:
@@ -152,14 +162,14 @@ def check_configs(
 
 
 def fused_cuts(base, teacher, seeds, steps, mix, params):
-    """The cuts fused_outputs draws within, and each search's row state (its EXACT column)."""
+    """The cuts fused_outputs draws within, each search's row state (its EXACT column), and alpha."""
     from optimal_sampling.engines.fast import mixing_fast
 
     trace = []
     mixing_fast.fused_outputs(base, teacher, seeds, steps, mix, params, trace=trace)
     found = [t for t in trace if "cuts" in t]
     assert len(found) == 1
-    return found[0]["cuts"], found[0]["searches"], found[0]["state"]
+    return found[0]["cuts"], found[0]["searches"], found[0]["state"], found[0]["alpha"]
 
 
 def check_step(base, teacher, seeds, steps, mix, params, label: str) -> None:
@@ -189,7 +199,8 @@ def check_step(base, teacher, seeds, steps, mix, params, label: str) -> None:
 
 def check_cut_draws_follow_q(device: str) -> None:
     """Chi-square: 40,960 fused draws of one row follow the q they report: kl_symmetry with top-p
-    inside the teacher's top-50, and ess_balance with min-p (the torch step's q as expected)."""
+    inside the teacher's top-50 and alone, and ess_balance with min-p (the torch step's q as
+    expected)."""
     from scipy.stats import chisquare
 
     from optimal_sampling.engines.fast.mixing_fast import fused_sample_step
@@ -202,6 +213,7 @@ def check_cut_draws_follow_q(device: str) -> None:
     teacher[:30] += 4
     configs = [
         (MixConfig(constraint_to_target=True, target_top_k=50), SamplingParams(temperature=0.9, top_p=0.9)),
+        (MixConfig(), SamplingParams(temperature=1.0, top_p=0.9)),  # pass 1 relative to log Z_q
         (MixConfig(alpha_method="ess_balance"), SamplingParams(temperature=1.0, min_p=0.01)),
     ]
     zb, zt = (

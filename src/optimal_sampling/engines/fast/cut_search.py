@@ -15,27 +15,32 @@ def truncates(params: SamplingParams, vocab: int) -> bool:
 
 
 def cut_thresholds(
-    rows, values: torch.Tensor, splits: int, state, alpha, mix: MixConfig, params: SamplingParams, trace=None
-) -> torch.Tensor:
+    rows, values: torch.Tensor, splits: int, state, alpha, mix: MixConfig, params: SamplingParams,
+    solved: bool, trace=None,
+) -> torch.Tensor:  # fmt: skip
     """[B, 2] float32: each row's cut on u (q's top-k / top-p / min-p, inside the teacher's set)
     and on lp_t (the teacher's set); -inf where none applies (triton_cut.py). values: the step's
-    numbers (`step_values`): 1 / T, q's targets, the teacher set's targets.
-    trace: a list to append the cuts and each search's row state to (checks, eager only)."""
+    numbers (`step_values`): 1 / T, q's targets, the teacher set's targets. solved: alpha came
+    from the kl_symmetry solve, so the row state holds log Z_q (pass 1's reference for q's keys).
+    trace: a list to append the cuts, each search's row state and alpha to (checks, eager only)."""
     batch, vocab = state.shape[0], rows[4]
     cuts = torch.full((batch, 2), float("-inf"), dtype=torch.float32, device=state.device)
     searches = []
     if mix.constrained:
         teacher = CutSearch(mix.target_top_k, mix.target_top_p, 0.0, vocab, sequential=False)
         searches.append(
-            teacher.run(rows, values, values[4:], splits, state, alpha, cuts, which=1, constrained=False)
+            teacher.run(
+                rows, values, values[4:], splits, state, alpha, cuts, 1, constrained=False, fixed_ref=True
+            )
         )
     if truncates(params, vocab):
         q = CutSearch(params.top_k, params.top_p, params.min_p, vocab, sequential=True)
+        fixed = solved and not mix.constrained  # (inside the teacher's set q's top may lie far below)
         searches.append(
-            q.run(rows, values, values[1:4], splits, state, alpha, cuts, which=0, constrained=mix.constrained)
+            q.run(rows, values, values[1:4], splits, state, alpha, cuts, 0, mix.constrained, fixed_ref=fixed)
         )
     if trace is not None:
-        trace.append({"cuts": cuts, "searches": searches, "state": state})
+        trace.append({"cuts": cuts, "searches": searches, "state": state, "alpha": alpha})
     return cuts
 
 
@@ -55,11 +60,11 @@ class CutSearch:
 
     def run(
         self, rows, inv_temp: torch.Tensor, targets: torch.Tensor, splits: int, state, alpha, cuts,
-        which: int, constrained: bool,
+        which: int, constrained: bool, fixed_ref: bool,
     ):  # fmt: skip
         """Write column `which` of cuts; returns the rows' search state (triton_cut's columns).
         targets: float64 on the device, k (2**31 - 1 for none: min-p alone, pass 1 finds the max),
-        p, log min-p."""
+        p, log min-p. fixed_ref: pass 1 may sum masses relative to a known reference (search_kernel)."""
         from . import triton_cut as tc
 
         batch, device = state.shape[0], state.device
@@ -87,7 +92,7 @@ class CutSearch:
             last = p == self.passes - 1  # (a gather after the last pass would be read by nothing)
             tc.search_kernel[grid](
                 *common, search, thr, parts, big, big_count, cap1, cap2,
-                SPLITS=splits, K=k, FIRST=p == 0, **flags, num_warps=4,
+                SPLITS=splits, K=k, FIRST=p == 0, FIXED_REF=fixed_ref and p == 0, **flags, num_warps=4,
             )  # fmt: skip
             tc.search_combine_kernel[(batch,)](
                 parts, thr, search, count, targets, big_count, 0 if last else cap1, 0 if last else cap2,

@@ -271,8 +271,11 @@ def fused_outputs(
     else:
         alpha.fill_(mix.fixed_alpha if mix.alpha_method == "fixed" else lo)
     cut = mix.constrained or truncates(params, vocab)
-    cuts = cut_thresholds(rows, values, splits, state, alpha, mix, params, trace) if cut else alpha
-    online = not solve or cut  # log Z_q of a truncated q comes from the draw's own sums
+    cuts = cut_thresholds(rows, values, splits, state, alpha, mix, params, solve, trace) if cut else alpha
+    online = not solve or cut  # greedy: log Z_q of a truncated q comes from argmax's own sums
+    # the draw's chunk masses: relative to log Z_q where it bounds every kept key and the top key
+    # is kept (q's own cuts keep it; the teacher's set may not)
+    masses_online = not solve or mix.constrained
     tokens = torch.empty(batch, dtype=torch.long, device=device)
     logprobs = torch.empty(3, batch, dtype=torch.float32, device=device)
     host = torch.empty(batch, 5, dtype=torch.float64, device=device)
@@ -293,7 +296,8 @@ def fused_outputs(
         )
         triton_draw.mass_kernel[(batch, DRAW_CHUNKS)](
             *rows[:5], chunk, chunk // BLOCK, inv_temp, state, alpha, cuts, masses,
-            CHUNKS=DRAW_CHUNKS, ONLINE=online, TEMPERED=tempered, CUT=cut, BLOCK=BLOCK, num_warps=MASS_WARPS,
+            CHUNKS=DRAW_CHUNKS, ONLINE=masses_online, TEMPERED=tempered, CUT=cut, BLOCK=BLOCK,
+            num_warps=MASS_WARPS,
         )  # fmt: skip
         triton_draw.draw_kernel[(batch,)](
             *rows[:5], chunk, inv_temp, row_seeds, steps, state, alpha, cuts, masses, *outputs,

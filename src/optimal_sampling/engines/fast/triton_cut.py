@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import fetch, safe
-from .triton_row_state import LSE_B, LSE_T, NEG_INF, STATE_W
+from .triton_row_state import LOG_Z, LSE_B, LSE_T, NEG_INF, STATE_W
 
 CAP = 2048  # keys a row may collect for the exact finish
 K = 16  # thresholds of pass 1 (fixed; each costs a compare, an add and a min per token)
@@ -44,7 +44,8 @@ K_REFINE = 8  # thresholds of each later pass (8 x 6: a top-p step 7 % faster th
 PASSES = 6  # search passes (the first at fixed thresholds)
 SEARCH_BLOCK = 256  # vocabulary entries per step of a search program ([K, SEARCH_BLOCK] accumulators;
 # 256: a top-p step 1.9 % faster than 128, H100, batch 256; 4 warps beat 8)
-COLLECT_BLOCK = 1024  # entries per collect step (one prefix sum and atomic each; 1024 beat 2048, 4096)
+COLLECT_BLOCK = 512  # entries per collect step (one prefix sum and atomic each; a top-p step 15 us faster
+# than 1024, H100, batch 256; 1024 beat 2048, 4096; 256 is slower, and 2 or 8 warps no better than 4)
 BIG = 65536  # keys a row may gather, so that its later passes read its bracket, not the vocabulary
 BIG2 = 16384  # keys a gathered row may gather again from those, for its passes after that
 # a pass writes per (row, split) 1 + 3 K floats: the max key, then per threshold the count, mass, smallest key
@@ -130,11 +131,19 @@ def first_thresholds(j, K: tl.constexpr):
 def tally(key, above, ref, acc_n, acc_s, acc_min, SMALLEST: tl.constexpr):
     """Add a block's keys to the per-threshold count, mass (relative to e^ref) and (SMALLEST)
     smallest key."""
-    acc_s += tl.where(above, tl.exp(key - safe(ref)), 0.0)
-    acc_n += above.to(tl.float32)
+    hit = above.to(tl.float32)
+    acc_s += hit * tl.exp(key - safe(ref))
+    acc_n += hit
     if SMALLEST:
         acc_min = tl.minimum(acc_min, tl.where(above, key, POS_INF))
     return acc_n, acc_s, acc_min
+
+
+@triton.jit
+def fetch_keys(keys_ptr, idx, end):
+    """Issue the loads of a block of gathered keys two blocks before the loop uses them: a
+    gathered pass has little arithmetic per key to hide one block's memory latency behind."""
+    return tl.load(keys_ptr + idx, mask=idx < end, other=NEG_INF)
 
 
 @triton.jit
@@ -149,16 +158,20 @@ def gathered_keys(big_count_ptr, row, level, cap1):
 def search_kernel(
     zb_ptr, zt_ptr, stride_b, stride_t, V, chunk, n_blocks, inv_temp_ptr, state_ptr, alpha_ptr, cut_ptr,
     search_ptr, thr_ptr, part_ptr, big_ptr, big_count_ptr, cap1, cap2,
-    SPLITS, K: tl.constexpr, FIRST: tl.constexpr, Q: tl.constexpr,
+    SPLITS, K: tl.constexpr, FIRST: tl.constexpr, FIXED_REF: tl.constexpr, Q: tl.constexpr,
     CONSTRAINED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Per (row, split): the largest key, and per threshold of the row's K the count, the mass
     (relative to that max) and the smallest of the keys at or above it. Rows not refining read
     nothing; a row whose bracket is gathered reads its share of those keys, not the vocabulary.
     Later passes take the masses relative to e^M, the row's max from pass 1 (every key is <= M),
-    and store M as their max. Pass 1 takes them relative to each lane's running max, rescaling a
-    lane's sums as its max rises (one multiply-add per threshold, as the plain add costs): a max
-    over the block would need a cross-warp reduction and barrier for every 128 keys."""
+    and store M as their max. Pass 1 with FIXED_REF sums them relative to a reference known
+    before it reads a key: 0 for the teacher's lp_t, log Z_q (LOG_Z) for u of a row whose alpha
+    was solved (so key - ref is a log-probability, <= ~0, and the row's top >= ref - log V: no
+    overflow, and nothing that matters underflows). Otherwise pass 1 takes them relative to each
+    lane's running max, rescaling a lane's sums as its max rises (a multiply per threshold and key,
+    a third of the pass's work): a max over the block would need a cross-warp reduction and
+    barrier for every 128 keys."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, split = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
@@ -169,7 +182,9 @@ def search_kernel(
     if FIRST:
         thr = first_thresholds(j, K)
         blocks, big_blocks, share, n_big, offset = n_blocks, 0, 0, 0, 0
-        ref = tl.full([], 0.0, tl.float32)  # unused: pass 1 reads no gathered keys
+        ref = tl.full([], 0.0, tl.float32)  # the teacher's lp_t (pass 1 reads no gathered keys)
+        if FIXED_REF and Q:
+            ref = tl.load(state_ptr + row * STATE_W + LOG_Z).to(tl.float32)
     else:
         srch = search_ptr + row * SEARCH_STATE_W
         thr = tl.load(thr_ptr + row * K + j)
@@ -196,7 +211,12 @@ def search_kernel(
         next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         above = key >= thr  # [K, BLOCK]
-        if FIRST:  # a lane's sums so far were relative to e^m: rescale them to its new max
+        if FIRST and FIXED_REF:  # the select folded into a multiply-add
+            m = tl.maximum(m, key)
+            hit = above.to(tl.float32)
+            acc_s += hit * tl.exp(key - ref)
+            acc_n += hit
+        elif FIRST:  # a lane's sums so far were relative to e^m: rescale them to its new max
             lane_top = tl.maximum(m, key)
             acc_s = acc_s * tl.where(m == NEG_INF, 1.0, tl.exp(m - safe(lane_top)))
             m = lane_top
@@ -205,11 +225,18 @@ def search_kernel(
             acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, True)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
+    keys = big_ptr + row * (cap1 + cap2) + offset
+    next_key = fetch_keys(keys, big_start + lanes, big_end)
+    after_key = fetch_keys(keys, big_start + BLOCK + lanes, big_end)
     for i in range(0, big_blocks):
-        idx = big_start + i * BLOCK + lanes
-        key = tl.load(big_ptr + row * (cap1 + cap2) + offset + idx, mask=idx < big_end, other=NEG_INF)
+        key = next_key
+        next_key = after_key
+        after_key = fetch_keys(keys, big_start + (i + 2) * BLOCK + lanes, big_end)
         acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min, True)
-    if FIRST:
+    if FIRST and FIXED_REF:  # (a split whose keys all lie 80 below ref matters to no cut: its
+        top = tl.max(m)  # masses underflowed, so the clamp keeps them finite)
+        scale = tl.where(top == NEG_INF, 0.0, tl.exp(tl.minimum(ref - safe(top), 80.0)))
+    elif FIRST:
         top = tl.max(m)
         scale = tl.where(m == NEG_INF, 0.0, tl.exp(m - safe(top)))  # each lane's sums relative to e^top
     else:
@@ -270,9 +297,12 @@ def collect_kernel(
             append(key, inside, count_ptr + row, cand_ptr + row * CAP, CAP)
     big_start = split * share
     big_end = tl.minimum(big_start + share, n_big)
+    next_key = fetch_keys(row_big + offset, big_start + lanes, big_end)
+    after_key = fetch_keys(row_big + offset, big_start + BLOCK + lanes, big_end)
     for i in range(0, big_blocks):
-        idx = big_start + i * BLOCK + lanes
-        key = tl.load(row_big + offset + idx, mask=idx < big_end, other=NEG_INF)
+        key = next_key
+        next_key = after_key
+        after_key = fetch_keys(row_big + offset, big_start + (i + 2) * BLOCK + lanes, big_end)
         inside = (key >= lo) & (key < hi) & (key > NEG_INF)
         if gather:
             append(key, inside, big_count_ptr + row * 2 + 1, into, into_cap)

@@ -68,7 +68,8 @@ def mass_kernel(
     noise. A solved row sums exp(log q + log Z_q - LOG_Z), q up to the Taylor error of LOG_Z
     (every term <= ~1, so no overflow, and the mass is not lost to underflow); a row whose alpha
     was not solved (ONLINE) keeps a running max per lane instead. CUT: tokens outside the cuts
-    carry no mass (the row is then ONLINE: its log Z_q is the truncated q's)."""
+    carry no mass (the sums give the truncated q's log Z_q; LOG_Z stays a safe reference while
+    the row's top key is kept, which q's own cuts do and the teacher's set need not)."""
     inv_temp = tl.load(inv_temp_ptr).to(tl.float32)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     zb_ptr += row * stride_b
