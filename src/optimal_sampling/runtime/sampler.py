@@ -197,9 +197,10 @@ class OptimalSampler:
         `warmup_stats` (with `construct_seconds`, the whole one-off cost of a sampler).
 
         None: the default SamplingParams() (what `generate` uses without sampling options). Run at
-        construction with that unless warmup=False. The graphs depend on this sampler's mixing
-        options and on which kernels a setting runs, not on its numbers: whether the temperature
-        is 0, 1 or another value, whether top_k is off, at most 2048 or larger, whether top_p
+        construction with that (or `from_configs`' warmup_params) unless warmup=False. The graphs
+        depend on this sampler's mixing options and on which kernels a setting runs, not on its
+        numbers: whether the temperature is 0, 1 or another value, whether top_k is off, at most
+        2048 or larger, whether top_p
         and min_p are on, and collect_diagnostics (not max_tokens, n, stop or seed). So warming
         SamplingParams(temperature=0.7, top_p=0.9) covers every temperature but 0 and 1 with any
         top_p; a generate whose setting differs in those kinds captures its decode graphs during
