@@ -200,12 +200,12 @@ class OptimalSampler:
         construction with that (or `from_configs`' warmup_params) unless warmup=False. The graphs
         depend on this sampler's mixing options and on which kernels a setting runs, not on its
         numbers: whether the temperature is 0, 1 or another value, whether top_k is off, at most
-        2048 or larger, whether top_p
-        and min_p are on, and collect_diagnostics (not max_tokens, n, stop or seed). So warming
-        SamplingParams(temperature=0.7, top_p=0.9) covers every temperature but 0 and 1 with any
-        top_p; a generate whose setting differs in those kinds captures its decode graphs during
-        its first calls. Call it between generate calls, never during one; its kernels compile
-        first on a thread pool, during which nothing else in the process may launch Triton kernels.
+        2048 or larger, whether top_p and min_p are on, and collect_diagnostics (not max_tokens,
+        n, stop or seed). So warming SamplingParams(temperature=0.7, top_p=0.9) covers every
+        temperature but 0 and 1 with any top_p; a generate whose setting differs in those kinds
+        captures its decode graphs during its first calls. Call it between generate calls, never
+        during one; its kernels compile first on a thread pool, during which nothing else in the
+        process may launch Triton kernels.
         Nothing to do on the reference engine, on the CPU, or under tensor parallelism (whose
         helpers would have to capture in lockstep: there graphs are captured on first use)."""
         if sampling_params is None:

@@ -211,16 +211,14 @@ def search_kernel(
         next_b, next_t = fetch(zb_ptr, zt_ptr, start + (i + 1) * BLOCK + lanes, end)
         key = search_key(raw_b, raw_t, inv_temp, lse_b, lse_t, alpha, cut_t, Q, CONSTRAINED)
         above = key >= thr  # [K, BLOCK]
-        if FIRST and FIXED_REF:  # the select folded into a multiply-add
-            m = tl.maximum(m, key)
-            hit = above.to(tl.float32)
-            acc_s += hit * tl.exp(key - ref)
-            acc_n += hit
-        elif FIRST:  # a lane's sums so far were relative to e^m: rescale them to its new max
+        if FIRST:
             lane_top = tl.maximum(m, key)
-            acc_s = acc_s * tl.where(m == NEG_INF, 1.0, tl.exp(m - safe(lane_top)))
+            if FIXED_REF:
+                acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, False)
+            else:  # a lane's sums so far were relative to e^m: rescale them to its new max
+                acc_s = acc_s * tl.where(m == NEG_INF, 1.0, tl.exp(m - safe(lane_top)))
+                acc_n, acc_s, acc_min = tally(key, above, lane_top, acc_n, acc_s, acc_min, False)
             m = lane_top
-            acc_n, acc_s, acc_min = tally(key, above, m, acc_n, acc_s, acc_min, False)
         else:
             acc_n, acc_s, acc_min = tally(key, above, ref, acc_n, acc_s, acc_min, True)
     big_start = split * share
@@ -233,12 +231,13 @@ def search_kernel(
         next_key = after_key
         after_key = fetch_keys(keys, big_start + (i + 2) * BLOCK + lanes, big_end)
         acc_n, acc_s, acc_min = tally(key, key >= thr, ref, acc_n, acc_s, acc_min, True)
-    if FIRST and FIXED_REF:  # (a split whose keys all lie 80 below ref matters to no cut: its
-        top = tl.max(m)  # masses underflowed, so the clamp keeps them finite)
-        scale = tl.where(top == NEG_INF, 0.0, tl.exp(tl.minimum(ref - safe(top), 80.0)))
-    elif FIRST:
+    if FIRST:
         top = tl.max(m)
-        scale = tl.where(m == NEG_INF, 0.0, tl.exp(m - safe(top)))  # each lane's sums relative to e^top
+        if FIXED_REF:  # (a split whose keys all lie 80 below ref matters to no cut: its masses
+            # underflowed, so the clamp keeps them finite)
+            scale = tl.where(top == NEG_INF, 0.0, tl.exp(tl.minimum(ref - safe(top), 80.0)))
+        else:  # each lane's sums relative to e^top
+            scale = tl.where(m == NEG_INF, 0.0, tl.exp(m - safe(top)))
     else:
         top, scale = ref, 1.0
     out = part_ptr + (row * SPLITS + split) * (1 + 3 * K)
