@@ -26,3 +26,5 @@ variant() {
     done
 }
 in_variant() { local name=$1; shift; (cd "$WORK/$name" && PYTHONPATH=src "$@"); }
+# dir_of NAME: where a copy runs: the working tree for "tree", else variant NAME's copy
+dir_of() { if [ "$1" = tree ]; then echo "$ROOT"; else echo "$WORK/$1"; fi; }

@@ -13,8 +13,7 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu/test_fa
     -k "cuts or decode_and_sample" 2>&1 | tee "$OUT/tests_gpu.log" | tail -4
 echo "tests done at $(($(date +%s) - START)) s"
 CONFIGS="kl_symmetry,kl_symmetry+top_p 0.95,kl_symmetry+top_k 50+top_p 0.9,kl_symmetry+min_p 0.05,kl_symmetry+constraint top_p 0.9"
-dir_of() { if [ "$1" = new ]; then echo "$ROOT"; else echo "$WORK/$1"; fi; }
-for v in new online; do
+for v in tree online; do
     (cd "$(dir_of $v)" && timeout "$(cap 70)" python3 benchmarks/profile_fused.py --batches 64,256 --scale 0.6 --no-profile \
         --configs "$CONFIGS" --label "$v") 2>&1 | grep -v -i warn | tee "$OUT/profile_$v.log" | tail -1
 done
@@ -22,7 +21,7 @@ timeout "$(cap 40)" python3 benchmarks/profile_fused.py --batches 256 --scale 0.
     --configs "kl_symmetry+top_p 0.95" --label sequence 2>&1 | grep -v -i warn > "$OUT/sequence.log"
 echo "profiles done at $(($(date +%s) - START)) s"
 API="kl_symmetry,kl_symmetry+top_p 0.95,kl_symmetry+top_k 50+top_p 0.9,kl_symmetry+constraint top_p 0.9"
-for v in new online; do
+for v in tree online; do
     echo "bench_api $v with $(left) s left"
     (cd "$(dir_of $v)" && timeout "$(cap 150)" python3 benchmarks/bench_api.py --no-first-call --batches 256 \
         --max-tokens 128 --configs "$API") 2>&1 | grep -v -i warn | tee "$OUT/bench_api_$v.log" | tail -8

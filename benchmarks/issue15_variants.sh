@@ -21,7 +21,7 @@ IFS=';' read -ra seds <<< "${SED_VARIANTS:-}"
 for entry in "${seds[@]}"; do
     name=${entry%%=*} rest=${entry#*=}
     from=${rest%%:*} expr=${rest#*:}
-    fromdir=$ROOT; [ "$from" = tree ] || fromdir=$WORK/$from
+    fromdir=$(dir_of "$from")
     variant "$name" && cp -r "$fromdir/src/." "$WORK/$name/src/" && sed -i "$expr" "$WORK/$name/$CUT" "$WORK/$name/$SEARCH" &&
         ! diff -rq "$fromdir/src" "$WORK/$name/src" > /dev/null && names+=("$name") || echo "variant $name: no change"
 done
@@ -32,8 +32,7 @@ if [ "${SKIP_TESTS:-0}" = 0 ]; then
 fi
 CONFIGS=${PROFILE_CONFIGS:-"kl_symmetry,kl_symmetry+top_p 0.95,kl_symmetry+top_k 50+top_p 0.9,kl_symmetry+constraint top_p 0.9"}
 for v in "${names[@]}"; do
-    dir=$ROOT; [ "$v" = tree ] || dir=$WORK/$v
-    (cd "$dir" && timeout "$(cap 80)" python3 benchmarks/profile_fused.py --batches 256 --scale 0.6 --sequence \
+    (cd "$(dir_of "$v")" && timeout "$(cap 80)" python3 benchmarks/profile_fused.py --batches 256 --scale 0.6 --sequence \
         --configs "$CONFIGS" --label "$v") 2>&1 | grep -v -i warn > "$OUT/profile_$v.log"
     tail -1 "$OUT/profile_$v.log" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['label'], d['ms'])"
 done
