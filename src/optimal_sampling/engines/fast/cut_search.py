@@ -1,7 +1,8 @@
-"""The fused sampler's cuts, driven from the host: which threshold searches of triton_cut.py a
-setting needs (the teacher's set, then q's top-k / top-p / min-p) and the passes each runs; the
-targets themselves are read on the device (mixing_fast.step_values), so a captured step serves
-every setting of its kernels."""
+"""The fused sampler's cuts, driven from the host: which threshold searches of triton_cut.py (its
+passes) and triton_cut_plan.py (its per-row planning and finish) a setting needs (the teacher's
+set, then q's top-k / top-p / min-p) and the passes each runs; the targets themselves are read
+on the device (mixing_fast.step_values), so a captured step serves every setting of its
+kernels."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class CutSearch:
         targets: float64 on the device, k (2**31 - 1 for none: min-p alone, pass 1 finds the max),
         p, log min-p. fixed_ref: pass 1 may sum masses relative to a known reference (search_kernel)."""
         from . import triton_cut as tc
+        from . import triton_cut_plan as plan
 
         batch, device = state.shape[0], state.device
         search = torch.empty(batch, tc.SEARCH_STATE, dtype=torch.float64, device=device)
@@ -94,13 +96,13 @@ class CutSearch:
                 *common, search, thr, parts, big, big_count, cap1, cap2,
                 SPLITS=splits, K=k, FIRST=p == 0, FIXED_REF=fixed_ref and p == 0, **flags, num_warps=4,
             )  # fmt: skip
-            tc.search_combine_kernel[(batch,)](
+            plan.search_combine_kernel[(batch,)](
                 parts, thr, search, count, targets, big_count, 0 if last else cap1, 0 if last else cap2,
                 SPLITS=splits, K=k, KN=tc.K_REFINE, FIRST=p == 0,
                 BY_COUNT=self.use_k or not self.use_p, ALL_ABOVE=self.all_above, SECOND=self.second,
                 CAP=tc.CAP, num_warps=4,
             )  # fmt: skip
-        tc.finish_kernel[(batch,)](
+        plan.finish_kernel[(batch,)](
             search, cand, count, cuts, targets, which, CAP=tc.CAP,
             TOP_K=self.use_k, TOP_P=self.use_p, MIN_P=self.use_min, SEQUENTIAL=self.sequential,
             SECOND=self.second, num_warps=8,
